@@ -1,0 +1,33 @@
+"""Round checkpoints of the global model, written atomically so a crash never leaves half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def save_checkpoint(out_dir: Path, server_round: int, state_dict: dict, metrics: dict) -> Path:
+    """Write ``round_<r>.pt`` and point ``latest.json`` at it; returns the checkpoint path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"round_{server_round:04d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"round": server_round, "state_dict": state_dict, "metrics": metrics}, tmp)
+    os.replace(tmp, path)
+    latest = out_dir / "latest.json"
+    tmp_json = latest.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps({"round": server_round, "path": path.name, "metrics": metrics}))
+    os.replace(tmp_json, latest)
+    return path
+
+
+def load_latest(out_dir: Path) -> dict | None:
+    """The newest checkpoint (``round``, ``state_dict``, ``metrics``) or None if there is none."""
+    latest = Path(out_dir) / "latest.json"
+    if not latest.exists():
+        return None
+    info = json.loads(latest.read_text())
+    return torch.load(Path(out_dir) / info["path"], weights_only=True)

@@ -1,0 +1,107 @@
+"""Loading the experiment config tree (``conf/``) for the ServerApp and the runner.
+
+There is one source of truth, the Hydra tree in ``conf/``. The simulation runner composes it
+with Hydra and hands the ServerApp the resolved file; an operator using ``flwr run`` directly
+passes Hydra overrides instead and the ServerApp composes the same tree itself.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+#: The Hydra config tree, shipped next to the packages (and inside the Flower app bundle).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides, as ``python -m experiments.run`` does."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
+def data_dir_for(cfg: DictConfig, root: Path | None = None) -> Path:
+    """The folder holding the factories' data for this task, federation size, seed and split.
+
+    Named by its parameters so sweeps over them never overwrite each other's data.
+    """
+    p = cfg.partition
+    name = (
+        f"{cfg.task.name}-n{cfg.federation.num_factories}-s{cfg.seed}-{p.scheme}"
+        f"-a{p.alpha}-q{p.quantity_skew}-f{p.feature_shift}"
+    )
+    base = Path(root) if root is not None else Path(cfg.data_root)
+    return (base / name).resolve()
+
+
+def resolve_tracking_uri(uri: str, base: Path) -> str:
+    """Make a relative ``sqlite:///file.db`` URI absolute against ``base``."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((base / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def finalize(cfg: DictConfig, base: Path, output_dir: Path) -> DictConfig:
+    """Fill the run-specific absolute paths (data, output, tracking) into a composed config."""
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    root = Path(cfg.data_root)
+    cfg.data_dir = str(data_dir_for(cfg, root if root.is_absolute() else base / root))
+    cfg.output_dir = str(output_dir.resolve())
+    cfg.tracking.uri = resolve_tracking_uri(str(cfg.tracking.uri), base)
+    art = Path(cfg.tracking.artifact_root)
+    cfg.tracking.artifact_root = str(art if art.is_absolute() else (base / art).resolve())
+    if cfg.run_name is None:
+        eps = cfg.privacy.epsilon if cfg.privacy.enabled else "none"
+        cfg.run_name = f"{cfg.task.name}-{cfg.strategy.name}-eps{eps}-s{cfg.seed}"
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def load_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
+    """Build the ServerApp's config from Flower's run config.
+
+    ``config-file`` (a resolved config written by the runner) wins; otherwise ``conf/`` is
+    composed with the Hydra ``overrides``, and relative paths resolve against the working
+    directory, with ``data-dir``/``output-dir`` from the run config when given.
+    """
+    config_file = str(run_config.get("config-file", "") or "")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"run config 'config-file': {path} does not exist")
+        return OmegaConf.load(path)  # type: ignore[return-value]
+    overrides = shlex.split(str(run_config.get("overrides", "") or ""))
+    cfg = compose_config(overrides)
+    base = Path.cwd()
+    out = str(run_config.get("output-dir", "") or "")
+    output_dir = (
+        Path(out) if out else base / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-flwr")
+    )
+    cfg = finalize(cfg, base, output_dir)
+    data = str(run_config.get("data-dir", "") or "")
+    if data:
+        cfg.data_dir = str(Path(data).resolve())
+    return cfg
+
+
+def flat_params(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config flattened to ``a.b.c -> value`` strings (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return out

@@ -1,0 +1,175 @@
+"""One wrapper that adds factoryfed's hooks to any Flower strategy.
+
+:class:`FactoryFedStrategy` delegates sampling, configuration and aggregation to a Flower
+strategy (FedAvg, FedProx, ...) and adds, in one place for all of them:
+
+* per-factory bookkeeping: every reply becomes a :class:`~strategies.reports.FactoryOutcome`
+  (accepted, rejected, declined for budget, data error, error) kept per round;
+* update validation before aggregation: keys, shapes, dtypes, finiteness, optional norm bound and
+  a plausible ``num-examples`` (see :mod:`strategies.validation`); a rejected update is recorded
+  and never aggregated;
+* the minimum number of accepted updates a round needs before it may change the global model.
+
+The wrapper follows the shape of Flower's own DP wrappers (a strategy holding a strategy), so
+the inner strategy keeps its aggregation rule untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from strategies.reports import (
+    ACCEPTED,
+    DATA_ERROR,
+    DECLINED,
+    ERROR,
+    REJECTED,
+    FactoryOutcome,
+    RoundReport,
+)
+from strategies.validation import ValidationRules, validate_update
+
+#: Key of the ConfigRecord a factory adds to its reply (identity, status, reason).
+FACTORY_RECORD = "factory"
+_STATUSES = {ACCEPTED, DECLINED, DATA_ERROR, ERROR}
+
+
+def _metrics_of(msg: Message) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for record in msg.content.metric_records.values():
+        for key, value in record.items():
+            if isinstance(value, int | float):
+                out[key] = float(value)
+    return out
+
+
+class FactoryFedStrategy(Strategy):
+    """Wrap a Flower strategy with validation and per-factory reports.
+
+    Parameters
+    ----------
+    inner : Strategy
+        The Flower strategy that samples factories and aggregates accepted updates.
+    rules : ValidationRules
+        Bounds applied to each update before aggregation.
+    min_accepted : int
+        Fewer accepted updates than this leave the global model unchanged for the round.
+    """
+
+    def __init__(
+        self, inner: Strategy, rules: ValidationRules | None = None, min_accepted: int = 1
+    ) -> None:
+        self.inner = inner
+        self.rules = rules or ValidationRules()
+        self.min_accepted = max(1, int(min_accepted))
+        self.reports: dict[int, RoundReport] = {}
+        self.known_factories: set[str] = set()
+        self._reference: dict[str, np.ndarray] = {}
+        self._arrays_key = getattr(inner, "arrayrecord_key", "arrays")
+
+    # -- delegation ------------------------------------------------------------------------
+    def summary(self) -> None:
+        log(
+            20,
+            "\t├──> factoryfed hooks: validation %s, min accepted %d",
+            self.rules,
+            self.min_accepted,
+        )
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global model sent this round (the reference for validation)."""
+        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def classify(self, msg: Message) -> FactoryOutcome:
+        """Turn one reply into an outcome; validates the update when the factory trained."""
+        node_id = int(msg.metadata.src_node_id)
+        if msg.has_error():
+            return FactoryOutcome(f"node-{node_id}", ERROR, msg.error.reason, node_id=node_id)
+        content = msg.content
+        info = content.config_records.get(FACTORY_RECORD, ConfigRecord())
+        factory_id = str(info.get("factory-id", f"node-{node_id}"))
+        status = str(info.get("status", ACCEPTED))
+        reason = str(info.get("reason", ""))
+        metrics = _metrics_of(msg)
+        if status not in _STATUSES:
+            return FactoryOutcome(
+                factory_id, REJECTED, f"unknown status '{status}'", metrics, node_id
+            )
+        if status != ACCEPTED:
+            return FactoryOutcome(factory_id, status, reason, metrics, node_id)
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return FactoryOutcome(
+                factory_id,
+                REJECTED,
+                "reply must hold one ArrayRecord and one MetricRecord",
+                metrics,
+                node_id,
+            )
+        arrays = next(iter(content.array_records.values()))
+        try:
+            update = {k: v.numpy() for k, v in arrays.items()}
+        except Exception as exc:  # a malformed array payload must not crash the round
+            return FactoryOutcome(
+                factory_id, REJECTED, f"unreadable arrays ({exc})", metrics, node_id
+            )
+        why = validate_update(update, self._reference, metrics.get("num-examples"), self.rules)
+        if why is not None:
+            return FactoryOutcome(factory_id, REJECTED, why, metrics, node_id)
+        return FactoryOutcome(factory_id, ACCEPTED, "", metrics, node_id)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Classify every reply, aggregate only the accepted updates with the inner strategy."""
+        report = RoundReport(server_round)
+        accepted: list[Message] = []
+        for msg in replies:
+            outcome = self.classify(msg)
+            report.add(outcome)
+            if outcome.status == ACCEPTED and report.outcomes[outcome.factory_id] is outcome:
+                if FACTORY_RECORD in msg.content:
+                    del msg.content[FACTORY_RECORD]
+                accepted.append(msg)
+            elif outcome.status != ACCEPTED:
+                log(
+                    30,
+                    "Round %d: %s %s: %s",
+                    server_round,
+                    outcome.factory_id,
+                    outcome.status,
+                    outcome.reason,
+                )
+        self.reports[server_round] = report
+        self.known_factories |= set(report.outcomes)
+        if len(accepted) < self.min_accepted:
+            log(
+                30,
+                "Round %d: %d accepted update(s), fewer than the minimum %d; the global "
+                "model is left unchanged",
+                server_round,
+                len(accepted),
+                self.min_accepted,
+            )
+            return None, None
+        return self.inner.aggregate_train(server_round, accepted)

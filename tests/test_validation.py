@@ -1,0 +1,85 @@
+"""Update validation and per-factory reports: pure logic, no Flower runtime."""
+
+import numpy as np
+import pytest
+
+from strategies.reports import ACCEPTED, DECLINED, REJECTED, FactoryOutcome, RoundReport
+from strategies.validation import ValidationRules, validate_update
+
+
+@pytest.fixture
+def reference():
+    return {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+
+
+def good(ref):
+    return {k: v + 0.1 for k, v in ref.items()}
+
+
+def test_valid_update_passes(reference):
+    assert validate_update(good(reference), reference, 10) is None
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda u: u.pop("b"), "wrong keys"),
+        (lambda u: u.__setitem__("extra", np.zeros(1, np.float32)), "wrong keys"),
+        (lambda u: u.__setitem__("w", np.zeros((2, 3), np.float32)), "shape"),
+        (lambda u: u.__setitem__("w", np.zeros((3, 2), np.float64)), "dtype"),
+        (lambda u: u["w"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda u: u["b"].__setitem__(1, np.inf), "NaN or infinite"),
+    ],
+)
+def test_malformed_updates_are_rejected(reference, mutate, expected):
+    update = good(reference)
+    mutate(update)
+    reason = validate_update(update, reference, 10)
+    assert reason is not None and expected in reason
+
+
+@pytest.mark.parametrize("n", [None, 0, -3, 2.5, float("nan"), float("inf")])
+def test_bad_num_examples_rejected(reference, n):
+    assert "num-examples" in validate_update(good(reference), reference, n)
+
+
+def test_implausible_num_examples_rejected(reference):
+    rules = ValidationRules(max_num_examples=1000)
+    assert "plausible" in validate_update(good(reference), reference, 5000, rules)
+    assert validate_update(good(reference), reference, 999, rules) is None
+
+
+def test_norm_bound(reference):
+    update = good(reference)  # norm of the difference: sqrt(8 * 0.01)
+    expected = float(np.sqrt(8 * 0.01))
+    assert (
+        validate_update(update, reference, 5, ValidationRules(max_update_norm=expected * 1.01))
+        is None
+    )
+    reason = validate_update(update, reference, 5, ValidationRules(max_update_norm=expected * 0.99))
+    assert reason is not None and "norm" in reason
+
+
+def test_report_metrics_name_every_known_factory():
+    report = RoundReport(3)
+    report.add(FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10, "epsilon": 1.5}))
+    report.add(FactoryOutcome("f1", DECLINED, "budget", metrics={"epsilon": 8.0}))
+    report.add(FactoryOutcome("f2", REJECTED, "NaN"))
+    out = report.mlflow_metrics({"f0", "f1", "f2", "f3"})
+    assert out["factory/f0/participated"] == 1.0
+    assert out["factory/f0/num_examples"] == 10.0
+    assert out["factory/f0/epsilon"] == 1.5
+    assert out["factory/f1/declined"] == 1.0 and out["factory/f1/participated"] == 0.0
+    assert out["factory/f1/epsilon"] == 8.0
+    assert out["factory/f2/rejected"] == 1.0
+    assert out["factory/f3/participated"] == 0.0  # absent this round, still visible
+    assert report.accepted == ["f0"]
+    assert "1/3 accepted" in report.summary_line()
+
+
+def test_first_answer_of_a_factory_wins():
+    report = RoundReport(1)
+    first = FactoryOutcome("f0", ACCEPTED)
+    report.add(first)
+    report.add(FactoryOutcome("f0", REJECTED, "dup"))
+    assert report.outcomes["f0"] is first
