@@ -1,0 +1,1 @@
+"""The operator side: the ServerApp, MLflow tracking, checkpoints and the factoryfed CLI."""

@@ -1,0 +1,54 @@
+"""The ``molding_quality`` standard model: defect prediction for injection moulding."""
+
+from __future__ import annotations
+
+import pandas as pd
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from ..base import FederatedData, PartitionConfig, StandardTask
+from . import source
+from .dataset import SCHEMA, to_tensors
+from .loss import DEFAULT_POS_WEIGHT, build_loss
+from .metrics import defect_metrics
+from .model import build_model
+
+
+class MoldingQualityTask(StandardTask):
+    """Predict whether a shot is defective from its recorded process channels.
+
+    Args:
+        pos_weight: weight of defective shots in the loss.
+    """
+
+    name = "molding_quality"
+    schema = SCHEMA
+    main_metric = "pr_auc"
+    greater_is_better = True
+    supports_ghost = True
+
+    def __init__(self, pos_weight: float = DEFAULT_POS_WEIGHT) -> None:
+        self.pos_weight = float(pos_weight)
+
+    def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:
+        """Synthetic shots; see :mod:`standard_models.molding_quality.source`."""
+        return source.generate(num_factories, seed, partition)
+
+    def to_dataset(self, df: pd.DataFrame) -> TensorDataset:
+        """Standardised channels and the 0/1 defect label."""
+        return to_tensors(df)
+
+    def build_model(self) -> nn.Module:
+        """A fresh small MLP."""
+        return build_model()
+
+    def loss_fn(self) -> nn.Module:
+        """Mean binary cross-entropy with ``pos_weight``."""
+        return build_loss(self.pos_weight)
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        """``loss``, ``pr_auc`` (main), ``f1``, ``precision`` and ``recall``."""
+        logits, target = self.predict(model, dataset)
+        metrics = {"loss": float(self.loss_fn()(logits, target).item())}
+        metrics.update(defect_metrics(logits, target))
+        return metrics

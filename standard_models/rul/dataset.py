@@ -1,0 +1,49 @@
+"""Schema of a run-to-failure factory file and its conversion to windows.
+
+One row per unit and cycle: ``unit_id``, ``cycle`` (1, 2, ...), operating settings
+``op_1..op_3``, sensors ``s_01..s_14`` and the target ``rul`` in cycles. The network sees a
+window of ``window`` consecutive cycles and predicts the RUL at the window's last cycle,
+scaled to ``rul / 125`` so that the loss (and DP clipping) works on values of order one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import TensorDataset
+
+from ..base import Column, Schema
+from ..common import windowed_arrays
+from .source import CYCLE, FEATURE_CENTER, FEATURE_SCALE, FEATURES, LABEL, RUL_CAP, UNIT
+
+SCHEMA = Schema(
+    columns=(
+        Column(UNIT, "str"),
+        Column(CYCLE, "int", low=0),
+        *(Column(name, "float") for name in FEATURES),
+        Column(LABEL, "float", low=0),
+    )
+)
+DEFAULT_WINDOW = 30
+
+
+def to_windows(
+    df: pd.DataFrame, window: int = DEFAULT_WINDOW, stride: int = 1
+) -> TensorDataset:
+    """Windows of ``window`` consecutive cycles per ``unit_id``.
+
+    x: float32 ``(n, window * 17)`` standardised with the fixed reference of
+    :mod:`standard_models.rul.source`; y: float32 ``min(rul, 125) / 125`` at the last cycle
+    (values above the cap, e.g. from uncapped plant records, are capped here). Raises
+    ``ValueError`` when no unit is long enough for one window.
+    """
+    x, y = windowed_arrays(
+        df, UNIT, CYCLE, FEATURES, LABEL, window, stride, FEATURE_CENTER, FEATURE_SCALE
+    )
+    if len(x) == 0:
+        raise ValueError(f"no unit_id holds {window} consecutive cycles; no window to build")
+    target = np.minimum(y.astype(np.float64), RUL_CAP) / RUL_CAP
+    return TensorDataset(
+        torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(target.astype(np.float32))
+    )
