@@ -1,0 +1,1 @@
+"""The factory side: a Flower ClientApp that trains standard models with DP-SGD."""

@@ -1,0 +1,314 @@
+"""One round of local training at a factory, with or without DP-SGD (Opacus).
+
+The step count and sample rate used for privacy accounting must be the ones Opacus actually
+trains with. :func:`sample_rate_for` and :func:`steps_per_epoch` reproduce Opacus's own
+definitions for ``make_private(poisson_sampling=True)``, and :func:`train_local` checks the
+Opacus accountant's record against them after training, so the ledger (which reserves the
+spend beforehand from these helpers) always matches what was trained.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
+
+
+@dataclass
+class LocalTrainConfig:
+    """Hyper-parameters of one factory's local training.
+
+    ``grad_sample_mode="ghost"`` (Opacus fast gradient clipping, the fastest mode measured on
+    CPU) falls back to ``"hooks"`` when the task's model does not support it.
+
+    ``seed`` fixes the non-private randomness (data order without DP, dropout). With DP the
+    Poisson sampling and the Gaussian noise draw from fresh OS entropy, because a seed the
+    server knows would let it predict the noise and the batches and void the guarantee; set
+    ``reproducible_dp=True`` to derive them from ``seed`` as well, for tests and benchmarks only.
+    The noise generator is torch's PRNG seeded from OS entropy, not Opacus's ``secure_mode``
+    (a CSPRNG with protection against floating-point attacks, which needs ``torchcsprng``).
+    """
+
+    local_epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.0
+    max_grad_norm: float = 1.0
+    proximal_mu: float = 0.0
+    dp: bool = True
+    grad_sample_mode: str = "ghost"
+    seed: int = 0
+    reproducible_dp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, "
+                f"got {self.grad_sample_mode!r}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What one round of local training produced.
+
+    ``state_dict`` is the original module's (no ``_module.`` prefix); ``steps`` is the number of
+    optimizer steps actually taken and ``sample_rate``/``noise_multiplier`` the values Opacus
+    accounted them with (for non-private training: the nominal batch fraction and 0.0).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    train_seconds: float
+
+
+def sample_rate_for(num_examples: int, batch_size: int) -> float:
+    """Poisson sample rate Opacus uses for a data loader of ``batch_size`` over the data.
+
+    ``make_private`` sets ``sample_rate = 1 / len(data_loader)`` with
+    ``len(data_loader) = ceil(num_examples / batch_size)``, which is not ``batch_size / n``.
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return 1 / math.ceil(num_examples / batch_size)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Number of Poisson-sampled batches Opacus draws per epoch.
+
+    Opacus's ``UniformWithReplacementSampler`` yields ``int(1 / sample_rate)`` batches. In
+    floating point this is one less than ``len(data_loader)`` for some sizes (93 batches give
+    92 steps), so the same expression is used here rather than the loader length.
+    """
+    return int(1 / sample_rate_for(num_examples, batch_size))
+
+
+class PerSampleLoss(nn.Module):
+    """Wrap a criterion so ``reduction="none"`` yields exactly one loss per sample.
+
+    Opacus ghost clipping evaluates the criterion with ``reduction="none"`` and multiplies the
+    result by a per-sample clipping coefficient of shape ``[batch]``. A criterion whose
+    unreduced output keeps extra dimensions (``MSELoss`` on ``[batch, 1]`` targets, or on
+    several outputs) then broadcasts to ``[batch, batch]`` and Opacus silently computes wrong,
+    unclipped gradients. Averaging the unreduced loss over every non-batch dimension gives the
+    ``[batch]`` shape ghost clipping needs and leaves ``reduction="mean"`` unchanged (the mean
+    of per-sample means is the overall mean when samples have equal size).
+    """
+
+    def __init__(self, criterion: nn.Module) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.reduction = "mean"
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses reduced according to ``self.reduction``."""
+        saved = self.criterion.reduction
+        self.criterion.reduction = "none"
+        try:
+            loss = self.criterion(output, target)
+        finally:
+            self.criterion.reduction = saved
+        if loss.dim() > 1:
+            loss = loss.flatten(1).mean(dim=1)
+        if self.reduction == "none":
+            return loss
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss.mean()
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return gen
+
+
+def _proximal_step(
+    params: list[nn.Parameter], anchors: list[torch.Tensor], lr: float, mu: float
+) -> None:
+    """Exact proximal step of ``mu/2 * ||w - w_global||^2`` with step size ``lr``.
+
+    ``w <- (w + lr*mu*w_global) / (1 + lr*mu)``, i.e. ``w - c*(w - w_global)`` with
+    ``c = lr*mu/(1 + lr*mu)``: to first order in ``lr*mu`` the gradient step
+    ``w - lr*mu*(w - w_global)`` of FedProx's term, but stable for any ``lr*mu``. Applied after
+    each optimizer step it is the proximal-gradient form of FedProx. It only reads the current
+    weights and the public global model, not the data, so under DP it is post-processing and
+    costs no privacy; it also leaves the per-sample gradients (and ghost clipping) untouched.
+    """
+    shrink = lr * mu / (1.0 + lr * mu)
+    with torch.no_grad():
+        for p, anchor in zip(params, anchors, strict=True):
+            p.sub_(shrink * (p - anchor))
+
+
+def train_local(
+    model: nn.Module,
+    dataset: Dataset,
+    loss_fn: nn.Module,
+    cfg: LocalTrainConfig,
+    *,
+    noise_multiplier: float | None,
+    global_state: dict[str, torch.Tensor] | None = None,
+    supports_ghost: bool = True,
+) -> TrainResult:
+    """Train ``model`` in place for ``cfg.local_epochs`` epochs and return its new weights.
+
+    With ``cfg.dp`` the model, an SGD optimizer and a data loader go through
+    ``PrivacyEngine.make_private`` with Poisson sampling, clipping norm ``cfg.max_grad_norm``
+    and the given ``noise_multiplier``; the number of steps taken is checked against
+    ``steps_per_epoch(len(dataset), cfg.batch_size) * cfg.local_epochs`` and the Opacus
+    accountant's record, so the caller's accounting matches the training exactly. Empty
+    Poisson batches still take a (noise-only) step, as the analysis assumes. The model must
+    not have been wrapped by Opacus before; Opacus's hooks are removed afterwards.
+
+    Without DP it is ordinary shuffled mini-batch SGD over the same loop.
+
+    ``global_state`` with ``cfg.proximal_mu > 0`` adds FedProx's proximal term as a decoupled
+    step after each optimizer step (see :func:`_proximal_step`).
+    """
+    num_examples = len(dataset)  # type: ignore[arg-type]
+    if num_examples < 1:
+        raise ValueError("the training set is empty")
+    if cfg.dp and (
+        noise_multiplier is None or not (noise_multiplier >= 0 and math.isfinite(noise_multiplier))
+    ):
+        raise ValueError(
+            f"DP training needs a finite noise_multiplier >= 0, got {noise_multiplier}"
+        )
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors: list[torch.Tensor] = []
+    use_prox = cfg.proximal_mu > 0 and global_state is not None
+    if use_prox:
+        assert global_state is not None
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        missing = [n for n in names if n not in global_state]
+        if missing:
+            raise KeyError(f"global_state lacks parameters {missing}")
+        anchors = [
+            global_state[n].detach().to(dtype=p.dtype, device=p.device).clone()
+            for n, p in zip(names, params, strict=True)
+        ]
+
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    dp_seed = cfg.seed if cfg.reproducible_dp else None
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=not cfg.dp,
+        generator=_generator(dp_seed if cfg.dp else cfg.seed),
+    )
+    sample_rate = sample_rate_for(num_examples, cfg.batch_size)
+    expected_steps = cfg.local_epochs * (
+        steps_per_epoch(num_examples, cfg.batch_size) if cfg.dp else len(loader)
+    )
+
+    train_module: nn.Module = model
+    criterion: Any = loss_fn
+    engine: PrivacyEngine | None = None
+    mode = cfg.grad_sample_mode
+    if mode == "ghost" and not (supports_ghost and hasattr(loss_fn, "reduction")):
+        mode = "hooks"
+    if cfg.dp:
+        assert noise_multiplier is not None
+        common = {
+            "module": model,
+            "optimizer": optimizer,
+            "data_loader": loader,
+            "noise_multiplier": float(noise_multiplier),
+            "max_grad_norm": cfg.max_grad_norm,
+            "poisson_sampling": True,
+            "grad_sample_mode": mode,
+            "noise_generator": _generator(dp_seed),
+        }
+        with warnings.catch_warnings():
+            # Known and documented on LocalTrainConfig: the noise comes from torch's PRNG
+            # seeded with OS entropy, not from a CSPRNG (Opacus secure_mode needs torchcsprng).
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+            if mode == "ghost":
+                train_module, optimizer, criterion, loader = engine.make_private(
+                    criterion=PerSampleLoss(loss_fn), **common
+                )
+            else:
+                train_module, optimizer, loader = engine.make_private(**common)
+        if loader.sample_rate != sample_rate:
+            raise RuntimeError(
+                f"Opacus sample rate {loader.sample_rate} differs from planned {sample_rate}"
+            )
+
+    steps = 0
+    loss_sum = 0.0
+    seen = 0
+    started = time.perf_counter()
+    train_module.train()
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # Opacus's hooks fire on modules whose inputs need no gradient (first layers).
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            torch.manual_seed(cfg.seed)
+            for _ in range(cfg.local_epochs):
+                for x, y in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = criterion(train_module(x), y)
+                    loss.backward()
+                    optimizer.step()
+                    if use_prox:
+                        _proximal_step(params, anchors, cfg.lr, cfg.proximal_mu)
+                    steps += 1
+                    batch = len(y)
+                    if batch:
+                        loss_sum += float(loss.item()) * batch
+                        seen += batch
+    finally:
+        if engine is not None and hasattr(train_module, "to_standard_module"):
+            train_module.to_standard_module()
+    train_seconds = time.perf_counter() - started
+
+    if steps != expected_steps:
+        raise RuntimeError(f"trained {steps} steps but {expected_steps} were planned")
+    if engine is not None:
+        assert noise_multiplier is not None
+        accounted = engine.accountant.history
+        if accounted != [(float(noise_multiplier), sample_rate, expected_steps)]:
+            raise RuntimeError(
+                f"Opacus accounted {accounted}, expected "
+                f"{[(float(noise_multiplier), sample_rate, expected_steps)]}"
+            )
+
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return TrainResult(
+        state_dict=state,
+        num_examples=num_examples,
+        train_loss=loss_sum / seen if seen else float("nan"),
+        steps=steps,
+        sample_rate=sample_rate,
+        noise_multiplier=float(noise_multiplier) if cfg.dp and noise_multiplier else 0.0,
+        train_seconds=train_seconds,
+    )

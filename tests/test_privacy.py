@@ -1,0 +1,363 @@
+"""Privacy accounting: planning, the factory's ledger, and whole factory rounds.
+
+A tiny stand-in task (logistic regression on synthetic rows) keeps these tests independent of
+the real standard models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+import fl_client.factory as factory_module
+from fl_client.factory import run_factory_round
+from fl_client.privacy import (
+    BudgetExhausted,
+    LedgerError,
+    PrivacyLedger,
+    epsilon_of,
+    plan_noise_multiplier,
+)
+from fl_client.training import LocalTrainConfig, sample_rate_for, steps_per_epoch
+from standard_models.base import (
+    Column,
+    DataValidationError,
+    FederatedData,
+    PartitionConfig,
+    Schema,
+    StandardTask,
+)
+
+DELTA = 1e-5
+FEATURES = ["s0", "s1", "s2", "s3"]
+
+
+class TinyTask(StandardTask):
+    """Binary classification of four sensor readings with a linear model."""
+
+    name = "tiny"
+    schema = Schema(tuple(Column(c, "float") for c in FEATURES) + (Column("label", "int"),))
+    main_metric = "accuracy"
+
+    def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:
+        frames = [make_frame(100, seed + i) for i in range(num_factories)]
+        return FederatedData(frames, make_frame(50, seed + 100), make_frame(50, seed + 200))
+
+    def to_dataset(self, df: pd.DataFrame) -> Dataset:
+        x = torch.tensor(df[FEATURES].to_numpy(), dtype=torch.float32)
+        return TensorDataset(x, torch.tensor(df["label"].to_numpy(), dtype=torch.long))
+
+    def build_model(self) -> nn.Module:
+        return nn.Linear(len(FEATURES), 2)
+
+    def loss_fn(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
+        logits, y = self.predict(model, dataset)
+        return {
+            "loss": float(self.loss_fn()(logits, y)),
+            "accuracy": float((logits.argmax(1) == y).float().mean()),
+        }
+
+
+def make_frame(n: int, seed: int) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, len(FEATURES)))
+    df = pd.DataFrame(x, columns=FEATURES)
+    df["label"] = (x @ np.array([1.0, -2.0, 0.5, 1.5]) > 0).astype(np.int64)
+    return df
+
+
+def write_frame(folder: Path, n: int, seed: int = 0) -> Path:
+    path = folder / f"factory_{seed}_{n}.parquet"
+    make_frame(n, seed).to_parquet(path)
+    return path
+
+
+TASK = TinyTask()
+
+
+def global_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return TASK.build_model().state_dict()
+
+
+def factory_round(
+    data: Path, ledger: Path, run_id: str, rnd: int, planned: int, cfg: LocalTrainConfig,
+    budget: float, carried: list | None = None, factory_id: str = "f0",
+) -> factory_module.FactoryRoundResult:
+    return run_factory_round(
+        task=TASK, data_path=data, ledger_path=ledger, factory_id=factory_id, run_id=run_id,
+        server_round=rnd, planned_rounds=planned, global_state=global_state(), train_cfg=cfg,
+        epsilon_budget=budget, delta=DELTA, carried_history=carried,
+    )
+
+
+# ------------------------------------------------------------------ epsilon and planning
+
+
+def test_epsilon_of_empty_history_is_zero() -> None:
+    assert epsilon_of([], DELTA) == 0.0
+    assert epsilon_of(None, DELTA, "prv") == 0.0
+
+
+def test_epsilon_of_matches_opacus_and_is_additive_over_split_entries() -> None:
+    acc = RDPAccountant()
+    acc.history = [(1.1, 0.02, 300), (0.9, 0.05, 40)]
+    assert epsilon_of(acc.history, DELTA) == pytest.approx(acc.get_epsilon(DELTA), rel=1e-12)
+    split = [(1.1, 0.02, 100), (1.1, 0.02, 200), (0.9, 0.05, 40)]
+    assert epsilon_of(split, DELTA) == epsilon_of(acc.history, DELTA)
+
+
+def test_gdp_refuses_mixed_noise_levels() -> None:
+    assert epsilon_of([(1.0, 0.01, 100), (1.0, 0.01, 50)], DELTA, "gdp") > 0
+    with pytest.raises(ValueError, match="gdp"):
+        epsilon_of([(1.0, 0.01, 100), (2.0, 0.01, 50)], DELTA, "gdp")
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the")
+@pytest.mark.parametrize(
+    ("eps", "q", "steps", "accountant"),
+    [(1.0, 0.01, 1000, "rdp"), (3.0, 0.05, 200, "rdp"), (0.8, 1 / 3, 30, "rdp"),
+     (0.5, 0.02, 100, "prv")],
+)
+def test_plan_without_prior_matches_opacus(
+    eps: float, q: float, steps: int, accountant: str
+) -> None:
+    sigma = plan_noise_multiplier([], eps, DELTA, q, steps, accountant)
+    expected = get_noise_multiplier(
+        target_epsilon=eps, target_delta=DELTA, sample_rate=q, steps=steps, accountant=accountant
+    )
+    assert sigma == pytest.approx(expected, rel=1e-12)
+    assert epsilon_of([(sigma, q, steps)], DELTA, accountant) <= eps
+
+
+def test_plan_with_prior_spend_needs_more_noise_and_stays_within_budget() -> None:
+    prior = [(1.5, 0.02, 500)]
+    spent = epsilon_of(prior, DELTA)
+    assert 0 < spent < 4.0
+    fresh = plan_noise_multiplier([], 4.0, DELTA, 0.02, 500)
+    sigma = plan_noise_multiplier(prior, 4.0, DELTA, 0.02, 500)
+    assert sigma > fresh
+    total = epsilon_of([*prior, (sigma, 0.02, 500)], DELTA)
+    assert 4.0 - 0.01 <= total <= 4.0
+
+
+def test_plan_refuses_when_prior_spend_meets_the_budget() -> None:
+    prior = [(0.8, 0.05, 1000)]
+    spent = epsilon_of(prior, DELTA)
+    with pytest.raises(BudgetExhausted) as info:
+        plan_noise_multiplier(prior, spent, DELTA, 0.05, 10)
+    assert f"{spent:.4f}" in str(info.value)
+    assert info.value.budget == spent
+
+
+# ------------------------------------------------------------------ ledger
+
+
+def test_ledger_round_trips_through_json(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, "f0", 5.0, DELTA)
+    sigma = ledger.noise_multiplier_for_run("r1", 0.1, 40)
+    eps = ledger.reserve_round("r1", 1, sigma, 0.1, 20)
+    again = PrivacyLedger.open(path, "f0", 5.0, DELTA)
+    assert again.to_dict() == ledger.to_dict()
+    assert again.spent_epsilon() == eps
+    assert json.loads(path.read_text())["rounds"][0]["epsilon_after"] == eps
+    assert again.noise_multiplier_for_run("r1", 0.1, 40) == sigma
+
+
+def test_reserve_over_budget_records_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, "f0", 1.0, DELTA)
+    ledger.reserve_round("r", 1, 2.0, 0.1, 10)
+    before = path.read_text()
+    with pytest.raises(BudgetExhausted):
+        ledger.reserve_round("r", 2, 0.5, 0.1, 1000)
+    assert path.read_text() == before
+    assert ledger.projected_epsilon(0.5, 0.1, 1000) > 1.0 >= ledger.spent_epsilon()
+
+
+@pytest.mark.parametrize(
+    "content", ["{not json", "[]", '{"format": "factoryfed-privacy-ledger", "version": 1}', ""]
+)
+def test_corrupt_ledger_raises_naming_the_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "corrupt.json"
+    path.write_text(content)
+    with pytest.raises(LedgerError, match="corrupt.json"):
+        PrivacyLedger.open(path, "f0", 3.0, DELTA)
+    assert path.read_text() == content
+
+
+def test_ledger_of_another_factory_accountant_or_larger_budget_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    ledger = PrivacyLedger.open(path, "f0", 3.0, DELTA)
+    ledger.reserve_round("r", 1, 1.0, 0.1, 5)
+    with pytest.raises(LedgerError, match="factory"):
+        PrivacyLedger.open(path, "f1", 3.0, DELTA)
+    with pytest.raises(LedgerError, match="accountant"):
+        PrivacyLedger.open(path, "f0", 3.0, DELTA, "prv")
+    with pytest.raises(LedgerError, match="budget"):
+        PrivacyLedger.open(path, "f0", 30.0, DELTA)
+    stricter = PrivacyLedger.open(path, "f0", 0.5, DELTA)
+    assert stricter.budget == 0.5
+    with pytest.raises(BudgetExhausted):
+        stricter.reserve_round("r", 2, 1.0, 0.1, 50)
+
+
+def test_absorb_adopts_longer_history_and_never_drops_spend(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path / "l.json", "f0", 10.0, DELTA)
+    ledger.reserve_round("r", 1, 1.0, 0.1, 10)
+    assert not ledger.absorb([(1.0, 0.1, 5)])  # older state: already contained
+    assert ledger.history == [(1.0, 0.1, 10)]
+    assert ledger.absorb([(1.0, 0.1, 30)])  # newer state than the disk file
+    assert PrivacyLedger.open(tmp_path / "l.json", "f0", 10.0, DELTA).history == [(1.0, 0.1, 30)]
+    spent = ledger.spent_epsilon()
+    assert ledger.absorb([(1.0, 0.1, 20), (2.0, 0.1, 5)])  # diverged: both count
+    assert ledger.history == [(1.0, 0.1, 30), (2.0, 0.1, 5)]
+    assert ledger.spent_epsilon() > spent
+
+
+# ------------------------------------------------------------------ factory rounds
+
+
+def test_epsilon_after_rounds_matches_an_independent_accountant(tmp_path: Path) -> None:
+    data = write_frame(tmp_path, 240)
+    ledger = tmp_path / "ledger.json"
+    cfg = LocalTrainConfig(local_epochs=2, batch_size=32, reproducible_dp=True)
+    independent = RDPAccountant()
+    for rnd in range(1, 4):
+        metrics = factory_round(data, ledger, "run", rnd, 3, cfg, 3.0).metrics
+        assert metrics["dp"] == 1
+        assert metrics["steps"] == 2 * steps_per_epoch(240, 32)
+        assert metrics["sample_rate"] == sample_rate_for(240, 32)
+        for _ in range(int(metrics["steps"])):
+            independent.step(
+                noise_multiplier=metrics["noise_multiplier"], sample_rate=metrics["sample_rate"]
+            )
+        assert math.isclose(metrics["epsilon"], independent.get_epsilon(DELTA), rel_tol=1e-9)
+    assert 3.0 - 0.01 <= metrics["epsilon"] <= 3.0
+    assert set(metrics) == {
+        "num-examples", "train_loss", "epsilon", "delta", "noise_multiplier", "sample_rate",
+        "steps", "train_time", "dp",
+    }
+    assert all(type(v) in (int, float) for v in metrics.values())
+
+
+def test_random_sweep_never_overspends_and_declines_extra_rounds(tmp_path: Path) -> None:
+    rng = random.Random(1234)
+    for case in range(20):
+        budget = math.exp(rng.uniform(math.log(0.5), math.log(10.0)))
+        planned = rng.randint(1, 4)
+        n = rng.randint(120, 400)
+        cfg = LocalTrainConfig(
+            local_epochs=rng.randint(1, 2), batch_size=rng.choice([16, 32, 64]),
+            grad_sample_mode=rng.choice(["ghost", "hooks"]), reproducible_dp=True, seed=case,
+        )
+        data = write_frame(tmp_path, n, seed=case)
+        ledger = tmp_path / f"ledger_{case}.json"
+        accepted = []
+        with pytest.raises(BudgetExhausted):
+            for rnd in range(1, planned + 3):
+                accepted.append(factory_round(data, ledger, "run", rnd, planned, cfg, budget))
+        context = f"case {case}: budget {budget:.3f}, {planned} rounds, n={n}, {cfg}"
+        assert len(accepted) >= planned, context
+        assert all(r.metrics["epsilon"] <= budget for r in accepted), context
+        on_disk = PrivacyLedger.open(ledger, "f0", budget, DELTA)
+        assert len(on_disk.rounds) == len(accepted), context
+        assert on_disk.spent_epsilon() == accepted[-1].metrics["epsilon"] <= budget, context
+
+
+def test_spend_of_an_earlier_run_counts(tmp_path: Path) -> None:
+    data = write_frame(tmp_path, 320)
+    ledger = tmp_path / "ledger.json"
+    cfg = LocalTrainConfig(batch_size=32, reproducible_dp=True)
+    first = [factory_round(data, ledger, "run-a", r, 3, cfg, 1.5) for r in (1, 2)]
+    second = factory_round(data, ledger, "run-b", 1, 3, cfg, 1.5)
+    fresh = factory_round(data, tmp_path / "fresh.json", "run-b", 1, 3, cfg, 1.5)
+    assert second.metrics["noise_multiplier"] > fresh.metrics["noise_multiplier"]
+    assert second.metrics["noise_multiplier"] > first[0].metrics["noise_multiplier"]
+    assert second.metrics["epsilon"] > first[-1].metrics["epsilon"]
+    last = [factory_round(data, ledger, "run-b", r, 3, cfg, 1.5) for r in (2, 3)]
+    assert 1.5 - 0.01 <= last[-1].metrics["epsilon"] <= 1.5
+    with pytest.raises(BudgetExhausted):  # a round beyond run-b's plan would overspend
+        factory_round(data, ledger, "run-b", 4, 3, cfg, 1.5)
+    # A further run may only plan with what is left, which is almost nothing.
+    try:
+        third = factory_round(data, ledger, "run-c", 1, 3, cfg, 1.5)
+    except BudgetExhausted:
+        pass
+    else:
+        assert third.metrics["noise_multiplier"] > last[-1].metrics["noise_multiplier"]
+        assert third.metrics["epsilon"] <= 1.5
+
+
+def test_crash_during_training_keeps_the_spend_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_frame(tmp_path, 80)
+    ledger = tmp_path / "ledger.json"
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(factory_module, "train_local", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        factory_round(data, ledger, "run", 1, 2, LocalTrainConfig(batch_size=16), 2.0)
+    on_disk = PrivacyLedger.open(ledger, "f0", 2.0, DELTA)
+    assert on_disk.spent_epsilon() > 0
+    assert [(r["run_id"], r["round"]) for r in on_disk.rounds] == [("run", 1)]
+
+
+def test_carried_history_restores_a_lost_ledger(tmp_path: Path) -> None:
+    data = write_frame(tmp_path, 100)
+    ledger = tmp_path / "ledger.json"
+    cfg = LocalTrainConfig(batch_size=20, reproducible_dp=True)
+    one = factory_round(data, ledger, "run", 1, 2, cfg, 2.0)
+    ledger.unlink()
+    two = factory_round(data, ledger, "run", 2, 2, cfg, 2.0, carried=one.history)
+    # The lost plan is made again from what the carried history says was spent.
+    assert two.metrics["noise_multiplier"] > one.metrics["noise_multiplier"]
+    independent = RDPAccountant()
+    for result in (one, two):
+        m = result.metrics
+        independent.history.append((m["noise_multiplier"], m["sample_rate"], int(m["steps"])))
+    assert math.isclose(two.metrics["epsilon"], independent.get_epsilon(DELTA), rel_tol=1e-9)
+    assert two.history == [[*entry] for entry in independent.history]
+
+
+def test_non_private_round_spends_nothing_and_says_so(tmp_path: Path) -> None:
+    data = write_frame(tmp_path, 60)
+    ledger = tmp_path / "ledger.json"
+    plain = LocalTrainConfig(batch_size=16, dp=False)
+    result = factory_round(data, ledger, "run", 1, 2, plain, 2.0)
+    assert result.metrics["dp"] == 0
+    assert result.metrics["epsilon"] == 0.0
+    assert result.metrics["noise_multiplier"] == 0.0
+    assert not ledger.exists()
+    private = factory_round(data, ledger, "run", 1, 2, LocalTrainConfig(batch_size=16), 2.0)
+    before = ledger.read_text()
+    after = factory_round(data, ledger, "run", 2, 2, plain, 2.0)
+    assert after.metrics["epsilon"] == private.metrics["epsilon"] > 0
+    assert after.metrics["dp"] == 0
+    assert ledger.read_text() == before
+
+
+def test_bad_data_file_names_file_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "bad.parquet"
+    make_frame(20, 0).drop(columns=["s2"]).to_parquet(path)
+    with pytest.raises(DataValidationError, match="bad.parquet.*s2"):
+        factory_round(path, tmp_path / "l.json", "run", 1, 1, LocalTrainConfig(), 1.0)
+    assert not (tmp_path / "l.json").exists()
