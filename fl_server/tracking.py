@@ -84,11 +84,14 @@ class MlflowTracker:
         assert self.run_id is not None
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model: Any, registered_name: str | None) -> str | None:
+    def log_model(
+        self, model: Any, input_example: Any, registered_name: str | None
+    ) -> str | None:
         """Log the final global model as an MLflow PyTorch model and register it.
 
-        Returns the registered model version, or None when not registered. Requirements are
-        given explicitly so MLflow does not spend seconds inferring them.
+        ``input_example`` (a small numpy batch) lets MLflow trace the model and record its
+        signature. Returns the registered model version, or None when not registered.
+        Requirements are given explicitly so MLflow does not spend seconds inferring them.
         """
         import torch
 
@@ -96,6 +99,7 @@ class MlflowTracker:
             info = mlflow.pytorch.log_model(
                 model,
                 name="model",
+                input_example=input_example,
                 registered_model_name=registered_name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             )

@@ -1,0 +1,144 @@
+"""The main job: compose the config with Hydra, make the data, run the federation, summarise.
+
+    python -m experiments.run              # defaults: 4 factories, 5 rounds, DP
+    python -m experiments.run task=rul strategy=fedprox privacy.epsilon=3 federation.num_rounds=10
+    python -m experiments.run --multirun privacy.epsilon=1,3,8
+
+The federation runs on Flower's simulation engine (``flwr run`` against a simulation-mode
+SuperLink, see :mod:`experiments.flower_sim`); the ServerApp receives this job's resolved config,
+so the same tree in ``conf/`` drives simulation and deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_original_cwd
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from experiments.flower_sim import SimulationSuperLink
+from fl_server.config import finalize
+from fl_server.data import ensure_data
+
+APP_DIR = Path(__file__).resolve().parent.parent
+console = Console()
+
+# Lines of the Flower stream shown on the console (everything goes to flower.log).
+_SHOW = re.compile(r"\[factoryfed\]|WARNING|ERROR|Traceback|Error:|Exception:|MLflow run")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Flower's log prefixes ("INFO :   ", "11/26/2026 22:59:14:INFO:"), stripped for display.
+_PREFIX = re.compile(r"^(\d+/\d+/\d+ \d+:\d+:\d+(:[A-Z]+:|\W)|[A-Z]+\s+:)\s*")
+
+
+def run_simulation(cfg: DictConfig, verbose: bool = False) -> dict:
+    """Run one federation for a finalised config; returns the ServerApp's summary."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    data_dir, made = ensure_data(cfg)
+    console.print(
+        f"[bold]factoryfed[/] {cfg.task.name} | {cfg.strategy.name} | "
+        f"{cfg.federation.num_factories} factories x {cfg.federation.num_rounds} rounds | "
+        + (
+            f"DP eps={cfg.privacy.epsilon} delta={cfg.privacy.delta}"
+            if cfg.privacy.enabled
+            else "no DP"
+        )
+    )
+    console.print(f"data: {data_dir} ({'generated' if made else 'reused'})")
+    config_file = out / "config.yaml"
+    config_file.write_text(OmegaConf.to_yaml(cfg))
+    log_path = out / "flower.log"
+    summary_path = out / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    with (
+        open(log_path, "w") as log,
+        SimulationSuperLink(
+            out / ".flwr", int(cfg.federation.num_factories), float(cfg.federation.client_cpus)
+        ) as link,
+    ):
+        shown: list[str] = [""]
+
+        def on_line(line: str) -> None:
+            log.write(line + "\n")
+            log.flush()
+            plain = _ANSI.sub("", line)
+            if verbose or _SHOW.search(plain):
+                # Flower's records can reach the stream through two handlers: show them once.
+                text = _PREFIX.sub("", plain).split("[factoryfed] ")[-1].strip()
+                if text and text != shown[0]:
+                    console.print(text, markup=False, highlight=False)
+                    shown[0] = text
+
+        code = link.run_app(
+            APP_DIR,
+            {"config-file": str(config_file), "data-dir": str(data_dir), "output-dir": str(out)},
+            on_line,
+            timeout=float(cfg.federation.round_timeout) * (int(cfg.federation.num_rounds) + 2),
+        )
+    if code != 0 or not summary_path.exists():
+        raise RuntimeError(f"the federation did not finish (flwr exit {code}); see {log_path}")
+    summary = json.loads(summary_path.read_text())
+    summary["wall_seconds"] = time.monotonic() - t0
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def print_summary(summary: dict, cfg: DictConfig) -> None:
+    """Global metrics, per-factory privacy spend, failures and how to open MLflow."""
+    metric = summary["main_metric"]
+    table = Table(title=f"{summary['run_name']}  ({summary['wall_seconds']:.0f} s)")
+    table.add_column("round", justify="right")
+    keys = [metric] + [k for k in summary["rounds"][-1] if k not in ("round", metric)]
+    for k in keys:
+        table.add_column(f"val {k}", justify="right")
+    for r in summary["rounds"]:
+        table.add_row(str(r["round"]), *[f"{r[k]:.4f}" for k in keys])
+    table.add_row("test", *[f"{summary['test'].get(k, float('nan')):.4f}" for k in keys])
+    console.print(table)
+    if summary["factory_epsilon"]:
+        eps = Table(title="privacy spend per factory")
+        eps.add_column("factory")
+        eps.add_column("epsilon spent", justify="right")
+        eps.add_column("budget", justify="right")
+        for fid, e in sorted(summary["factory_epsilon"].items()):
+            eps.add_row(fid, f"{e:.3f}", f"{summary['epsilon_budget']}")
+        console.print(eps)
+    for f in summary["failures"]:
+        console.print(f"[yellow]round {f['round']}: {f['factory']} {f['status']}: {f['reason']}")
+    uri = summary["tracking_uri"]
+    console.print(f"MLflow run {summary['mlflow_run_id']}; open the UI with:")
+    console.print(
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri} "
+        f"--default-artifact-root {cfg.tracking.artifact_root} --host 127.0.0.1 --port 5000",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """Turn SIGTERM into SystemExit so the SuperLink and its workers are stopped on the way out."""
+    raise SystemExit(128 + signum)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the final validation main metric (for sweepers)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    cfg = finalize(cfg, base=Path(get_original_cwd()), output_dir=out)
+    summary = run_simulation(cfg)
+    print_summary(summary, cfg)
+    return float(summary["rounds"][-1][summary["main_metric"]])
+
+
+if __name__ == "__main__":
+    main()

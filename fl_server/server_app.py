@@ -1,0 +1,194 @@
+"""The operator's ServerApp: strategy from config, central evaluation, checkpoints, MLflow.
+
+Each round: the wrapped Flower strategy sends the global model and the training config to the
+factories, validates and aggregates their updates; then the server evaluates the new global
+model on its validation set, logs the round to MLflow in one batch (``server/*`` and
+``factory/<id>/*``) and checkpoints the model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from fl_server.checkpoint import save_checkpoint
+from fl_server.config import flat_params, load_from_run_config
+from fl_server.data import ensure_data
+from fl_server.tracking import MlflowTracker
+from standard_models.registry import get_task
+from strategies.hooked import FactoryFedStrategy
+from strategies.validation import ValidationRules
+
+INFO, WARNING = 20, 30
+
+app = ServerApp()
+
+
+def train_config_of(cfg: DictConfig, run_id: str) -> ConfigRecord:
+    """What every factory receives with the global model (flat, Flower ConfigRecord types)."""
+    t, p = cfg.task.train, cfg.privacy
+    return ConfigRecord(
+        {
+            "task": str(cfg.task.name),
+            "run-id": run_id,
+            "planned-rounds": int(cfg.federation.num_rounds),
+            "local-epochs": int(t.local_epochs),
+            "batch-size": int(t.batch_size),
+            "lr": float(t.lr),
+            "momentum": float(t.momentum),
+            "dp": bool(p.enabled),
+            "epsilon": float(p.epsilon) if p.enabled else 0.0,
+            "delta": float(p.delta),
+            "accountant": str(p.accountant),
+            "max-grad-norm": float(p.max_grad_norm),
+            "grad-sample-mode": str(p.grad_sample_mode),
+            "seed": int(cfg.seed),
+        }
+    )
+
+
+def run_federation(grid: Grid, cfg: DictConfig) -> dict:
+    """Run the whole federation described by ``cfg``; returns the summary written to disk."""
+    torch.manual_seed(int(cfg.seed))
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir, made = ensure_data(cfg)
+    if made:
+        log(INFO, "Generated factory data in %s", data_dir)
+
+    task = get_task(str(cfg.task.name))
+    validation = task.to_dataset(task.load_frame(data_dir / "validation.parquet"))
+    model = task.build_model()
+
+    tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
+    run_id = tracker.start(
+        str(cfg.run_name),
+        flat_params(cfg),
+        tags={
+            "task": str(cfg.task.name),
+            "strategy": str(cfg.strategy.name),
+            "output_dir": str(out_dir),
+        },
+    )
+    tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
+    log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
+
+    strategy = FactoryFedStrategy(
+        instantiate(cfg.strategy.flower),
+        rules=ValidationRules(),
+        min_accepted=int(cfg.federation.min_factories),
+    )
+    num_rounds = int(cfg.federation.num_rounds)
+    history: list[dict] = []
+    failures: list[dict] = []
+    round_start = [time.monotonic()]
+    main_metric = task.main_metric
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Central evaluation, MLflow batch, checkpoint and a progress line for one round."""
+        model.load_state_dict(arrays.to_torch_state_dict())
+        scores = task.evaluate(model, validation)
+        metrics = {f"server/{k}": float(v) for k, v in scores.items()}
+        report = strategy.reports.get(server_round)
+        if report is not None:
+            metrics.update(report.mlflow_metrics(strategy.known_factories))
+            metrics["server/accepted"] = float(len(report.accepted))
+            metrics["server/round_seconds"] = time.monotonic() - round_start[0]
+            eps = [o.metrics["epsilon"] for o in report.outcomes.values() if "epsilon" in o.metrics]
+            if eps:
+                metrics["server/epsilon_max"] = max(eps)
+            for o in report.failures:
+                failures.append(
+                    {
+                        "round": server_round,
+                        "factory": o.factory_id,
+                        "status": o.status,
+                        "reason": o.reason,
+                    }
+                )
+            if report.failures:
+                tracker.log_dict(failures, "failures.json")
+        tracker.log_metrics(server_round, metrics)
+        save_checkpoint(
+            out_dir / "checkpoints",
+            server_round,
+            {k: v.detach().clone() for k, v in model.state_dict().items()},
+            scores,
+        )
+        history.append({"round": server_round, **scores})
+        status = report.summary_line() if report else "initial model"
+        log(
+            INFO,
+            "[factoryfed] round %d/%d  %s=%.4f  loss=%.4f  (%s)",
+            server_round,
+            num_rounds,
+            main_metric,
+            scores[main_metric],
+            scores["loss"],
+            status,
+        )
+        round_start[0] = time.monotonic()
+        return MetricRecord({k: float(v) for k, v in scores.items()})
+
+    status = "FAILED"
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=num_rounds,
+            timeout=float(cfg.federation.round_timeout),
+            train_config=train_config_of(cfg, run_id),
+            evaluate_fn=end_of_round,
+        )
+        model.load_state_dict(result.arrays.to_torch_state_dict())
+        test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
+        test_scores = task.evaluate(model, test)
+        tracker.log_metrics(num_rounds, {f"test/{k}": v for k, v in test_scores.items()})
+        final_eps = {}
+        for r in sorted(strategy.reports):
+            for fid, o in strategy.reports[r].outcomes.items():
+                if "epsilon" in o.metrics:
+                    final_eps[fid] = o.metrics["epsilon"]
+        registered = f"factoryfed-{cfg.task.name}" if cfg.tracking.register_model else None
+        example = torch.stack([validation[i][0] for i in range(min(4, len(validation)))])
+        version = tracker.log_model(model.eval(), example.numpy(), registered)
+        summary = {
+            "mlflow_run_id": run_id,
+            "run_name": str(cfg.run_name),
+            "tracking_uri": str(cfg.tracking.uri),
+            "task": str(cfg.task.name),
+            "strategy": str(cfg.strategy.name),
+            "main_metric": main_metric,
+            "rounds": history,
+            "test": test_scores,
+            "factory_epsilon": final_eps,
+            "epsilon_budget": float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
+            "failures": failures,
+            "registered_model": registered,
+            "model_version": version,
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_dict(summary, "summary.json")
+        status = "FINISHED"
+        return summary
+    except Exception:
+        log(WARNING, "Federation failed:\n%s", traceback.format_exc())
+        raise
+    finally:
+        tracker.end(status)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Flower entry point: config from the run config, then the federation."""
+    cfg = load_from_run_config(context.run_config)
+    run_federation(grid, cfg)
