@@ -7,8 +7,9 @@ Where the data and the privacy ledger live is the factory's decision, set in its
 * ``factory-id``: the name the operator sees (defaults to ``factory_<partition-id>``);
 * ``epsilon-budget`` / ``delta``: the factory's own privacy budget (else the federation's).
 
-In simulation the runner passes ``data-dir`` and ``output-dir`` in the run config instead and
-each simulated factory uses ``factory_<partition-id>.parquet`` and ``<output-dir>/privacy``.
+In simulation the runner passes ``data-dir`` and ``output-dir`` in the run config instead (the
+ServerApp also adds them to the train config for ``flwr run`` without the runner) and each
+simulated factory uses ``factory_<partition-id>.parquet`` and ``<output-dir>/privacy``.
 
 Every failure is answered, never raised: the reply carries the factory id, a status
 (``declined`` for budget, ``data-error`` for an unusable file, ``error`` otherwise) and the
@@ -18,6 +19,7 @@ reason, so the server records it and the round goes on with the other factories.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -45,19 +47,26 @@ def factory_id_of(context: Context) -> str:
     return f"factory_{int(nc.get('partition-id', 0)):03d}"
 
 
-def paths_of(context: Context, factory_id: str) -> tuple[Path, Path]:
-    """Data file and privacy-ledger file of this factory (see the module docstring)."""
+def paths_of(context: Context, factory_id: str, config: ConfigRecord) -> tuple[Path, Path]:
+    """Data file and privacy-ledger file of this factory (see the module docstring).
+
+    Precedence: the factory's node config, then the run config, then the simulation hints
+    (``data-dir``/``output-dir``) the ServerApp adds to the train config, which only simulated
+    factories without any node config ever use.
+    """
     nc, rc = context.node_config, context.run_config
+    data_dir = str(rc.get("data-dir", "") or config.get("data-dir", ""))
+    out_dir = str(rc.get("output-dir", "") or config.get("output-dir", ""))
     if "data-path" in nc:
         data_path = Path(str(nc["data-path"]))
-    elif rc.get("data-dir"):
-        data_path = factory_path(Path(str(rc["data-dir"])), int(nc.get("partition-id", 0)))
+    elif data_dir:
+        data_path = factory_path(Path(data_dir), int(nc.get("partition-id", 0)))
     else:
         raise DataValidationError("<node config>", "no 'data-path' in the node config")
     if "ledger-path" in nc:
         ledger_path = Path(str(nc["ledger-path"]))
-    elif rc.get("output-dir"):
-        ledger_path = Path(str(rc["output-dir"])) / "privacy" / f"{factory_id}.json"
+    elif out_dir:
+        ledger_path = Path(out_dir) / "privacy" / f"{factory_id}.json"
     else:
         ledger_path = data_path.with_suffix(".privacy.json")
     return data_path, ledger_path
@@ -95,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
     accountant = str(cfg["accountant"])
     ledger_path: Path | None = None
     try:
-        data_path, ledger_path = paths_of(context, factory_id)
+        data_path, ledger_path = paths_of(context, factory_id, cfg)
         task = get_task(str(cfg["task"]))
         train_cfg = LocalTrainConfig(
             local_epochs=int(cfg["local-epochs"]),
@@ -125,6 +134,7 @@ def train(msg: Message, context: Context) -> Message:
             delta=delta,
             accountant=accountant,
             carried_history=carried,
+            max_noise_multiplier=float(cfg.get("max-noise-multiplier", math.inf)),
         )
     except DataValidationError as exc:
         return _reply(msg, factory_id, DATA_ERROR, str(exc))

@@ -14,13 +14,14 @@ Order of a DP round, chosen so that privacy spend is never lost or exceeded:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fl_client.privacy import PrivacyLedger, epsilon_of, normalize_history
+from fl_client.privacy import BudgetExhausted, PrivacyLedger, epsilon_of, normalize_history
 from fl_client.training import (
     LocalTrainConfig,
     TrainResult,
@@ -76,6 +77,7 @@ def run_factory_round(
     delta: float,
     accountant: str = "rdp",
     carried_history: list[Any] | None = None,
+    max_noise_multiplier: float = math.inf,
 ) -> FactoryRoundResult:
     """Train one federated round at one factory and account its privacy spend.
 
@@ -84,6 +86,8 @@ def run_factory_round(
     reserves its steps on disk before training. A round that would take the cumulative epsilon
     above ``epsilon_budget`` (including rounds beyond ``planned_rounds``, or a budget already
     spent by earlier runs) raises :class:`~fl_client.privacy.BudgetExhausted` without training.
+    So does a run whose remaining budget would need a noise multiplier above
+    ``max_noise_multiplier``: its updates would be mostly noise and only harm the global model.
 
     Without DP nothing is spent and ``noise_multiplier`` is 0, but the round's update carries
     no formal guarantee at all. The ``epsilon`` metric then still reports the DP spend recorded
@@ -138,6 +142,14 @@ def run_factory_round(
     noise_multiplier = ledger.noise_multiplier_for_run(
         run_id, sample_rate, planned_rounds * round_steps
     )
+    if noise_multiplier > max_noise_multiplier:
+        raise BudgetExhausted(
+            ledger.spent_epsilon(),
+            ledger.budget,
+            delta,
+            f"the budget left needs noise multiplier {noise_multiplier:.3g} for this run, above "
+            f"the useful maximum {max_noise_multiplier:g}",
+        )
     epsilon = ledger.reserve_round(run_id, server_round, noise_multiplier, sample_rate, round_steps)
 
     result = train_local(

@@ -51,7 +51,11 @@ def train_config_of(cfg: DictConfig, run_id: str) -> ConfigRecord:
             "accountant": str(p.accountant),
             "max-grad-norm": float(p.max_grad_norm),
             "grad-sample-mode": str(p.grad_sample_mode),
+            "max-noise-multiplier": float(p.max_noise_multiplier),
             "seed": int(cfg.seed),
+            # Simulation hints only: factories with a node config never read them.
+            "data-dir": str(cfg.data_dir),
+            "output-dir": str(cfg.output_dir),
         }
     )
 
@@ -141,7 +145,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
 
     status = "FAILED"
     try:
-        result = strategy.start(
+        strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=num_rounds,
@@ -149,7 +153,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
             train_config=train_config_of(cfg, run_id),
             evaluate_fn=end_of_round,
         )
-        model.load_state_dict(result.arrays.to_torch_state_dict())
+        # `model` holds the final global weights: end_of_round loaded them after the last
+        # round (Flower's Result.arrays stays empty if no round ever aggregated).
         test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
         test_scores = task.evaluate(model, test)
         tracker.log_metrics(num_rounds, {f"test/{k}": v for k, v in test_scores.items()})

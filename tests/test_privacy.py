@@ -95,13 +95,29 @@ def global_state() -> dict[str, torch.Tensor]:
 
 
 def factory_round(
-    data: Path, ledger: Path, run_id: str, rnd: int, planned: int, cfg: LocalTrainConfig,
-    budget: float, carried: list | None = None, factory_id: str = "f0",
+    data: Path,
+    ledger: Path,
+    run_id: str,
+    rnd: int,
+    planned: int,
+    cfg: LocalTrainConfig,
+    budget: float,
+    carried: list | None = None,
+    factory_id: str = "f0",
 ) -> factory_module.FactoryRoundResult:
     return run_factory_round(
-        task=TASK, data_path=data, ledger_path=ledger, factory_id=factory_id, run_id=run_id,
-        server_round=rnd, planned_rounds=planned, global_state=global_state(), train_cfg=cfg,
-        epsilon_budget=budget, delta=DELTA, carried_history=carried,
+        task=TASK,
+        data_path=data,
+        ledger_path=ledger,
+        factory_id=factory_id,
+        run_id=run_id,
+        server_round=rnd,
+        planned_rounds=planned,
+        global_state=global_state(),
+        train_cfg=cfg,
+        epsilon_budget=budget,
+        delta=DELTA,
+        carried_history=carried,
     )
 
 
@@ -130,8 +146,12 @@ def test_gdp_refuses_mixed_noise_levels() -> None:
 @pytest.mark.filterwarnings("ignore:Optimal order is the")
 @pytest.mark.parametrize(
     ("eps", "q", "steps", "accountant"),
-    [(1.0, 0.01, 1000, "rdp"), (3.0, 0.05, 200, "rdp"), (0.8, 1 / 3, 30, "rdp"),
-     (0.5, 0.02, 100, "prv")],
+    [
+        (1.0, 0.01, 1000, "rdp"),
+        (3.0, 0.05, 200, "rdp"),
+        (0.8, 1 / 3, 30, "rdp"),
+        (0.5, 0.02, 100, "prv"),
+    ],
 )
 def test_plan_without_prior_matches_opacus(
     eps: float, q: float, steps: int, accountant: str
@@ -250,8 +270,15 @@ def test_epsilon_after_rounds_matches_an_independent_accountant(tmp_path: Path) 
         assert math.isclose(metrics["epsilon"], independent.get_epsilon(DELTA), rel_tol=1e-9)
     assert 3.0 - 0.01 <= metrics["epsilon"] <= 3.0
     assert set(metrics) == {
-        "num-examples", "train_loss", "epsilon", "delta", "noise_multiplier", "sample_rate",
-        "steps", "train_time", "dp",
+        "num-examples",
+        "train_loss",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "train_time",
+        "dp",
     }
     assert all(type(v) in (int, float) for v in metrics.values())
 
@@ -263,8 +290,11 @@ def test_random_sweep_never_overspends_and_declines_extra_rounds(tmp_path: Path)
         planned = rng.randint(1, 4)
         n = rng.randint(120, 400)
         cfg = LocalTrainConfig(
-            local_epochs=rng.randint(1, 2), batch_size=rng.choice([16, 32, 64]),
-            grad_sample_mode=rng.choice(["ghost", "hooks"]), reproducible_dp=True, seed=case,
+            local_epochs=rng.randint(1, 2),
+            batch_size=rng.choice([16, 32, 64]),
+            grad_sample_mode=rng.choice(["ghost", "hooks"]),
+            reproducible_dp=True,
+            seed=case,
         )
         data = write_frame(tmp_path, n, seed=case)
         ledger = tmp_path / f"ledger_{case}.json"
@@ -361,3 +391,30 @@ def test_bad_data_file_names_file_and_column(tmp_path: Path) -> None:
     with pytest.raises(DataValidationError, match="bad.parquet.*s2"):
         factory_round(path, tmp_path / "l.json", "run", 1, 1, LocalTrainConfig(), 1.0)
     assert not (tmp_path / "l.json").exists()
+
+
+def test_run_with_too_little_budget_left_declines_instead_of_training_noise(
+    tmp_path: Path,
+) -> None:
+    """Budget nearly spent by an earlier run: the next run declines rather than add noise."""
+    data = write_frame(tmp_path, 200)
+    ledger = tmp_path / "ledger.json"
+    kwargs = dict(
+        task=TASK,
+        data_path=data,
+        ledger_path=ledger,
+        factory_id="f0",
+        planned_rounds=2,
+        global_state=global_state(),
+        train_cfg=LocalTrainConfig(batch_size=20),
+        epsilon_budget=2.0,
+        delta=DELTA,
+        max_noise_multiplier=10.0,
+    )
+    for rnd in (1, 2):
+        run_factory_round(run_id="first", server_round=rnd, **kwargs)
+    spent = PrivacyLedger.open(ledger, "f0", 2.0, DELTA, "rdp").spent_epsilon()
+    assert 1.9 < spent <= 2.0
+    with pytest.raises(BudgetExhausted, match="useful maximum"):
+        run_factory_round(run_id="second", server_round=1, **kwargs)
+    assert PrivacyLedger.open(ledger, "f0", 2.0, DELTA, "rdp").spent_epsilon() == spent
