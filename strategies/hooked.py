@@ -86,9 +86,13 @@ class FactoryFedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model sent this round (the reference for validation)."""
-        self._reference = {k: v.numpy() for k, v in arrays.items()}
+        """Remember the global model sent this round, then let the inner strategy sample."""
+        self.remember_global(arrays)
         return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def remember_global(self, arrays: ArrayRecord) -> None:
+        """Set the global model that this round's updates are validated against."""
+        self._reference = {k: v.numpy() for k, v in arrays.items()}
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

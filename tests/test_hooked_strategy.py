@@ -1,0 +1,81 @@
+"""The strategy wrapper on real Flower messages: only valid updates reach FedAvg."""
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """Messages need the identity a Flower runtime would give this process."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+
+    def reply_from(node_id, content):
+        monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+        request = Message(RecordDict(), dst_node_id=node_id, message_type="train")
+        monkeypatch.setattr(TaskIdentity, "_node_id", node_id)
+        return Message(content, reply_to=request)
+
+    return reply_from
+
+
+def _update(factory_id, value, n, status="accepted", shape=(2, 3), metrics=None):
+    content = RecordDict(
+        {FACTORY_RECORD: ConfigRecord({"factory-id": factory_id, "status": status, "reason": ""})}
+    )
+    if status == "accepted":
+        content["arrays"] = ArrayRecord([np.full(shape, value, np.float32)])
+    content["metrics"] = MetricRecord({"num-examples": n, **(metrics or {})})
+    return content
+
+
+def test_only_valid_updates_are_aggregated(identity):
+    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    replies = [
+        identity(1, _update("factory_000", 1.0, 10)),
+        identity(2, _update("factory_001", 3.0, 30)),
+        identity(3, _update("factory_002", np.nan, 10)),
+        identity(4, _update("factory_003", 9.0, 10, shape=(3, 2))),
+        identity(5, _update("factory_004", 0.0, 10, status="declined", metrics={"epsilon": 8.0})),
+        identity(6, _update("factory_005", 9.0, 0)),
+        identity(9, Error(code=1, reason="worker crashed")),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    (aggregated,) = arrays.to_numpy_ndarrays()
+    np.testing.assert_allclose(aggregated, 2.5)  # (1*10 + 3*30) / 40
+    report = strategy.reports[1]
+    status = {f: o.status for f, o in report.outcomes.items()}
+    assert status == {
+        "factory_000": "accepted",
+        "factory_001": "accepted",
+        "factory_002": "rejected",
+        "factory_003": "rejected",
+        "factory_004": "declined",
+        "factory_005": "rejected",
+        "node-9": "error",
+    }
+    assert "NaN" in report.outcomes["factory_002"].reason
+    assert "shape" in report.outcomes["factory_003"].reason
+    assert "num-examples" in report.outcomes["factory_005"].reason
+    assert report.outcomes["node-9"].reason == "worker crashed"
+    metrics = report.mlflow_metrics(strategy.known_factories)
+    assert metrics["factory/factory_004/epsilon"] == 8.0
+    assert metrics["factory/factory_002/rejected"] == 1.0
+
+
+def test_too_few_valid_updates_leave_the_model_unchanged(identity):
+    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    replies = [
+        identity(1, _update("factory_000", 1.0, 10)),
+        identity(2, _update("factory_001", np.inf, 10)),
+    ]
+    assert strategy.aggregate_train(1, replies) == (None, None)
+    assert strategy.reports[1].accepted == ["factory_000"]
