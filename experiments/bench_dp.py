@@ -1,20 +1,27 @@
-"""Cost of DP-SGD per standard model: epoch time and peak memory, DP vs non-private.
+"""Cost of DP-SGD per standard model: epoch time, per-round cost and peak memory.
 
 Usage::
 
-    python -m experiments.bench_dp [--epochs N] [--tasks tep_fault rul ...]
+    python -m experiments.bench_dp [--rounds R] [--epochs E] [--tasks tep_fault rul ...]
 
-For each standard model, one factory's generated data (fixed small seed, in memory) is
-trained for one warm-up epoch and ``--epochs`` measured epochs in each mode: non-private SGD,
-DP-SGD with Opacus ghost clipping, and DP-SGD with Opacus hooks (per-sample gradients). The
-modes take turns epoch by epoch, so drift of the machine affects them alike, and all numbers
-of a table come from the same process.
+For each standard model, one factory's generated data (fixed small seed, in memory) is trained
+the way a factory trains in a federated round: one ``train_local`` call of ``--epochs`` local
+epochs (a *round*), at the batch size in the task's config (``conf/task/<task>.yaml``, or
+``--batch-size``). Modes: non-private SGD and DP-SGD with each clipping implementation
+(``bk``: one-pass book-keeping clipping, the default; ``ghost``: Opacus ghost clipping;
+``hooks``: Opacus per-sample gradients). Each mode runs one warm-up round and ``--rounds``
+measured rounds; the modes take turns round by round, so drift of the machine affects them
+alike, and all numbers of a table come from the same process.
 
-* epoch time: median wall time of the training loop over the measured epochs (the one-off
-  ``make_private`` wrapping is left out);
-* peak memory: the process's peak resident set size during an epoch above its size just
+* ms/epoch: median wall time of one epoch's training loop, over the epochs of the measured
+  rounds after each round's first (the steady state of a multi-epoch round);
+* setup ms: median per-round cost outside the steady epochs: the round's wall time (the
+  whole ``train_local`` call: loaders, DP wrapping, every epoch, unwrapping, copying the
+  weights) minus ``E`` steady epochs. It is paid once per round, whatever ``E``;
+* ms/round: median wall time of the whole call, so nothing is left out of the comparison;
+* peak memory: the process's peak resident set size during a round above its size just
   before it (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with free
-  heap memory handed back to the OS first), max over the measured epochs. PyTorch's CPU
+  heap memory handed back to the OS first), max over the measured rounds. PyTorch's CPU
   tensors bypass Python's allocator, so ``tracemalloc`` would not see them; RSS does. Where
   the reset is unavailable the column reads ``n/a``.
 """
@@ -27,6 +34,7 @@ import ctypes.util
 import gc
 import os
 import statistics
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,10 +42,11 @@ from dataclasses import dataclass, field
 import torch
 
 from fl_client.training import LocalTrainConfig, train_local
+from fl_server.config import compose_config
 from standard_models.base import PartitionConfig, StandardTask
 from standard_models.registry import get_task, task_names
 
-MODES = ("non-private", "ghost", "hooks")
+MODES = ("non-private", "bk", "ghost", "hooks")
 NOISE_MULTIPLIER = 1.0
 DATA_SEED = 7
 NUM_FACTORIES = 4
@@ -73,36 +82,59 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_epoch(run: Callable[[], float]) -> tuple[float, float | None]:
-    """Run one epoch; return its training seconds and peak RSS growth in MiB (or ``None``)."""
+@dataclass
+class RoundTiming:
+    """What one measured round (one ``train_local`` call) took."""
+
+    wall_s: float
+    epoch_s: tuple[float, ...]
+    peak_mib: float | None
+
+
+def measure_round(run: Callable[[], tuple[float, ...]]) -> RoundTiming:
+    """Run one round; return its wall time, its epoch times and its peak RSS growth in MiB."""
     _trim_heap()
     before = _status_kib("VmRSS")
     can_reset = before is not None and _reset_peak_rss()
-    seconds = run()
+    started = time.perf_counter()
+    epochs = run()
+    wall = time.perf_counter() - started
     peak = _status_kib("VmHWM") if can_reset else None
     if peak is None or before is None:
-        return seconds, None
-    return seconds, max(peak - before, 0) / 1024
+        return RoundTiming(wall, epochs, None)
+    return RoundTiming(wall, epochs, max(peak - before, 0) / 1024)
 
 
 @dataclass
 class ModeStats:
     """Measurements of one training mode on one task."""
 
-    seconds: list[float] = field(default_factory=list)
-    peak_mib: list[float] = field(default_factory=list)
+    rounds: list[RoundTiming] = field(default_factory=list)
 
     @property
     def epoch_s(self) -> float:
-        return statistics.median(self.seconds)
+        """Median steady epoch: every epoch of every measured round except the round's first."""
+        steady = [t for r in self.rounds for t in r.epoch_s[1:]]
+        return statistics.median(steady or [t for r in self.rounds for t in r.epoch_s])
+
+    @property
+    def round_s(self) -> float:
+        return statistics.median(r.wall_s for r in self.rounds)
+
+    @property
+    def setup_s(self) -> float:
+        """Median per-round cost beyond the steady epochs (setup, first-epoch extra, teardown)."""
+        steady = self.epoch_s
+        return statistics.median(r.wall_s - len(r.epoch_s) * steady for r in self.rounds)
 
     @property
     def mem_mib(self) -> float | None:
-        return max(self.peak_mib) if self.peak_mib else None
+        peaks = [r.peak_mib for r in self.rounds if r.peak_mib is not None]
+        return max(peaks) if peaks else None
 
 
 def bench_task(
-    task: StandardTask, epochs: int, batch_size: int
+    task: StandardTask, rounds: int, epochs: int, batch_size: int
 ) -> tuple[dict[str, ModeStats], int]:
     """Time and measure every mode on the first generated factory of ``task``.
 
@@ -112,13 +144,13 @@ def bench_task(
     dataset = task.to_dataset(data.factories[0])
     stats = {mode: ModeStats() for mode in MODES}
 
-    def one_epoch(mode: str, seed: int) -> Callable[[], float]:
-        def run() -> float:
+    def one_round(mode: str, seed: int) -> Callable[[], tuple[float, ...]]:
+        def run() -> tuple[float, ...]:
             cfg = LocalTrainConfig(
-                local_epochs=1,
+                local_epochs=epochs,
                 batch_size=batch_size,
                 dp=mode != "non-private",
-                grad_sample_mode="ghost" if mode == "non-private" else mode,
+                grad_sample_mode="bk" if mode == "non-private" else mode,
                 seed=seed,
                 reproducible_dp=True,
             )
@@ -132,18 +164,15 @@ def bench_task(
                 noise_multiplier=NOISE_MULTIPLIER if cfg.dp else None,
                 supports_ghost=task.supports_ghost,
             )
-            return result.train_seconds
+            return result.epoch_seconds
 
         return run
 
-    for epoch in range(epochs + 1):
+    for rnd in range(rounds + 1):
         for mode in MODES:
-            seconds, peak = measure_epoch(one_epoch(mode, epoch))
-            if epoch == 0:  # warm-up
-                continue
-            stats[mode].seconds.append(seconds)
-            if peak is not None:
-                stats[mode].peak_mib.append(peak)
+            timing = measure_round(one_round(mode, rnd))
+            if rnd > 0:  # round 0 is the warm-up
+                stats[mode].rounds.append(timing)
     return stats, len(dataset)  # type: ignore[arg-type]
 
 
@@ -157,8 +186,8 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x"
 
 
-def rows(results: dict[str, dict[str, ModeStats]]) -> list[list[str]]:
-    """Table rows: task, mode, epoch time, peak memory and both ratios to non-private."""
+def rows(results: dict[str, dict[str, ModeStats]], batch_sizes: dict[str, int]) -> list[list[str]]:
+    """Table rows: task, mode, batch, epoch/setup/round times, memory and ratios to non-private."""
     out = []
     for name, stats in results.items():
         base = stats["non-private"]
@@ -168,8 +197,12 @@ def rows(results: dict[str, dict[str, ModeStats]]) -> list[list[str]]:
                 [
                     name,
                     mode,
-                    f"{s.epoch_s * 1000:.0f}",
+                    str(batch_sizes[name]),
+                    f"{s.epoch_s * 1000:.1f}",
                     _ratio(s.epoch_s, base.epoch_s),
+                    f"{s.setup_s * 1000:.1f}",
+                    f"{s.round_s * 1000:.0f}",
+                    _ratio(s.round_s, base.round_s),
                     _fmt_mem(s.mem_mib),
                     _ratio(s.mem_mib, base.mem_mib),
                 ]
@@ -177,7 +210,18 @@ def rows(results: dict[str, dict[str, ModeStats]]) -> list[list[str]]:
     return out
 
 
-HEADERS = ["task", "mode", "ms/epoch", "x time", "peak MiB", "x memory"]
+HEADERS = [
+    "task",
+    "mode",
+    "batch",
+    "ms/epoch",
+    "x epoch",
+    "setup ms",
+    "ms/round",
+    "x round",
+    "peak MiB",
+    "x memory",
+]
 
 
 def print_table(table: list[list[str]], title: str) -> None:
@@ -191,20 +235,33 @@ def print_table(table: list[list[str]], title: str) -> None:
         for r in [HEADERS, *table]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
         return
-    t = Table(title=title, caption="x time, x memory: mode / non-private on the same task")
+    t = Table(
+        title=title,
+        caption="x epoch, x round, x memory: mode / non-private on the same task; "
+        "setup ms: per-round cost beyond the steady epochs",
+    )
     for h in HEADERS:
         t.add_column(h, justify="left" if h in ("task", "mode") else "right", no_wrap=True)
     for r in table:
         t.add_row(*r)
-    Console().print(t)
+    # Wide enough for every column when the output is piped (rich then assumes 80).
+    Console(width=max(Console().width, 150)).print(t)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse arguments, run the benchmark and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per mode")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per mode")
+    parser.add_argument(
+        "--epochs", type=int, default=4, help="local epochs per round (steady epochs: 2..E)"
+    )
     parser.add_argument("--tasks", nargs="+", default=None, help=f"of {task_names()}")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="batch size for every task (default: each task's train.batch_size in conf/)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -213,8 +270,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine extra threads contend for the cores and distort the timings)",
     )
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+    if args.rounds < 1 or args.epochs < 1:
+        parser.error("--rounds and --epochs must be >= 1")
     names = args.tasks or task_names()
     unknown = sorted(set(names) - set(task_names()))
     if unknown:
@@ -226,16 +283,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     results: dict[str, dict[str, ModeStats]] = {}
     sizes = {}
+    batch_sizes = {}
     for name in names:
         task = get_task(name)
-        results[name], sizes[name] = bench_task(task, args.epochs, args.batch_size)
+        batch_sizes[name] = args.batch_size or int(
+            compose_config([f"task={name}"]).task.train.batch_size
+        )
+        results[name], sizes[name] = bench_task(task, args.rounds, args.epochs, batch_sizes[name])
     title = (
-        f"DP-SGD cost per epoch (batch {args.batch_size}, median of {args.epochs} epochs, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; examples: "
+        f"DP-SGD cost ({args.rounds} measured rounds of {args.epochs} local epochs per mode, "
+        f"medians; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; examples: "
         + ", ".join(f"{k}={v}" for k, v in sizes.items())
         + ")"
     )
-    print_table(rows(results), title)
+    print_table(rows(results, batch_sizes), title)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,27 @@ def _toml_value(value: object) -> str:
     return f'"{text}"'
 
 
+def descendants(pid: int) -> list[int]:
+    """PIDs of every live process below ``pid`` in the process tree (Linux ``/proc``)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the process group that ``proc`` leads (it was started in a new session)."""
     try:
@@ -160,22 +181,32 @@ class SimulationSuperLink:
         raise TimeoutError(f"flower-superlink did not become healthy within {timeout:.0f} s")
 
     def stop(self, grace: float = 15.0) -> None:
-        """Stop the SuperLink and everything it started (its process group), by PID."""
+        """Stop the SuperLink and everything it started, by PID.
+
+        SIGTERM to its process group first, then SIGKILL to whatever is left of the group and
+        of its process tree (Ray starts some of its daemons in sessions of their own).
+        """
         proc, self.process = self.process, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        pgid = os.getpgid(proc.pid)
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
+        tree = descendants(proc.pid)
+        if proc.poll() is None:
+            pgid = os.getpgid(proc.pid)
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait(timeout=5)
-        # Children that outlived the SuperLink (Ray workers) share its process group.
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in tree + descendants(proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def run_app(
         self,

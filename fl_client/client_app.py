@@ -19,7 +19,6 @@ reason, so the server records it and the round goes on with the other factories.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -134,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
             delta=delta,
             accountant=accountant,
             carried_history=carried,
-            max_noise_multiplier=float(cfg.get("max-noise-multiplier", math.inf)),
+            min_run_epsilon=float(cfg.get("min-run-epsilon", 0.0)),
         )
     except DataValidationError as exc:
         return _reply(msg, factory_id, DATA_ERROR, str(exc))

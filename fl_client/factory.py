@@ -14,7 +14,6 @@ Order of a DP round, chosen so that privacy spend is never lost or exceeded:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,7 +76,7 @@ def run_factory_round(
     delta: float,
     accountant: str = "rdp",
     carried_history: list[Any] | None = None,
-    max_noise_multiplier: float = math.inf,
+    min_run_epsilon: float = 0.0,
 ) -> FactoryRoundResult:
     """Train one federated round at one factory and account its privacy spend.
 
@@ -86,8 +85,8 @@ def run_factory_round(
     reserves its steps on disk before training. A round that would take the cumulative epsilon
     above ``epsilon_budget`` (including rounds beyond ``planned_rounds``, or a budget already
     spent by earlier runs) raises :class:`~fl_client.privacy.BudgetExhausted` without training.
-    So does a run whose remaining budget would need a noise multiplier above
-    ``max_noise_multiplier``: its updates would be mostly noise and only harm the global model.
+    So does a new run when less than ``min_run_epsilon`` of the budget is left: the noise that
+    so little budget buys would make its updates harm the global model rather than help it.
 
     Without DP nothing is spent and ``noise_multiplier`` is 0, but the round's update carries
     no formal guarantee at all. The ``epsilon`` metric then still reports the DP spend recorded
@@ -139,17 +138,18 @@ def run_factory_round(
     ledger.absorb(carried_history)
     sample_rate = sample_rate_for(num_examples, cfg.batch_size)
     round_steps = cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
-    noise_multiplier = ledger.noise_multiplier_for_run(
-        run_id, sample_rate, planned_rounds * round_steps
-    )
-    if noise_multiplier > max_noise_multiplier:
+    left = ledger.budget - ledger.spent_epsilon()
+    if str(run_id) not in ledger.runs and left < min_run_epsilon:
         raise BudgetExhausted(
             ledger.spent_epsilon(),
             ledger.budget,
             delta,
-            f"the budget left needs noise multiplier {noise_multiplier:.3g} for this run, above "
-            f"the useful maximum {max_noise_multiplier:g}",
+            f"only {left:.3g} of the budget is left, below the minimum {min_run_epsilon:g} "
+            "worth starting a run with",
         )
+    noise_multiplier = ledger.noise_multiplier_for_run(
+        run_id, sample_rate, planned_rounds * round_steps
+    )
     epsilon = ledger.reserve_round(run_id, server_round, noise_multiplier, sample_rate, round_steps)
 
     result = train_local(

@@ -18,18 +18,30 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
-GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch")
+from fl_client.clipping import BookKeepingClipper, bk_supported
+
+GRAD_SAMPLE_MODES = ("bk", "ghost", "hooks", "functorch")
 
 
 @dataclass
 class LocalTrainConfig:
     """Hyper-parameters of one factory's local training.
 
-    ``grad_sample_mode="ghost"`` (Opacus fast gradient clipping, the fastest mode measured on
-    CPU) falls back to ``"hooks"`` when the task's model does not support it.
+    ``grad_sample_mode`` chooses how the per-sample clipping is computed; every mode clips to
+    the same bound and feeds the same Opacus noise, sampling and accounting:
+
+    * ``"bk"`` (default): book-keeping clipping in one backward pass
+      (:mod:`fl_client.clipping`), for models whose trainable layers are all ``nn.Linear``;
+      other models fall back to ``"ghost"``;
+    * ``"ghost"``: Opacus ghost clipping (two backward passes), falling back to ``"hooks"``
+      when the task's model does not support it;
+    * ``"hooks"`` / ``"functorch"``: Opacus with materialised per-sample gradients.
 
     ``seed`` fixes the non-private randomness (data order without DP, dropout). With DP the
     Poisson sampling and the Gaussian noise draw from fresh OS entropy, because a seed the
@@ -46,7 +58,7 @@ class LocalTrainConfig:
     max_grad_norm: float = 1.0
     proximal_mu: float = 0.0
     dp: bool = True
-    grad_sample_mode: str = "ghost"
+    grad_sample_mode: str = "bk"
     seed: int = 0
     reproducible_dp: bool = False
 
@@ -75,6 +87,10 @@ class TrainResult:
     ``state_dict`` is the original module's (no ``_module.`` prefix); ``steps`` is the number of
     optimizer steps actually taken and ``sample_rate``/``noise_multiplier`` the values Opacus
     accounted them with (for non-private training: the nominal batch fraction and 0.0).
+
+    Timing: ``setup_seconds`` is the one-off privacy wrapping of the round (``make_private``;
+    0.0 without DP), ``epoch_seconds`` the wall time of each epoch's training loop and
+    ``train_seconds`` the whole loop including unwrapping the model afterwards (setup excluded).
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -84,6 +100,8 @@ class TrainResult:
     sample_rate: float
     noise_multiplier: float
     train_seconds: float
+    setup_seconds: float = 0.0
+    epoch_seconds: tuple[float, ...] = ()
 
 
 def sample_rate_for(num_examples: int, batch_size: int) -> float:
@@ -143,6 +161,46 @@ class PerSampleLoss(nn.Module):
         return loss.mean()
 
 
+class _BatchIndexed(Dataset):
+    """A view of in-memory tensors that serves a whole batch with one indexing per tensor.
+
+    PyTorch's data loaders (Opacus's Poisson-sampling ``DPDataLoader`` included) fetch a batch
+    through ``__getitems__`` when the dataset has one, so a batch of ``k`` indices costs one
+    gather per tensor instead of ``k`` item look-ups and a stack. Only the fetching changes: the
+    loader's sampler, hence which samples form each batch, is untouched. An empty index list
+    (an empty Poisson batch) gives tensors with a leading dimension of 0.
+    """
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def _as_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Collate function for :class:`_BatchIndexed`: the fetched batch is already collated."""
+    return batch
+
+
+def _in_memory_tensors(dataset: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The tensors behind a ``TensorDataset`` (or a ``ConcatDataset`` of them), else ``None``."""
+    if isinstance(dataset, TensorDataset):
+        return tuple(dataset.tensors)
+    if isinstance(dataset, ConcatDataset):
+        parts = [_in_memory_tensors(d) for d in dataset.datasets]
+        if parts and all(p is not None and len(p) == len(parts[0]) for p in parts):
+            return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))  # type: ignore[misc]
+    return None
+
+
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
     gen.manual_seed(secrets.randbits(63) if seed is None else seed)
@@ -179,9 +237,11 @@ def train_local(
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.local_epochs`` epochs and return its new weights.
 
-    With ``cfg.dp`` the model, an SGD optimizer and a data loader go through
-    ``PrivacyEngine.make_private`` with Poisson sampling, clipping norm ``cfg.max_grad_norm``
-    and the given ``noise_multiplier``; the number of steps taken is checked against
+    With ``cfg.dp`` the model, an SGD optimizer and a data loader go through Opacus with
+    Poisson sampling, clipping norm ``cfg.max_grad_norm`` and the given ``noise_multiplier``
+    (``PrivacyEngine.make_private``, or for ``"bk"`` the same Opacus loader, optimizer and
+    accountant hook around :class:`~fl_client.clipping.BookKeepingClipper`, which leaves the
+    model unwrapped); the number of steps taken is checked against
     ``steps_per_epoch(len(dataset), cfg.batch_size) * cfg.local_epochs`` and the Opacus
     accountant's record, so the caller's accounting matches the training exactly. Empty
     Poisson batches still take a (noise-only) step, as the analysis assumes. The model must
@@ -218,11 +278,17 @@ def train_local(
 
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     dp_seed = cfg.seed if cfg.reproducible_dp else None
+    tensors = _in_memory_tensors(dataset)
+    batch_options: dict[str, Any] = {}
+    if tensors is not None:
+        batch_options = {"collate_fn": _as_batch}
+        dataset = _BatchIndexed(tensors)
     loader = DataLoader(
         dataset,
         batch_size=cfg.batch_size,
         shuffle=not cfg.dp,
         generator=_generator(dp_seed if cfg.dp else cfg.seed),
+        **batch_options,
     )
     sample_rate = sample_rate_for(num_examples, cfg.batch_size)
     expected_steps = cfg.local_epochs * (
@@ -232,10 +298,42 @@ def train_local(
     train_module: nn.Module = model
     criterion: Any = loss_fn
     engine: PrivacyEngine | None = None
+    clipper: BookKeepingClipper | None = None
+    per_sample_loss = PerSampleLoss(loss_fn)
+    per_sample_loss.reduction = "none"
     mode = cfg.grad_sample_mode
+    if mode == "bk" and not (bk_supported(model) and hasattr(loss_fn, "reduction")):
+        mode = "ghost"
     if mode == "ghost" and not (supports_ghost and hasattr(loss_fn, "reduction")):
         mode = "hooks"
-    if cfg.dp:
+    setup_started = time.perf_counter()
+    if cfg.dp and mode == "bk":
+        assert noise_multiplier is not None
+        # What make_private(grad_sample_mode="ghost") sets up, with the model left unwrapped:
+        # Poisson sampling, Opacus's optimizer for pre-clipped gradients (noise, scaling by the
+        # expected batch size) and the accountant's step hook; the clipper replaces the hooks.
+        ModuleValidator.validate(model, strict=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Secure RNG turned off")
+            engine = PrivacyEngine(accountant="rdp")
+        loader = DPDataLoader.from_data_loader(loader)
+        optimizer = DPOptimizerFastGradientClipping(
+            optimizer,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=cfg.max_grad_norm,
+            expected_batch_size=int(num_examples * loader.sample_rate),
+            loss_reduction="mean",
+            generator=_generator(dp_seed),
+        )
+        optimizer.attach_step_hook(
+            engine.accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate)
+        )
+        clipper = BookKeepingClipper(model, cfg.max_grad_norm)
+        if loader.sample_rate != sample_rate:
+            raise RuntimeError(
+                f"Opacus sample rate {loader.sample_rate} differs from planned {sample_rate}"
+            )
+    elif cfg.dp:
         assert noise_multiplier is not None
         common = {
             "module": model,
@@ -263,9 +361,12 @@ def train_local(
                 f"Opacus sample rate {loader.sample_rate} differs from planned {sample_rate}"
             )
 
+    setup_seconds = time.perf_counter() - setup_started
+
     steps = 0
     loss_sum = 0.0
     seen = 0
+    epoch_seconds: list[float] = []
     started = time.perf_counter()
     train_module.train()
     try:
@@ -274,10 +375,17 @@ def train_local(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             torch.manual_seed(cfg.seed)
             for _ in range(cfg.local_epochs):
+                epoch_started = time.perf_counter()
                 for x, y in loader:
                     optimizer.zero_grad(set_to_none=True)
-                    loss = criterion(train_module(x), y)
-                    loss.backward()
+                    if clipper is not None:
+                        clipper.reset()
+                        losses = per_sample_loss(train_module(x), y)
+                        clipper.backward(losses)
+                        loss = losses.detach().mean()
+                    else:
+                        loss = criterion(train_module(x), y)
+                        loss.backward()
                     optimizer.step()
                     if use_prox:
                         _proximal_step(params, anchors, cfg.lr, cfg.proximal_mu)
@@ -286,7 +394,10 @@ def train_local(
                     if batch:
                         loss_sum += float(loss.item()) * batch
                         seen += batch
+                epoch_seconds.append(time.perf_counter() - epoch_started)
     finally:
+        if clipper is not None:
+            clipper.remove()
         if engine is not None and hasattr(train_module, "to_standard_module"):
             train_module.to_standard_module()
     train_seconds = time.perf_counter() - started
@@ -311,4 +422,6 @@ def train_local(
         sample_rate=sample_rate,
         noise_multiplier=float(noise_multiplier) if cfg.dp and noise_multiplier else 0.0,
         train_seconds=train_seconds,
+        setup_seconds=setup_seconds if cfg.dp else 0.0,
+        epoch_seconds=tuple(epoch_seconds),
     )

@@ -51,7 +51,7 @@ def train_config_of(cfg: DictConfig, run_id: str) -> ConfigRecord:
             "accountant": str(p.accountant),
             "max-grad-norm": float(p.max_grad_norm),
             "grad-sample-mode": str(p.grad_sample_mode),
-            "max-noise-multiplier": float(p.max_noise_multiplier),
+            "min-run-epsilon": float(p.min_run_epsilon),
             "seed": int(cfg.seed),
             # Simulation hints only: factories with a node config never read them.
             "data-dir": str(cfg.data_dir),

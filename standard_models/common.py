@@ -2,8 +2,8 @@
 
 Kept in one place so every task windows its time series the same way (windows never cross a
 run or a gap in the time index) and every network is built from the same Opacus-friendly
-layers (Linear, LayerNorm, activation; never BatchNorm, whose batch statistics mix samples and
-break per-sample privacy accounting).
+layers (Linear, per-sample LayerNorm, activation; never BatchNorm, whose batch statistics mix
+samples and break per-sample privacy accounting).
 """
 
 from __future__ import annotations
@@ -66,9 +66,13 @@ def windowed_arrays(
 class MLP(nn.Module):
     """Feed-forward net on a flattened input: [Linear -> LayerNorm -> activation] x k -> Linear.
 
-    Every trainable layer is a Linear or a LayerNorm, which Opacus clips per sample in all its
-    modes, ghost clipping included. ``squeeze_output`` returns shape ``(batch,)`` for a single
-    output (binary logit or regression value).
+    The LayerNorm has no learnable gain or bias by default (``norm_affine=False``): it still
+    keeps every sample's hidden activations on a fixed scale, which heavy-tailed inputs need
+    (a TEP fault moves variables by up to 100 reference standard deviations), but every
+    trainable layer is then a ``Linear``, so DP-SGD clips per sample in one backward pass
+    (:mod:`fl_client.clipping`). A learnable LayerNorm needs Opacus's per-sample gradients for
+    its parameters, which makes each DP step several times slower. ``squeeze_output`` returns
+    shape ``(batch,)`` for a single output (binary logit or regression value).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class MLP(nn.Module):
         out_features: int,
         hidden: Sequence[int] = (128, 128),
         layer_norm: bool = True,
+        norm_affine: bool = False,
         activation: str = "gelu",
         dropout: float = 0.0,
         squeeze_output: bool = False,
@@ -92,7 +97,7 @@ class MLP(nn.Module):
         for h in hidden:
             layers.append(nn.Linear(width, h))
             if layer_norm:
-                layers.append(nn.LayerNorm(h))
+                layers.append(nn.LayerNorm(h, elementwise_affine=norm_affine))
             layers.append(acts[activation]())
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))

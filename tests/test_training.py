@@ -52,7 +52,7 @@ def test_steps_differ_from_loader_length_where_opacus_rounds_down() -> None:
     assert steps_per_epoch(92, 1) == 92
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
 def test_dp_training_reduces_loss_and_takes_planned_steps(mode: str) -> None:
     ds = _classification()
     model = _mlp()
@@ -74,10 +74,10 @@ def test_dp_training_reduces_loss_and_takes_planned_steps(mode: str) -> None:
         assert torch.equal(result.state_dict[key], value)
 
 
-def test_ghost_and_hooks_train_identically_with_the_same_randomness() -> None:
+def test_every_mode_trains_identically_with_the_same_randomness() -> None:
     ds = _classification(n=200)
     results = {}
-    for mode in ("ghost", "hooks"):
+    for mode in ("bk", "ghost", "hooks"):
         cfg = LocalTrainConfig(
             local_epochs=2, batch_size=16, lr=0.2, max_grad_norm=0.5, grad_sample_mode=mode,
             reproducible_dp=True, seed=3,
@@ -85,8 +85,9 @@ def test_ghost_and_hooks_train_identically_with_the_same_randomness() -> None:
         results[mode] = train_local(
             _mlp(seed=1), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0
         ).state_dict
-    for key in results["ghost"]:
-        torch.testing.assert_close(results["ghost"][key], results["hooks"][key])
+    for mode in ("bk", "ghost"):
+        for key in results[mode]:
+            torch.testing.assert_close(results[mode][key], results["hooks"][key])
 
 
 def test_ghost_clipping_is_correct_for_losses_with_extra_dimensions() -> None:
@@ -96,7 +97,7 @@ def test_ghost_clipping_is_correct_for_losses_with_extra_dimensions() -> None:
     x = torch.randn(64, 3, generator=gen) * 3
     ds = TensorDataset(x, x @ torch.tensor([[2.0], [-1.0], [0.5]]) * 4)
     results = {}
-    for mode in ("ghost", "hooks"):
+    for mode in ("bk", "ghost", "hooks"):
         torch.manual_seed(0)
         model = nn.Linear(3, 1)
         cfg = LocalTrainConfig(
@@ -104,8 +105,9 @@ def test_ghost_clipping_is_correct_for_losses_with_extra_dimensions() -> None:
         )
         train_local(model, ds, nn.MSELoss(), cfg, noise_multiplier=0.0)
         results[mode] = model.state_dict()
-    for key in results["ghost"]:
-        torch.testing.assert_close(results["ghost"][key], results["hooks"][key])
+    for mode in ("bk", "ghost"):
+        for key in results[mode]:
+            torch.testing.assert_close(results[mode][key], results["hooks"][key])
 
 
 def test_per_sample_loss_matches_mean_reduction() -> None:
@@ -140,7 +142,7 @@ def test_fedprox_keeps_weights_closer_to_the_global_model(dp: bool) -> None:
 def test_empty_poisson_batches_do_not_crash() -> None:
     ds = _classification(n=5)
     cfg = LocalTrainConfig(local_epochs=4, batch_size=1, lr=0.1, reproducible_dp=True, seed=2)
-    for mode in ("ghost", "hooks"):
+    for mode in ("bk", "ghost", "hooks"):
         cfg.grad_sample_mode = mode
         result = train_local(_mlp(), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0)
         # q = 0.2 per sample over 20 steps: empty batches are all but certain
@@ -197,3 +199,68 @@ def test_ghost_falls_back_to_hooks_when_the_task_says_so(
             _mlp(), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0, supports_ghost=ghost_ok
         )
     assert modes == ["hooks", "ghost"]
+
+
+def test_book_keeping_falls_back_to_ghost_for_other_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from opacus import PrivacyEngine
+
+    modes: list[str] = []
+    original = PrivacyEngine.make_private
+
+    def spy(self: PrivacyEngine, **kwargs: object) -> object:
+        modes.append(str(kwargs["grad_sample_mode"]))
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    ds = _classification(n=100)
+    cfg = LocalTrainConfig(batch_size=16, grad_sample_mode="bk", reproducible_dp=True)
+    torch.manual_seed(0)
+    with_norm = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2))
+    train_local(with_norm, ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0)
+    result = train_local(_mlp(), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0)
+    assert modes == ["ghost"]  # the all-Linear model never went through make_private
+    assert result.steps == steps_per_epoch(100, 16)
+    assert not any(m._forward_hooks for m in with_norm.modules())
+
+
+def test_training_reports_setup_and_epoch_times() -> None:
+    ds = _classification(n=128)
+    for dp in (True, False):
+        cfg = LocalTrainConfig(local_epochs=3, batch_size=32, dp=dp, reproducible_dp=True)
+        result = train_local(_mlp(), ds, nn.CrossEntropyLoss(), cfg,
+                             noise_multiplier=1.0 if dp else None)
+        assert len(result.epoch_seconds) == 3 and all(t > 0 for t in result.epoch_seconds)
+        assert sum(result.epoch_seconds) <= result.train_seconds
+        assert (result.setup_seconds > 0) is dp
+
+
+def test_batched_fetching_yields_the_same_batches_as_item_fetching() -> None:
+    """Fetching whole batches from the tensors changes no sample, order or Poisson draw."""
+    from torch.utils.data import ConcatDataset, Dataset
+
+    class ItemsOnly(Dataset):
+        def __init__(self, ds: TensorDataset) -> None:
+            self.ds = ds
+
+        def __len__(self) -> int:
+            return len(self.ds)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+            return self.ds[i]
+
+    ds = _classification(n=150)
+    halves = ConcatDataset([TensorDataset(*(t[:70] for t in ds.tensors)),
+                            TensorDataset(*(t[70:] for t in ds.tensors))])
+    for dp in (True, False):
+        cfg = LocalTrainConfig(local_epochs=2, batch_size=16, lr=0.2, dp=dp,
+                               reproducible_dp=True, seed=4)
+        states = [
+            train_local(_mlp(seed=2), data, nn.CrossEntropyLoss(), cfg,
+                        noise_multiplier=0.8 if dp else None).state_dict
+            for data in (ds, halves, ItemsOnly(ds))
+        ]
+        for other in states[1:]:
+            for key in states[0]:
+                torch.testing.assert_close(other[key], states[0][key])

@@ -24,7 +24,7 @@ SCHEMA = Schema(
         Column(LABEL, "int", low=0, high=NUM_CLASSES - 1),
     )
 )
-DEFAULT_WINDOW = 10
+DEFAULT_WINDOW = 5
 
 
 def to_windows(

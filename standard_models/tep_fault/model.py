@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from ..common import MLP
+from .dataset import DEFAULT_WINDOW
 from .source import NUM_CLASSES, NUM_VARIABLES
 
 
-def build_model(window: int = 10, hidden: tuple[int, ...] = (128, 128)) -> MLP:
-    """MLP ``window*52 -> 128 -> 128 -> 22`` with LayerNorm and GELU (about 86k parameters).
+def build_model(window: int = DEFAULT_WINDOW, hidden: tuple[int, ...] = (128,)) -> MLP:
+    """MLP ``window*52 -> 128 -> 22`` with a parameter-free LayerNorm and GELU (~37k parameters).
 
-    Small enough for an epoch over a factory's ~3k windows in well under a second on a CPU,
-    and built only from layers that Opacus ghost clipping handles.
+    One hidden layer over a 5-sample window was the most accurate under DP-SGD among the
+    widths, depths and windows tried (deeper or wider nets need more noise-free signal than a
+    factory's few thousand windows give); every trainable layer is a ``Linear``.
     """
     return MLP(window * NUM_VARIABLES, NUM_CLASSES, hidden=hidden, layer_norm=True)

@@ -1,0 +1,150 @@
+"""Per-sample gradient clipping in a single backward pass for networks built from ``Linear``.
+
+DP-SGD needs, at every step, the sum over the batch of each sample's gradient clipped to norm
+``C``. Opacus obtains it either by materialising per-sample gradients (``hooks``) or, with ghost
+clipping, by two full backward passes (one for the per-sample norms, one for the re-weighted
+loss). For a ``Linear`` layer applied to a 2-D input ``A`` (batch x features) there is a cheaper
+exact route. Sample ``i``'s weight gradient is the outer product ``g_i a_i^T`` of the gradient
+``g_i`` of its loss with respect to the layer's output and its input ``a_i``, so
+
+* its squared norm is ``|g_i|^2 |a_i|^2`` (``|g_i|^2`` for the bias), and
+* the clipped sum is ``sum_i c_i g_i a_i^T = (c * G)^T A`` (``sum_i c_i g_i`` for the bias).
+
+One backward pass from the per-sample losses to the layer outputs gives every ``G`` (no
+parameter gradient is formed), the norms and the clipping factors
+``c_i = min(1, C / (norm_i + 1e-6))`` (Opacus's formula) follow, and one matrix product per layer
+gives the clipped sum: the book-keeping technique of Z. Bu, Y.-X. Wang, S. Zha and G. Karypis,
+"Differentially private optimization on large model at small cost", ICML 2023.
+
+Only the clipping is computed here. Poisson sampling, the Gaussian noise, the scaling by the
+expected batch size and the privacy accounting stay with Opacus (its ``DPDataLoader``,
+``DPOptimizerFastGradientClipping`` and accountant), exactly as in its ghost clipping mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def bk_supported(model: nn.Module) -> bool:
+    """Whether every module holding trainable parameters is exactly ``nn.Linear``.
+
+    Parameter-free modules (activations, ``Flatten``, ``LayerNorm`` without affine parameters,
+    dropout) are allowed anywhere. Whether each ``Linear`` sees a 2-D input and runs once per
+    forward pass can only be seen while training; :class:`BookKeepingClipper` checks it then.
+    """
+    trainable = False
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(module) is not nn.Linear:
+            return False
+        trainable = True
+    return trainable
+
+
+class BookKeepingClipper:
+    """Computes the clipped per-sample gradient sum of ``model`` into each parameter's ``.grad``.
+
+    Forward hooks record each ``Linear``'s input and output during training forward passes;
+    :meth:`backward` then consumes them. The model must process samples independently (no
+    BatchNorm or other batch statistics; Opacus's ``ModuleValidator`` rejects those), which makes
+    row ``i`` of each output gradient depend on sample ``i`` alone.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+        if not bk_supported(model):
+            raise ValueError("book-keeping clipping needs every trainable module to be nn.Linear")
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        self.max_grad_norm = float(max_grad_norm)
+        self.layers = [
+            m
+            for m in model.modules()
+            if type(m) is nn.Linear and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        self._records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles = [layer.register_forward_hook(self._capture) for layer in self.layers]
+
+    def _capture(
+        self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        if module in self._records:
+            raise RuntimeError(
+                "a Linear layer ran twice in one forward pass (shared weights); "
+                "book-keeping clipping cannot separate its per-sample gradients"
+            )
+        (x,) = inputs
+        if x.dim() != 2 or output.dim() != 2:
+            raise RuntimeError(
+                f"book-keeping clipping needs 2-D Linear inputs, got shape {tuple(x.shape)}"
+            )
+        self._records[module] = (x.detach(), output)
+
+    def reset(self) -> None:
+        """Forget what the last forward pass recorded (call before each forward pass)."""
+        self._records.clear()
+
+    def backward(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+        """Set ``.grad`` of every trainable parameter to the clipped sum; return the norms.
+
+        ``per_sample_loss`` has shape ``(batch,)``: one loss per sample of the forward pass just
+        recorded. The returned tensor holds each sample's unclipped gradient norm.
+        """
+        records, self._records = self._records, {}
+        if per_sample_loss.dim() != 1:
+            raise ValueError(
+                f"expected one loss per sample, got shape {tuple(per_sample_loss.shape)}"
+            )
+        batch = per_sample_loss.shape[0]
+        ran = [layer for layer in self.layers if layer in records]
+        for layer in ran:
+            if records[layer][0].shape[0] != batch:
+                raise RuntimeError("recorded activations do not match the batch of the loss")
+        grads: tuple[torch.Tensor | None, ...] = ()
+        if ran:
+            grads = torch.autograd.grad(
+                per_sample_loss.sum(), [records[layer][1] for layer in ran], allow_unused=True
+            )
+        outputs: dict[nn.Module, torch.Tensor] = {}
+        squared = per_sample_loss.new_zeros(batch)
+        for layer, g in zip(ran, grads, strict=True):
+            if g is None:
+                continue
+            g = g.detach()
+            outputs[layer] = g
+            g_sq = (g * g).sum(dim=1)
+            if layer.weight.requires_grad:
+                a = records[layer][0]
+                squared += g_sq * (a * a).sum(dim=1)
+            if layer.bias is not None and layer.bias.requires_grad:
+                squared += g_sq
+        norms = squared.sqrt()
+        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for layer in self.layers:
+            g = outputs.get(layer)
+            weight, bias = layer.weight, layer.bias
+            if g is None:
+                if weight.requires_grad:
+                    weight.grad = torch.zeros_like(weight)
+                if bias is not None and bias.requires_grad:
+                    bias.grad = torch.zeros_like(bias)
+                continue
+            scaled = g * coef.unsqueeze(1).to(g.dtype)
+            if weight.requires_grad:
+                a = records[layer][0].to(g.dtype)
+                weight.grad = (scaled.t() @ a).to(weight.dtype)
+            if bias is not None and bias.requires_grad:
+                bias.grad = scaled.sum(dim=0).to(bias.dtype)
+        return norms
+
+    def remove(self) -> None:
+        """Remove the forward hooks; the model is left as it was before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._records.clear()
