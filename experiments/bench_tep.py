@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     parser.add_argument("--factories", type=int, default=4)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 3.0, 8.0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--central-epochs", type=int, default=80)
     parser.add_argument("--central-lrs", type=float, nargs="+", default=[0.02, 0.05, 0.1])

@@ -418,3 +418,26 @@ def test_run_with_too_little_budget_left_declines_instead_of_training_noise(
     with pytest.raises(BudgetExhausted, match="worth starting a run"):
         run_factory_round(run_id="second", server_round=1, **kwargs)
     assert PrivacyLedger.open(ledger, "f0", 2.0, DELTA, "rdp").spent_epsilon() == spent
+
+
+def test_non_private_config_trains(tmp_path: Path) -> None:
+    """`privacy=none` as composed from conf/ reaches a factory round without errors."""
+    from fl_server.config import compose_config
+
+    p = compose_config(["privacy=none"]).privacy
+    data = write_frame(tmp_path, 60)
+    result = run_factory_round(
+        task=TASK,
+        data_path=data,
+        ledger_path=tmp_path / "l.json",
+        factory_id="f0",
+        run_id="r",
+        server_round=1,
+        planned_rounds=1,
+        global_state=global_state(),
+        train_cfg=LocalTrainConfig(batch_size=16, dp=bool(p.enabled)),
+        epsilon_budget=0.0,
+        delta=float(p.delta),
+        accountant=str(p.accountant),
+    )
+    assert result.metrics["dp"] == 0 and result.metrics["epsilon"] == 0.0
