@@ -158,8 +158,20 @@ class StandardTask(ABC):
         """The training criterion, ``reduction="mean"``."""
 
     @abstractmethod
+    def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """Task metrics (``main_metric`` among them) from model outputs and targets.
+
+        Separate from :meth:`evaluate` so that callers holding outputs of many models at once
+        (contribution scoring evaluates hundreds of coalition models a round) score them without
+        running each model through a data loader again.
+        """
+
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """Metrics of ``model`` on ``dataset`` (includes ``loss`` and ``main_metric``)."""
+        """``loss`` and the task metrics of ``model`` on ``dataset``."""
+        outputs, target = self.predict(model, dataset)
+        metrics = {"loss": float(self.loss_fn()(outputs, target).item())}
+        metrics.update(self.output_metrics(outputs, target))
+        return metrics
 
     def load_frame(self, path: str | Path) -> pd.DataFrame:
         """Read and validate a factory's Parquet file; errors name the file and column."""

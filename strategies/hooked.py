@@ -8,7 +8,10 @@ strategy (FedAvg, FedProx, ...) and adds, in one place for all of them:
 * update validation before aggregation: keys, shapes, dtypes, finiteness, optional norm bound and
   a plausible ``num-examples`` (see :mod:`strategies.validation`); a rejected update is recorded
   and never aggregated;
-* the minimum number of accepted updates a round needs before it may change the global model.
+* the minimum number of accepted updates a round needs before it may change the global model;
+* contribution scoring (optional): before the real aggregation, each accepted factory's
+  contribution is estimated from coalition models built with the inner strategy's own rule
+  (:mod:`strategies.contribution`).
 
 The wrapper follows the shape of Flower's own DP wrappers (a strategy holding a strategy), so
 the inner strategy keeps its aggregation rule untouched.
@@ -24,6 +27,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from strategies.contribution.coalitions import coalition_aggregator
+from strategies.contribution.scorer import ContributionScorer, RoundContribution
 from strategies.reports import (
     ACCEPTED,
     DATA_ERROR,
@@ -60,15 +65,23 @@ class FactoryFedStrategy(Strategy):
         Bounds applied to each update before aggregation.
     min_accepted : int
         Fewer accepted updates than this leave the global model unchanged for the round.
+    scorer : ContributionScorer, optional
+        Scores the accepted factories each round; results land in :attr:`contributions`.
     """
 
     def __init__(
-        self, inner: Strategy, rules: ValidationRules | None = None, min_accepted: int = 1
+        self,
+        inner: Strategy,
+        rules: ValidationRules | None = None,
+        min_accepted: int = 1,
+        scorer: ContributionScorer | None = None,
     ) -> None:
         self.inner = inner
         self.rules = rules or ValidationRules()
         self.min_accepted = max(1, int(min_accepted))
+        self.scorer = scorer
         self.reports: dict[int, RoundReport] = {}
+        self.contributions: dict[int, RoundContribution] = {}
         self.known_factories: set[str] = set()
         self._reference: dict[str, np.ndarray] = {}
         self._arrays_key = getattr(inner, "arrayrecord_key", "arrays")
@@ -148,6 +161,7 @@ class FactoryFedStrategy(Strategy):
         """Classify every reply, aggregate only the accepted updates with the inner strategy."""
         report = RoundReport(server_round)
         accepted: list[Message] = []
+        accepted_ids: list[str] = []
         for msg in replies:
             outcome = self.classify(msg)
             report.add(outcome)
@@ -155,6 +169,7 @@ class FactoryFedStrategy(Strategy):
                 if FACTORY_RECORD in msg.content:
                     del msg.content[FACTORY_RECORD]
                 accepted.append(msg)
+                accepted_ids.append(outcome.factory_id)
             elif outcome.status != ACCEPTED:
                 log(
                     30,
@@ -176,4 +191,27 @@ class FactoryFedStrategy(Strategy):
                 self.min_accepted,
             )
             return None, None
+        if self.scorer is not None:
+            self.score(server_round, accepted_ids, accepted)
         return self.inner.aggregate_train(server_round, accepted)
+
+    def score(self, server_round: int, factory_ids: list[str], accepted: list[Message]) -> None:
+        """Contribution of each accepted factory, from coalition models of the inner rule.
+
+        Runs before the inner strategy aggregates, so stateful rules (server momentum, adaptive
+        moments) are copied in their pre-round state. A scoring failure is logged and leaves
+        the round unscored (no payout for it); it never stops the federation.
+        """
+        assert self.scorer is not None
+        try:
+            aggregator = coalition_aggregator(self.inner, server_round, accepted, self._reference)
+            self.contributions[server_round] = self.scorer.score_round(
+                server_round, factory_ids, aggregator, self._reference
+            )
+        except Exception as exc:  # scoring is bookkeeping: the round itself must go on
+            log(
+                30,
+                "Round %d: contribution scoring failed, round left unscored: %r",
+                server_round,
+                exc,
+            )

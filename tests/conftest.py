@@ -1,4 +1,4 @@
-"""Test-wide settings: no telemetry from any process we start, one torch thread per process."""
+"""Test-wide settings (no telemetry, one torch thread) and a builder for Flower replies."""
 
 import os
 
@@ -10,3 +10,23 @@ import torch  # noqa: E402
 
 # Two cores shared by the runner and any simulated factories: extra threads only contend.
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+from flwr.app import Message, RecordDict  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+
+@pytest.fixture
+def identity(monkeypatch):
+    """Messages need the identity a Flower runtime would give this process."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
+
+    def reply_from(node_id, content):
+        monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+        request = Message(RecordDict(), dst_node_id=node_id, message_type="train")
+        monkeypatch.setattr(TaskIdentity, "_node_id", node_id)
+        return Message(content, reply_to=request)
+
+    return reply_from

@@ -1,28 +1,10 @@
 """The strategy wrapper on real Flower messages: only valid updates reach FedAvg."""
 
 import numpy as np
-import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
-
-
-@pytest.fixture
-def identity(monkeypatch):
-    """Messages need the identity a Flower runtime would give this process."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-
-    def reply_from(node_id, content):
-        monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-        request = Message(RecordDict(), dst_node_id=node_id, message_type="train")
-        monkeypatch.setattr(TaskIdentity, "_node_id", node_id)
-        return Message(content, reply_to=request)
-
-    return reply_from
 
 
 def _update(factory_id, value, n, status="accepted", shape=(2, 3), metrics=None):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..base import FederatedData, PartitionConfig, StandardTask
 from . import source
@@ -46,9 +47,6 @@ class MoldingQualityTask(StandardTask):
         """Mean binary cross-entropy with ``pos_weight``."""
         return build_loss(self.pos_weight)
 
-    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
-        """``loss``, ``pr_auc`` (main), ``f1``, ``precision`` and ``recall``."""
-        logits, target = self.predict(model, dataset)
-        metrics = {"loss": float(self.loss_fn()(logits, target).item())}
-        metrics.update(defect_metrics(logits, target))
-        return metrics
+    def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """``pr_auc`` (main), ``f1``, ``precision`` and ``recall``."""
+        return defect_metrics(outputs, target)

@@ -1,0 +1,152 @@
+"""Coalition models: each coalition's aggregate, built with the round's own aggregation rule.
+
+A coalition's utility is the quality of the model its members' updates would have produced this
+round. That model must come from the same rule the strategy applies to the real round (FedAvg's
+weighted mean, FedAdam's server step, Krum's selection, ...), otherwise the scores describe a
+different federation from the one that ran. Two aggregators provide this:
+
+* :class:`StrategyAggregator` works for any Flower strategy: a copy of the strategy, in the
+  state it had before the round, aggregates the coalition's replies. Copies keep the real
+  strategy's state (server momentum, adaptive moments) untouched.
+* :class:`WeightedMeanAggregator` is the same rule as FedAvg and FedProx's server side, written
+  as one matrix product over all requested coalitions; :func:`coalition_aggregator` picks it
+  only for those two exact classes, and a test checks it against Flower's output.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from flwr.app import Message
+from flwr.common import log
+from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+
+Coalition = frozenset[int]
+State = dict[str, np.ndarray]
+
+#: Flower classes whose server-side aggregation is exactly the weighted mean of the updates.
+WEIGHTED_MEAN_STRATEGIES: tuple[type, ...] = (FedAvg, FedProx)
+
+
+class CoalitionAggregator(ABC):
+    """Builds the model each coalition of this round's accepted updates would produce."""
+
+    @abstractmethod
+    def aggregate(self, coalitions: Sequence[Coalition]) -> list[State]:
+        """The aggregated parameters of each non-empty coalition, in order."""
+
+
+class WeightedMeanAggregator(CoalitionAggregator):
+    """``sum_i w_i x_i / sum_i w_i`` over a coalition, for many coalitions in one product.
+
+    Parameters
+    ----------
+    updates : list of parameter dicts, one per player (same keys and shapes).
+    weights : the weight of each player (FedAvg: its ``num-examples``).
+    """
+
+    def __init__(self, updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]):
+        if len(updates) != len(weights) or not updates:
+            raise ValueError("need one weight per update and at least one update")
+        self.keys = list(updates[0])
+        self.shapes = [np.shape(updates[0][k]) for k in self.keys]
+        self.dtypes = [np.asarray(updates[0][k]).dtype for k in self.keys]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.matrix = np.stack(
+            [
+                np.concatenate([np.asarray(u[k], dtype=np.float64).ravel() for k in self.keys])
+                for u in updates
+            ]
+        )
+        self.weights = np.asarray(weights, dtype=np.float64)
+        if not np.all(np.isfinite(self.weights)) or np.any(self.weights <= 0):
+            raise ValueError(f"weights must be finite and positive, got {list(weights)}")
+
+    def aggregate(self, coalitions: Sequence[Coalition]) -> list[State]:
+        n = len(self.weights)
+        mask = np.zeros((len(coalitions), n))
+        for row, members in enumerate(coalitions):
+            if not members:
+                raise ValueError("the empty coalition has no aggregate (it is the global model)")
+            mask[row, sorted(members)] = 1.0
+        w = mask * self.weights
+        flat = (w / w.sum(axis=1, keepdims=True)) @ self.matrix
+        out: list[State] = []
+        for vector in flat:
+            state, offset = {}, 0
+            for key, shape, size, dtype in zip(
+                self.keys, self.shapes, self.sizes, self.dtypes, strict=True
+            ):
+                state[key] = vector[offset : offset + size].reshape(shape).astype(dtype)
+                offset += size
+            out.append(state)
+        return out
+
+
+class StrategyAggregator(CoalitionAggregator):
+    """Any Flower strategy's own ``aggregate_train``, run on a copy per coalition.
+
+    ``strategy`` must be in its state from before the round's real aggregation. A coalition the
+    rule cannot aggregate (Krum or Bulyan below their minimum number of updates, for instance)
+    produces no new model: it keeps ``fallback`` (the previous global model), so its utility
+    is zero, which is what such a coalition would have achieved in a real round.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        server_round: int,
+        replies: Sequence[Message],
+        fallback: Mapping[str, np.ndarray],
+    ) -> None:
+        self.strategy = strategy
+        self.server_round = server_round
+        self.replies = list(replies)
+        self.fallback = {k: np.asarray(v) for k, v in fallback.items()}
+        self.failed = 0
+
+    def aggregate(self, coalitions: Sequence[Coalition]) -> list[State]:
+        out: list[State] = []
+        for members in coalitions:
+            if not members:
+                raise ValueError("the empty coalition has no aggregate (it is the global model)")
+            trial = copy.deepcopy(self.strategy)
+            msgs = [copy.copy(self.replies[i]) for i in sorted(members)]
+            try:
+                arrays, _ = trial.aggregate_train(self.server_round, msgs)
+            except Exception as exc:  # the rule refuses this coalition size or content
+                arrays = None
+                if self.failed == 0:
+                    log(30, "Coalition of %d cannot be aggregated: %s", len(members), exc)
+            if arrays is None:
+                self.failed += 1
+                out.append(dict(self.fallback))
+            else:
+                out.append({k: v.numpy() for k, v in arrays.items()})
+        return out
+
+
+def coalition_aggregator(
+    strategy: Strategy,
+    server_round: int,
+    replies: Sequence[Message],
+    fallback: Mapping[str, np.ndarray],
+) -> CoalitionAggregator:
+    """The fastest aggregator that reproduces ``strategy``'s rule exactly.
+
+    FedAvg and FedProx (the exact classes, not subclasses that may override aggregation) get the
+    batched weighted mean; every other strategy aggregates coalitions through its own code.
+    """
+    if type(strategy) in WEIGHTED_MEAN_STRATEGIES:
+        key = strategy.weighted_by_key
+        updates, weights = [], []
+        for msg in replies:
+            arrays = next(iter(msg.content.array_records.values()))
+            metrics = next(iter(msg.content.metric_records.values()))
+            updates.append({k: v.numpy() for k, v in arrays.items()})
+            weights.append(float(metrics[key]))
+        return WeightedMeanAggregator(updates, weights)
+    return StrategyAggregator(strategy, server_round, replies, fallback)

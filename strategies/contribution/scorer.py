@@ -1,0 +1,103 @@
+"""Per-round contribution scoring: estimator + coalition models + validation metric.
+
+:class:`ContributionScorer` is what the strategy wrapper calls once a round's updates have been
+validated and before they are aggregated for real. It is independent of Flower's runtime: the
+coalition aggregator and the evaluator are passed in, so tests drive it with plain arrays.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from strategies.contribution.coalitions import CoalitionAggregator, State
+from strategies.contribution.estimators import estimate
+from strategies.contribution.utility import CoalitionUtility
+
+#: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off.
+METHODS = ("none", "exact", "gtg", "loo")
+
+
+@dataclass(frozen=True)
+class RoundContribution:
+    """The scores of one round and what computing them cost."""
+
+    server_round: int
+    method: str
+    scores: dict[str, float]
+    evaluations: int
+    seconds: float
+    grand_utility: float
+    permutations: int = 0
+    truncated: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def mlflow_metrics(self) -> dict[str, float]:
+        """``factory/<id>/contribution`` and the round's cost as ``server/contribution_*``."""
+        out = {f"factory/{fid}/contribution": float(v) for fid, v in self.scores.items()}
+        out["server/contribution_evaluations"] = float(self.evaluations)
+        out["server/contribution_seconds"] = float(self.seconds)
+        out["server/contribution_grand_utility"] = float(self.grand_utility)
+        if self.method == "gtg":
+            out["server/contribution_permutations"] = float(self.permutations)
+            out["server/contribution_truncated"] = 1.0 if self.truncated else 0.0
+        return out
+
+
+class ContributionScorer:
+    """Scores each accepted factory's contribution to a round.
+
+    Parameters
+    ----------
+    method : ``exact``, ``gtg`` or ``loo`` (see :mod:`strategies.contribution.estimators`).
+    score_models : main metric of each of a batch of parameter sets on the validation set.
+    sign : ``1`` when greater metric values are better, ``-1`` for error metrics.
+    params : estimator options from the ``contribution`` config group.
+    seed : run seed; GTG's permutations are drawn from ``(seed, round)`` so reruns agree.
+    """
+
+    def __init__(
+        self,
+        method: str,
+        score_models: Callable[[Sequence[State]], list[float]],
+        sign: float = 1.0,
+        params: Mapping[str, object] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if method not in METHODS or method == "none":
+            raise ValueError(
+                f"contribution.method must be one of {', '.join(METHODS[1:])} for scoring, "
+                f"got {method!r}"
+            )
+        self.method = method
+        self.score_models = score_models
+        self.sign = float(sign)
+        self.params = {k: v for k, v in dict(params or {}).items() if v is not None}
+        self.seed = int(seed)
+
+    def score_round(
+        self,
+        server_round: int,
+        factory_ids: Sequence[str],
+        aggregator: CoalitionAggregator,
+        reference: State,
+    ) -> RoundContribution:
+        """Contribution of each factory in ``factory_ids`` (the players, in aggregator order)."""
+        start = time.perf_counter()
+        baseline = self.score_models([reference])[0]
+        utility = CoalitionUtility(aggregator, self.score_models, baseline, self.sign)
+        params = dict(self.params)
+        if self.method == "gtg":
+            params["seed"] = self.seed * 1_000_003 + int(server_round)
+        result = estimate(self.method, len(factory_ids), utility, **params)
+        return RoundContribution(
+            server_round=int(server_round),
+            method=self.method,
+            scores={fid: float(v) for fid, v in zip(factory_ids, result.scores, strict=True)},
+            evaluations=int(result.evaluations),
+            seconds=time.perf_counter() - start,
+            grand_utility=float(result.grand_utility),
+            permutations=int(result.permutations),
+            truncated=bool(result.truncated),
+        )

@@ -1,0 +1,217 @@
+"""Coalition models and utilities: the same rule as the strategy, scored in batches."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Krum
+from torch.utils.data import TensorDataset
+
+from standard_models.registry import get_task
+from strategies.contribution.coalitions import (
+    StrategyAggregator,
+    WeightedMeanAggregator,
+    coalition_aggregator,
+)
+from strategies.contribution.scorer import ContributionScorer
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
+from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
+
+RNG = np.random.default_rng(7)
+SHAPES = {"w": (3, 4), "b": (4,)}
+
+
+def _state(scale=1.0):
+    return {k: (RNG.normal(size=s) * scale).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _record(state):
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in state.items()})
+
+
+def _reply(identity, node, state, n, factory_id=None):
+    content = RecordDict(
+        {
+            "arrays": _record(state),
+            "metrics": MetricRecord({"num-examples": n}),
+        }
+    )
+    if factory_id:
+        content[FACTORY_RECORD] = ConfigRecord(
+            {"factory-id": factory_id, "status": "accepted", "reason": ""}
+        )
+    return identity(node, content)
+
+
+def _coalitions(n):
+    return [frozenset(i for i in range(n) if mask >> i & 1) for mask in range(1, 2**n)]
+
+
+@pytest.mark.parametrize("strategy_cls", [FedAvg, FedProx])
+def test_batched_weighted_mean_matches_flower_on_every_coalition(identity, strategy_cls):
+    states = [_state() for _ in range(4)]
+    sizes = [10, 250, 33, 7]
+    replies = [
+        _reply(identity, i + 1, s, n) for i, (s, n) in enumerate(zip(states, sizes, strict=True))
+    ]
+    strategy = strategy_cls(fraction_evaluate=0.0)
+    agg = coalition_aggregator(strategy, 1, replies, states[0])
+    assert isinstance(agg, WeightedMeanAggregator)
+    coalitions = _coalitions(4)
+    ours = agg.aggregate(coalitions)
+    for members, got in zip(coalitions, ours, strict=True):
+        flower, _ = copy.deepcopy(strategy).aggregate_train(1, [replies[i] for i in members])
+        for key, array in flower.items():
+            value = array.numpy()
+            assert got[key].dtype == value.dtype
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_mean_refuses_the_empty_coalition_and_bad_weights():
+    agg = WeightedMeanAggregator([_state(), _state()], [1, 2])
+    with pytest.raises(ValueError, match="empty coalition"):
+        agg.aggregate([frozenset()])
+    with pytest.raises(ValueError, match="positive"):
+        WeightedMeanAggregator([_state()], [0])
+
+
+def test_stateful_strategy_is_copied_so_scoring_leaves_its_state_alone(identity):
+    """FedAdam keeps moments between rounds: coalitions must not advance them."""
+    current = _state()
+    strategy = FedAdam(fraction_evaluate=0.0, eta=0.1)
+    strategy.current_arrays = {k: v.copy() for k, v in current.items()}
+    replies = [_reply(identity, i + 1, _state(), 10 * (i + 1)) for i in range(3)]
+    agg = coalition_aggregator(strategy, 1, replies, current)
+    assert isinstance(agg, StrategyAggregator)
+    models = agg.aggregate(_coalitions(3))
+    assert len(models) == 7
+    assert strategy.m_t is None and strategy.v_t is None  # still the pre-round state
+    # The grand coalition's model is exactly what the real round then produces.
+    real, _ = strategy.aggregate_train(1, replies)
+    for key, value in real.items():
+        np.testing.assert_allclose(models[-1][key], value.numpy(), rtol=1e-6)
+
+
+def test_a_rule_that_refuses_a_coalition_keeps_the_previous_model(identity):
+    previous = _state()
+    replies = [_reply(identity, i + 1, _state(), 10) for i in range(5)]
+    krum = Krum(fraction_evaluate=0.0, num_malicious_nodes=1)
+    agg = StrategyAggregator(krum, 1, replies, previous)
+    models = agg.aggregate([frozenset({0}), frozenset(range(5))])
+    for key in SHAPES:
+        assert models[0][key].shape == previous[key].shape
+    # Krum picks one of the submitted updates for the full set.
+    assert any(
+        all(
+            np.array_equal(models[1][k], np.asarray(replies[i].content["arrays"][k].numpy()))
+            for k in SHAPES
+        )
+        for i in range(5)
+    )
+
+
+@pytest.mark.parametrize("task_name", ["tep_fault", "molding_quality", "rul"])
+def test_batched_evaluation_equals_the_task_evaluation(task_name):
+    task = get_task(task_name)
+    torch.manual_seed(0)
+    model = task.build_model()
+    x_shape = None
+    for p in model.parameters():  # first Linear's input width
+        x_shape = p.shape[1]
+        break
+    x = torch.randn(300, x_shape)
+    if task_name == "tep_fault":
+        y = torch.randint(0, 22, (300,))
+    elif task_name == "molding_quality":
+        y = (torch.rand(300) < 0.2).float()
+    else:
+        y = torch.rand(300)
+    data = TensorDataset(x, y)
+    evaluator = BatchedEvaluator(task, model, data, models_per_pass=3)
+    states = []
+    for _ in range(5):
+        fresh = task.build_model()
+        states.append({k: v.detach().numpy() for k, v in fresh.state_dict().items()})
+    ours = evaluator.scores(states)
+    for state, got in zip(states, ours, strict=True):
+        m = task.build_model()
+        m.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        expected = task.evaluate(m, data)[task.main_metric]
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert evaluator.sign == (1.0 if task.greater_is_better else -1.0)
+
+
+class _LinearGame:
+    """An aggregator + scorer pair whose utility is known: players are scalars, U = mean."""
+
+    def __init__(self, values, weights):
+        self.agg = WeightedMeanAggregator(
+            [{"v": np.array([v], np.float64)} for v in values], weights
+        )
+
+    @staticmethod
+    def score(states):
+        return [float(s["v"][0]) for s in states]
+
+
+def test_coalition_utility_is_improvement_over_the_previous_model_with_sign():
+    game = _LinearGame([1.0, 3.0], [1, 1])
+    up = CoalitionUtility(game.agg, game.score, baseline=0.5, sign=1.0)
+    assert up([frozenset({0}), frozenset({0, 1})]) == pytest.approx([0.5, 1.5])
+    down = CoalitionUtility(game.agg, game.score, baseline=0.5, sign=-1.0)
+    assert down([frozenset({1})]) == pytest.approx([-2.5])
+    nan = CoalitionUtility(game.agg, lambda s: [float("nan")] * len(s), baseline=0.0)
+    assert nan([frozenset({0})]) == [0.0]
+    assert up.models == 2
+
+
+def test_scorer_exact_sums_to_the_round_utility():
+    game = _LinearGame([1.0, 2.0, 4.0], [1, 1, 2])
+    scorer = ContributionScorer("exact", game.score, params={"max_players": 8})
+    result = scorer.score_round(3, ["a", "b", "c"], game.agg, {"v": np.array([0.0])})
+    assert set(result.scores) == {"a", "b", "c"}
+    assert sum(result.scores.values()) == pytest.approx(result.grand_utility)
+    assert result.grand_utility == pytest.approx((1 + 2 + 8) / 4)
+    assert result.evaluations == 7
+    metrics = result.mlflow_metrics()
+    assert metrics["factory/c/contribution"] == result.scores["c"]
+    assert metrics["server/contribution_evaluations"] == 7.0
+    with pytest.raises(ValueError, match="contribution.method"):
+        ContributionScorer("banzhaf", game.score)
+
+
+def test_wrapper_scores_accepted_factories_before_aggregating(identity):
+    scorer = ContributionScorer(
+        "exact", lambda states: [-float(np.abs(s["w"] - 1.0).mean()) for s in states]
+    )
+    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1, scorer=scorer)
+    zero = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    strategy.remember_global(_record(zero))
+    good = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
+    bad = {k: np.full(s, -3.0, np.float32) for k, s in SHAPES.items()}
+    nan = {k: np.full(s, np.nan, np.float32) for k, s in SHAPES.items()}
+    replies = [
+        _reply(identity, 1, good, 10, "factory_000"),
+        _reply(identity, 2, bad, 10, "factory_001"),
+        _reply(identity, 3, nan, 10, "factory_002"),
+    ]
+    strategy.aggregate_train(1, replies)
+    scores = strategy.contributions[1].scores
+    assert set(scores) == {"factory_000", "factory_001"}  # the rejected NaN update is not a player
+    assert scores["factory_000"] > 0 > scores["factory_001"]
+
+
+def test_wrapper_survives_a_failing_scorer(identity):
+    def broken(states):
+        raise RuntimeError("evaluation crashed")
+
+    strategy = FactoryFedStrategy(
+        FedMedian(fraction_evaluate=0.0), scorer=ContributionScorer("loo", broken)
+    )
+    strategy.remember_global(_record({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}))
+    replies = [_reply(identity, i + 1, _state(), 10, f"factory_00{i}") for i in range(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    assert 1 not in strategy.contributions
