@@ -166,6 +166,13 @@ class StandardTask(ABC):
         running each model through a data loader again.
         """
 
+    def main_score(self, outputs: torch.Tensor, target: torch.Tensor) -> float:
+        """Only ``main_metric`` from outputs and targets; tasks override it with a cheaper path.
+
+        Contribution scoring needs this one number for hundreds of models a round.
+        """
+        return float(self.output_metrics(outputs, target)[self.main_metric])
+
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """``loss`` and the task metrics of ``model`` on ``dataset``."""
         outputs, target = self.predict(model, dataset)

@@ -129,7 +129,7 @@ def test_batched_evaluation_equals_the_task_evaluation(task_name):
     else:
         y = torch.rand(300)
     data = TensorDataset(x, y)
-    evaluator = BatchedEvaluator(task, model, data, models_per_pass=3)
+    evaluator = BatchedEvaluator(task, model, data)
     states = []
     for _ in range(5):
         fresh = task.build_model()

@@ -64,12 +64,8 @@ class TinyTask(StandardTask):
     def loss_fn(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
-        logits, y = self.predict(model, dataset)
-        return {
-            "loss": float(self.loss_fn()(logits, y)),
-            "accuracy": float((logits.argmax(1) == y).float().mean()),
-        }
+    def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        return {"accuracy": float((outputs.argmax(1) == target).float().mean())}
 
 
 def make_frame(n: int, seed: int) -> pd.DataFrame:

@@ -356,3 +356,50 @@ def test_frames_round_trip_through_parquet(tmp_path, federations) -> None:
         torch.testing.assert_close(
             task.to_dataset(loaded).tensors[0], task.to_dataset(df).tensors[0]
         )
+
+
+@pytest.mark.parametrize("task_name", ["tep_fault", "molding_quality", "rul"])
+def test_main_score_is_the_main_metric(task_name):
+    """The cheap path contribution scoring uses agrees with the full metrics."""
+    task = get_task(task_name)
+    gen = torch.Generator().manual_seed(3)
+    n = 500
+    if task_name == "tep_fault":
+        outputs = torch.randn(n, 22, generator=gen)
+        target = torch.randint(0, 20, (n,), generator=gen)  # two classes absent
+    elif task_name == "molding_quality":
+        outputs = torch.randn(n, generator=gen)
+        target = (torch.rand(n, generator=gen) < 0.1).float()
+    else:
+        outputs = torch.rand(n, generator=gen)
+        target = torch.rand(n, generator=gen)
+    full = task.output_metrics(outputs, target)[task.main_metric]
+    assert task.main_score(outputs, target) == pytest.approx(full, rel=1e-9)
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import f1_score
+
+    from standard_models.tep_fault.metrics import macro_f1
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):
+        logits = torch.randn(300, 22, generator=gen)
+        target = torch.randint(0, 15, (300,), generator=gen)
+        y, pred = target.numpy(), logits.argmax(1).numpy()
+        expected = f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0)
+        assert macro_f1(logits, target) == pytest.approx(expected, abs=1e-12)
+
+
+def test_pr_auc_matches_scikit_learn_with_ties():
+    from sklearn.metrics import average_precision_score
+
+    from standard_models.molding_quality.metrics import pr_auc
+
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(5):
+        logits = torch.randint(-3, 4, (400,), generator=gen).float()  # many ties
+        target = (torch.rand(400, generator=gen) < 0.1).float()
+        expected = average_precision_score(target.numpy(), torch.sigmoid(logits).numpy())
+        assert pr_auc(logits, target) == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(pr_auc(torch.zeros(5), torch.zeros(5)))

@@ -11,7 +11,7 @@ from ..base import FederatedData, PartitionConfig, StandardTask
 from . import source
 from .dataset import SCHEMA, to_tensors
 from .loss import DEFAULT_POS_WEIGHT, build_loss
-from .metrics import defect_metrics
+from .metrics import defect_metrics, pr_auc
 from .model import build_model
 
 
@@ -50,3 +50,7 @@ class MoldingQualityTask(StandardTask):
     def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         """``pr_auc`` (main), ``f1``, ``precision`` and ``recall``."""
         return defect_metrics(outputs, target)
+
+    def main_score(self, outputs: torch.Tensor, target: torch.Tensor) -> float:
+        """``pr_auc`` alone."""
+        return pr_auc(outputs, target)

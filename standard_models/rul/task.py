@@ -53,3 +53,7 @@ class RULTask(StandardTask):
     def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         """``rmse`` (main) and ``mae`` in cycles."""
         return rul_metrics(outputs, target)
+
+    def main_score(self, outputs: torch.Tensor, target: torch.Tensor) -> float:
+        """``rmse`` alone."""
+        return rul_metrics(outputs, target)["rmse"]

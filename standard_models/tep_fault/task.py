@@ -11,7 +11,7 @@ from ..base import FederatedData, PartitionConfig, StandardTask
 from . import source
 from .dataset import DEFAULT_WINDOW, SCHEMA, to_windows
 from .loss import build_loss
-from .metrics import classification_metrics
+from .metrics import classification_metrics, macro_f1
 from .model import build_model
 
 
@@ -53,3 +53,7 @@ class TEPFaultTask(StandardTask):
     def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         """``macro_f1`` (main) and ``accuracy``."""
         return classification_metrics(outputs, target)
+
+    def main_score(self, outputs: torch.Tensor, target: torch.Tensor) -> float:
+        """``macro_f1`` alone."""
+        return macro_f1(outputs, target)
