@@ -19,10 +19,15 @@ class ValidationRules:
     max_update_norm: bound on the L2 norm of (update - global model) over all arrays; None
         disables the check.
     max_num_examples: largest plausible ``num-examples`` a factory may claim; None disables it.
+    reject_unchanged: refuse an update identical to the global model. No local training, with
+        or without DP, returns the model it was sent bit for bit, so such a reply is a
+        free-rider's (or a broken client's) and must neither dilute the average nor earn a
+        contribution score.
     """
 
     max_update_norm: float | None = None
     max_num_examples: int | None = None
+    reject_unchanged: bool = True
 
 
 def validate_update(
@@ -61,6 +66,8 @@ def validate_update(
             return f"array '{key}' holds NaN or infinite values"
         if arr.dtype.kind in "fc":
             squared += float(np.sum((arr.astype(np.float64) - ref.astype(np.float64)) ** 2))
+    if rules.reject_unchanged and squared == 0.0:
+        return "update is identical to the global model it was sent (no local training)"
     if rules.max_update_norm is not None:
         norm = float(np.sqrt(squared))
         if not norm <= rules.max_update_norm:

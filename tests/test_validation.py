@@ -83,3 +83,13 @@ def test_first_answer_of_a_factory_wins():
     report.add(first)
     report.add(FactoryOutcome("f0", REJECTED, "dup"))
     assert report.outcomes["f0"] is first
+
+
+def test_an_update_equal_to_the_global_model_is_a_free_rider(reference):
+    unchanged = {k: v.copy() for k, v in reference.items()}
+    assert "identical to the global model" in validate_update(unchanged, reference, 10)
+    tiny = {k: v.copy() for k, v in reference.items()}
+    tiny["b"][0] = 1e-7
+    assert validate_update(tiny, reference, 10) is None
+    allowed = ValidationRules(reject_unchanged=False)
+    assert validate_update(unchanged, reference, 10, allowed) is None
