@@ -145,5 +145,92 @@ def _configure_data(parser: argparse.ArgumentParser) -> None:
     make.set_defaults(handler=_data_make)
 
 
+# ----------------------------------------------------------------------------- reward ledger
+
+
+def _ledger_verify(args: argparse.Namespace) -> int:
+    from fl_server.ledger import LedgerFileError, verify_ledger
+
+    try:
+        result = verify_ledger(args.path, expected_head=args.head)
+    except LedgerFileError as exc:
+        print(f"factoryfed ledger verify: {exc}", file=sys.stderr)
+        return 2
+    if not result.ok:
+        print(f"TAMPERED: {result.describe()}", file=sys.stderr)
+        return 1
+    print(result.describe())
+    return 0
+
+
+@register_command("ledger", help="check the reward ledger's hash chain")
+def _configure_ledger(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(group_parser=parser)
+    actions = parser.add_subparsers(dest="ledger_command", metavar="ACTION")
+    verify = actions.add_parser(
+        "verify",
+        help="recompute every entry's hash and follow the chain; exit 1 if it was tampered with",
+    )
+    verify.add_argument("path", metavar="PATH", help="reward ledger file (SQLite)")
+    verify.add_argument(
+        "--head",
+        metavar="HASH",
+        help="head hash kept outside the ledger: the chain must end there (this is how "
+        "removed trailing entries are noticed)",
+    )
+    verify.set_defaults(handler=_ledger_verify)
+
+
+def _statement(args: argparse.Namespace) -> int:
+    from fl_server.ledger import LedgerFileError, audit_ledger, export_statement, factory_statement
+
+    try:
+        entries, result = audit_ledger(args.ledger)
+    except LedgerFileError as exc:
+        print(f"factoryfed statement: {exc}", file=sys.stderr)
+        return 2
+    try:
+        statement = factory_statement(entries, args.factory, result, run_id=args.run_id)
+    except ValueError as exc:
+        print(f"factoryfed statement: {exc}", file=sys.stderr)
+        return 1
+    try:
+        paths = export_statement(statement, args.out)
+    except OSError as exc:
+        print(f"factoryfed statement: cannot write the statement: {exc}", file=sys.stderr)
+        return 1
+    totals = statement["totals"]
+    print(
+        f"{args.factory}: {totals['entries']} entries in run(s) "
+        f"{', '.join(statement['run_ids'])}; paid {totals['payout']}, "
+        f"contribution {totals['contribution']:.6g}"
+    )
+    for path in paths.values():
+        print(f"wrote {path}")
+    if not result.ok:
+        print(
+            f"factoryfed statement: the ledger does not verify (statement marked unverified): "
+            f"TAMPERED: {result.describe()}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"ledger verified: {result.entries} entries, head {result.head}")
+    return 0
+
+
+@register_command("statement", help="export a factory's reward statement (CSV, JSON, PNG)")
+def _configure_statement(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--factory", required=True, metavar="ID", help="factory id")
+    parser.add_argument("--ledger", required=True, metavar="PATH", help="reward ledger file")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory for <factory>-statement.{csv,json,png}",
+    )
+    parser.add_argument("--run-id", metavar="RUN", help="only this run (default: all runs)")
+    parser.set_defaults(handler=_statement)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

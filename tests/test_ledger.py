@@ -1,0 +1,506 @@
+"""The hash-chained reward ledger: recording, idempotency, tamper detection, CLI and statements."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fl_server.cli import main
+from fl_server.ledger import (
+    GENESIS,
+    LedgerFileError,
+    LedgerRow,
+    RewardLedger,
+    canonical_json,
+    entry_hash,
+    read_entries,
+    round_rows,
+    verify_ledger,
+)
+from strategies.rewards import RewardBook, RewardPolicy
+
+RUN = "run-1"
+POLICY = RewardPolicy(1000, "per_run", 4)
+# Three rounds: f3 joins in round 2, f1 skips round 3, f2 starts negative.
+CONTRIBUTIONS = [
+    {"f1": 1.0, "f2": -0.5},
+    {"f1": 0.5, "f2": 1.0, "f3": 2.0},
+    {"f2": 0.25, "f3": -1.0},
+]
+EPSILONS = [{"f1": 0.5, "f2": 0.4}, {"f1": 1.0, "f2": 0.8, "f3": 0.6}, {"f2": 1.2, "f3": 0.9}]
+# A row as a caller could pass it to record_round (a plain dict).
+FORGED_ROW = {
+    "factory_id": "f1",
+    "score": 1.0,
+    "cumulative_score": 1.0,
+    "payout": 1,
+    "cumulative_payout": 1,
+    "carry": 0,
+}
+
+
+def _play(
+    ledger: RewardLedger,
+    run_id: str,
+    rounds: Iterable[tuple[Mapping[str, float], Mapping[str, float]]],
+    book: RewardBook | None = None,
+) -> RewardBook:
+    """Settle and record ``rounds`` (contributions, epsilons) after ``book``'s last round."""
+    book = book or RewardBook(POLICY)
+    for contributions, epsilons in rounds:
+        server_round = book.last_round + 1
+        payouts = book.settle(server_round, contributions)
+        ledger.record_round(
+            run_id, server_round, round_rows(book, contributions, payouts, epsilons)
+        )
+    return book
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> tuple[Path, RewardLedger, RewardBook]:
+    """A ledger of 3 rounds: seq 1-2 (round 1), 3-5 (round 2), 6-8 (round 3)."""
+    path = tmp_path / "ledgers" / "rewards.db"  # the folder does not exist yet
+    ledger = RewardLedger(path)
+    book = _play(ledger, RUN, zip(CONTRIBUTIONS, EPSILONS, strict=True))
+    return path, ledger, book
+
+
+def _raw_rows(path: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM reward_ledger ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def _tamper(path: Path, *statements: str, rows: list[dict[str, Any]] | None = None) -> None:
+    """Change the file behind the API's back: drop the guard triggers, run ``statements``,
+    and if ``rows`` is given replace the whole table with them."""
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("DROP TRIGGER reward_ledger_no_update")
+        conn.execute("DROP TRIGGER reward_ledger_no_delete")
+        for sql in statements:
+            conn.execute(sql)
+        if rows is not None:
+            conn.execute("DELETE FROM reward_ledger")
+            columns = list(rows[0])
+            conn.executemany(
+                f"INSERT INTO reward_ledger ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' * len(columns))})",
+                [[row[c] for c in columns] for row in rows],
+            )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _rehash(path: Path, seq: int, **changes: Any) -> None:
+    """Edit entry ``seq`` and store the hash its new fields give (a careful forger)."""
+    row = next(r for r in _raw_rows(path) if r["seq"] == seq)
+    row.update(changes)
+    sets = ", ".join(f"{name} = ?" for name in [*changes, "hash"])
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("DROP TRIGGER reward_ledger_no_update")
+        conn.execute(
+            f"UPDATE reward_ledger SET {sets} WHERE seq = ?",
+            [*changes.values(), entry_hash(row), seq],
+        )
+        conn.commit()
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def test_recorded_chain_verifies(recorded) -> None:
+    path, ledger, book = recorded
+    entries = ledger.entries()
+    assert [e.seq for e in entries] == list(range(1, 9))
+    assert [(e.round, e.factory_id) for e in entries[:5]] == [
+        (1, "f1"),
+        (1, "f2"),
+        (2, "f1"),
+        (2, "f2"),
+        (2, "f3"),
+    ]
+    assert entries[0].prev_hash == GENESIS
+    assert all(e.prev_hash == p.hash for p, e in zip(entries, entries[1:], strict=False))
+    assert all(e.recomputed_hash() == e.hash for e in entries)
+    assert ledger.head() == entries[-1].hash
+    assert ledger.rounds(RUN) == {1, 2, 3} and ledger.rounds("other") == set()
+    last = {e.factory_id: e for e in entries if e.round == 3}
+    assert {f: e.cumulative_payout for f, e in last.items()} == book.cumulative_payout
+    assert {e.carry for e in entries} == {book.carry} == {0}
+    assert last["f1"].score == 0.0 and last["f1"].epsilon is None  # absent in round 3
+    assert last["f2"].epsilon == 1.2
+    assert [e.round for e in ledger.entries(factory_id="f3")] == [2, 3]
+    assert read_entries(path, run_id=RUN, factory_id="f2") == ledger.entries(RUN, "f2")
+
+    result = verify_ledger(path)
+    assert (result.ok, result.entries, result.head) == (True, 8, ledger.head())
+    assert result.problem is None and result.seq is None
+    assert verify_ledger(path, expected_head=ledger.head()).ok
+
+
+def test_hash_encoding_is_pinned() -> None:
+    """Changing the canonical encoding would orphan every existing ledger."""
+    values = {
+        "seq": 1,
+        "run_id": "run-1",
+        "round": 1,
+        "factory_id": "f1",
+        "score": 0.1,
+        "cumulative_score": -0.0,  # stored by SQLite as 0: normalized before hashing
+        "payout": 5,
+        "cumulative_payout": 5,
+        "epsilon": None,
+        "carry": 0,
+        "prev_hash": GENESIS,
+    }
+    assert canonical_json(values).startswith('{"carry":0,"cumulative_payout":5,')
+    assert '"score":"0.1"' in canonical_json(values)
+    assert entry_hash(values) == "f3324df0f25654b250815223303d6e7dfbad5c8fc304979f8b3d9687f945665e"
+
+
+def test_awkward_floats_survive_storage(tmp_path: Path) -> None:
+    ledger = RewardLedger(tmp_path / "l.db")
+    values = [0.1, 1 / 3, 1e-300, 5e-324, 1e300, 2.0**60, -0.0, -7.25]
+    rows = [LedgerRow(f"f{i}", v, v, 0, 0, 0, epsilon=abs(v)) for i, v in enumerate(values)]
+    written = ledger.record_round(RUN, 1, rows)
+    assert ledger.entries() == written
+    assert [e.score for e in written] == [v + 0.0 for v in values]
+    assert verify_ledger(ledger.path).ok
+
+
+def test_recording_a_round_again_writes_nothing(recorded) -> None:
+    path, ledger, book = recorded
+    before, head = ledger.entries(), ledger.head()
+    # A restarted server settles round 2 again, possibly differently: the stored truth wins.
+    forged = [dict(FORGED_ROW, payout=999, cumulative_payout=999)]
+    again = RewardLedger(path).record_round(RUN, 2, forged)
+    assert again == before[2:5]
+    assert ledger.entries() == before and ledger.head() == head
+    assert ledger.record_round(RUN, 4, []) == []  # nothing to record, nothing written
+    assert len(ledger.entries()) == 8
+
+
+def test_a_restarted_server_continues_exactly(recorded) -> None:
+    path, ledger, book = recorded
+    restored = RewardBook.restore(POLICY, RewardLedger(path).entries(run_id=RUN))
+    assert restored.cumulative_contribution == book.cumulative_contribution
+    assert restored.cumulative_payout == book.cumulative_payout
+    assert (restored.carry, restored.last_round) == (book.carry, book.last_round)
+    nxt = [({"f1": 2.0}, {"f1": 1.5})]
+    _play(ledger, RUN, nxt, book=restored)
+    live = _play(
+        RewardLedger(path.with_name("copy.db")), RUN, [*zip(CONTRIBUTIONS, EPSILONS, strict=True)]
+    )
+    live.settle(4, nxt[0][0])
+    assert restored.cumulative_payout == live.cumulative_payout
+    assert sum(restored.cumulative_payout.values()) + restored.carry == POLICY.amount
+    assert verify_ledger(path).ok
+
+
+def test_unique_constraint_and_guards(recorded) -> None:
+    path, ledger, _ = recorded
+    conn = sqlite3.connect(path)
+    try:
+        row = _raw_rows(path)[0]
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            conn.execute(
+                "INSERT INTO reward_ledger VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [99, *list(row.values())[1:-1], "f" * 64],
+            )
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE reward_ledger SET payout = 1 WHERE seq = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("DELETE FROM reward_ledger WHERE seq = 8")
+    finally:
+        conn.close()
+    public = [name for name in dir(RewardLedger) if not name.startswith("_")]
+    assert sorted(public) == ["entries", "head", "path", "record_round", "rounds"]
+
+
+def test_invalid_rounds_are_refused(recorded, tmp_path: Path) -> None:
+    _, ledger, _ = recorded
+    row = dict(FORGED_ROW)
+    with pytest.raises(ValueError, match="twice"):
+        ledger.record_round("run-2", 1, [row, row])
+    with pytest.raises(ValueError, match="carry"):
+        ledger.record_round("run-2", 1, [row, {**row, "factory_id": "f2", "carry": 3}])
+    ledger.record_round("run-2", 5, [row])
+    with pytest.raises(ValueError, match="too late"):
+        ledger.record_round("run-2", 4, [row])
+    with pytest.raises(ValueError, match="NaN"):
+        LedgerRow("f1", math.nan, 0.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="payout"):
+        LedgerRow("f1", 0.0, 0.0, -1, 0, 0)
+    with pytest.raises(ValueError, match="run_id"):
+        ledger.record_round("", 1, [row])
+
+
+def test_record_round_1_again_is_idempotent_not_too_late(recorded) -> None:
+    _, ledger, _ = recorded
+    stored = ledger.entries(run_id=RUN)[:2]
+    assert ledger.record_round(RUN, 1, [dict(FORGED_ROW, factory_id="new")]) == stored
+
+
+def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    RewardLedger(path)
+    errors: list[BaseException] = []
+
+    def writer(run_id: str) -> None:
+        try:
+            ledger = RewardLedger(path)
+            rounds = [({"a": 1.0, "b": 0.5, "c": 0.1}, {})] * 4
+            _play(ledger, run_id, rounds)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f"run-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    result = verify_ledger(path)
+    assert result.ok and result.entries == 4 * 4 * 3
+
+
+def test_files_that_are_not_ledgers(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    with pytest.raises(LedgerFileError, match="no such ledger file") as info:
+        verify_ledger(missing)
+    assert str(missing) in str(info.value)
+    assert not missing.exists()  # verifying never creates a file
+    text = tmp_path / "notes.txt"
+    text.write_text("not a database " * 100)
+    with pytest.raises(LedgerFileError, match="not an SQLite database"):
+        verify_ledger(text)
+    with pytest.raises(LedgerFileError):
+        RewardLedger(text)
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE experiments (id INTEGER)")
+    with pytest.raises(LedgerFileError, match="not a factoryfed reward ledger"):
+        verify_ledger(other)
+    with pytest.raises(LedgerFileError, match="not a factoryfed reward ledger"):
+        RewardLedger(other)
+
+
+# ----------------------------------------------------------------------------- tampering
+
+
+def _problem(path: Path, expected_head: str | None = None) -> tuple[str | None, int | None]:
+    result = verify_ledger(path, expected_head)
+    assert result.ok is (result.kind is None)
+    return result.kind, result.seq
+
+
+def test_edited_payout_is_found_at_its_seq(recorded) -> None:
+    path, _, _ = recorded
+    _tamper(path, "UPDATE reward_ledger SET payout = payout + 100 WHERE seq = 4")
+    assert _problem(path) == ("edited", 4)
+
+
+def test_edited_field_of_the_wrong_type_is_found(recorded) -> None:
+    path, _, _ = recorded
+    _tamper(path, "UPDATE reward_ledger SET payout = 'lots' WHERE seq = 2")
+    assert _problem(path) == ("edited", 2)
+
+
+def test_edit_with_recomputed_hash_is_found_through_the_next_link(recorded) -> None:
+    path, _, _ = recorded
+    _rehash(path, 4, payout=5000, cumulative_payout=5000)
+    result = verify_ledger(path)
+    assert (result.kind, result.seq) == ("edited", 4)
+    assert "hash recomputed" in result.problem and "seq=5" in result.problem
+
+
+def test_rehashed_edit_of_the_last_entry_needs_the_external_head(recorded) -> None:
+    path, ledger, _ = recorded
+    head = ledger.head()
+    _rehash(path, 8, payout=5000)
+    assert verify_ledger(path).ok  # a valid chain on its own...
+    assert _problem(path, expected_head=head) == ("head-mismatch", 8)  # ...but not the one quoted
+
+
+@pytest.mark.parametrize(("seqs", "first_missing"), [((4,), 4), ((1,), 1), ((4, 5), 4)])
+def test_deleted_entries_are_found(recorded, seqs: tuple[int, ...], first_missing: int) -> None:
+    path, _, _ = recorded
+    _tamper(path, f"DELETE FROM reward_ledger WHERE seq IN ({', '.join(map(str, seqs))})")
+    result = verify_ledger(path)
+    assert (result.kind, result.seq) == ("deleted", first_missing)
+    assert f"seq={first_missing}" in result.problem
+
+
+@pytest.mark.parametrize("position", [4, 1])
+def test_forged_inserted_entry_is_found(recorded, position: int) -> None:
+    path, _, _ = recorded
+    rows = _raw_rows(path)
+    before = rows[position - 2]["hash"] if position > 1 else GENESIS
+    forged = {**rows[position - 1], "seq": position, "factory_id": "f9", "payout": 999}
+    forged["prev_hash"] = before
+    forged["hash"] = entry_hash(forged)
+    # Everything from ``position`` on moves one seq up to make room (their stored hashes stay).
+    shifted = [{**r, "seq": r["seq"] + 1} for r in rows[position - 1 :]]
+    _tamper(path, rows=[*rows[: position - 1], forged, *shifted])
+    result = verify_ledger(path)
+    assert (result.kind, result.seq) == ("inserted", position)
+    assert result.entries == 9
+
+
+@pytest.mark.parametrize(("a", "b"), [(3, 5), (4, 5), (1, 2)])
+def test_swapped_entries_are_reordered(recorded, a: int, b: int) -> None:
+    path, _, _ = recorded
+    _tamper(
+        path,
+        f"UPDATE reward_ledger SET seq = 1000 WHERE seq = {a}",
+        f"UPDATE reward_ledger SET seq = {a} WHERE seq = {b}",
+        f"UPDATE reward_ledger SET seq = {b} WHERE seq = 1000",
+    )
+    result = verify_ledger(path)
+    assert (result.kind, result.seq) == ("reordered", a)
+    # The moved entry still links to the entry that preceded it originally (now at seq b if
+    # that entry was swapped too).
+    target = b if b - 1 == a else b - 1
+    assert f"links to entry seq={target} instead of" in result.problem
+
+
+def test_deleted_last_entry_is_only_found_against_the_kept_head(recorded) -> None:
+    path, ledger, _ = recorded
+    head = ledger.head()
+    _tamper(path, "DELETE FROM reward_ledger WHERE seq = 8")
+    result = verify_ledger(path)
+    assert result.ok and result.entries == 7 and result.head != head
+    missing = verify_ledger(path, expected_head=head)
+    assert (missing.ok, missing.kind, missing.seq) == (False, "head-mismatch", 7)
+    assert head in missing.problem
+
+
+def test_an_older_head_means_entries_were_appended(recorded) -> None:
+    path, ledger, _ = recorded
+    round_2_head = ledger.entries()[4].hash
+    result = verify_ledger(path, expected_head=round_2_head)
+    assert (result.ok, result.kind, result.seq) == (False, "head-mismatch", 6)
+    assert "continues" in result.problem
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_verify_exit_codes(recorded, tmp_path: Path, capsys) -> None:
+    path, ledger, _ = recorded
+    head = ledger.head()
+    assert main(["ledger", "verify", str(path)]) == 0
+    assert capsys.readouterr().out == f"OK: 8 entries, head {head}\n"
+    assert main(["ledger", "verify", str(path), "--head", head]) == 0
+    capsys.readouterr()
+    assert main(["ledger", "verify", str(path), "--head", "ab" * 32]) == 1
+    assert capsys.readouterr().err.startswith("TAMPERED: entry seq=8 head-mismatch: ")
+
+    _tamper(path, "UPDATE reward_ledger SET score = 42.0 WHERE seq = 4")
+    assert main(["ledger", "verify", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("TAMPERED: entry seq=4 edited: ")
+
+    missing = tmp_path / "missing.db"
+    assert main(["ledger", "verify", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"\x00garbage" * 200)
+    assert main(["ledger", "verify", str(junk)]) == 2
+    assert str(junk) in capsys.readouterr().err
+
+
+def test_cli_statement_exports_csv_json_png(recorded, tmp_path: Path, capsys) -> None:
+    path, ledger, book = recorded
+    out = tmp_path / "statements"
+    assert main(["statement", "--factory", "f2", "--ledger", str(path), "--out", str(out)]) == 0
+    assert "ledger verified" in capsys.readouterr().out
+
+    with (out / "f2-statement.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert [int(r["seq"]) for r in rows] == [2, 4, 7]
+    assert [float(r["contribution"]) for r in rows] == [-0.5, 1.0, 0.25]
+    assert [float(r["epsilon"]) for r in rows] == [0.4, 0.8, 1.2]
+    assert int(rows[-1]["cumulative_payout"]) == book.cumulative_payout["f2"]
+    stored = ledger.entries(factory_id="f2")
+    assert [r["hash"] for r in rows] == [e.hash for e in stored]
+    assert [r["prev_hash"] for r in rows] == [e.prev_hash for e in stored]
+
+    doc = json.loads((out / "f2-statement.json").read_text())
+    assert doc["factory_id"] == "f2" and doc["run_ids"] == [RUN]
+    assert doc["verified"] is True and doc["verification"]["ok"] is True
+    assert doc["ledger_head"] == ledger.head()
+    assert doc["totals"]["payout"] == book.cumulative_payout["f2"] == sum(e.payout for e in stored)
+    assert doc["totals"]["contribution"] == pytest.approx(0.75)
+    assert doc["totals"]["per_run"][RUN]["cumulative_contribution"] == 0.75
+    assert doc["totals"]["per_run"][RUN]["epsilon"] == 1.2
+    assert len(doc["entries"]) == 3
+    assert (out / "f2-statement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_statement_unknown_factory_or_run(recorded, tmp_path: Path, capsys) -> None:
+    path, _, _ = recorded
+    out = tmp_path / "statements"
+    assert main(["statement", "--factory", "f7", "--ledger", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown factory 'f7'" in err and "f1, f2, f3" in err
+    assert not out.exists()
+    args = ["statement", "--factory", "f1", "--ledger", str(path), "--out", str(out)]
+    assert main([*args, "--run-id", "run-9"]) == 1
+    assert f"known runs: {RUN}" in capsys.readouterr().err
+    missing = ["statement", "--factory", "f1", "--ledger", str(tmp_path / "x.db"), "--out", "o"]
+    assert main(missing) == 2
+    assert str(tmp_path / "x.db") in capsys.readouterr().err
+
+
+def test_cli_statement_of_one_run_among_several(recorded, tmp_path: Path) -> None:
+    path, ledger, _ = recorded
+    _play(ledger, "run-2", [({"f1": 1.0, "f4": 1.0}, {})])
+    out = tmp_path / "statements"
+    args = ["statement", "--factory", "f1", "--ledger", str(path), "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "f1-statement.json").read_text())
+    assert doc["run_ids"] == [RUN, "run-2"] and len(doc["entries"]) == 4
+    assert doc["totals"]["payout"] == sum(e.payout for e in ledger.entries(factory_id="f1"))
+    assert main([*args, "--run-id", "run-2"]) == 0
+    doc = json.loads((out / "f1-statement.json").read_text())
+    assert doc["run_ids"] == ["run-2"] and [e["round"] for e in doc["entries"]] == [1]
+    assert doc["totals"]["payout"] == 125  # half of round 1's installment of 250
+
+
+def test_cli_statement_of_a_tampered_ledger_is_marked(recorded, tmp_path: Path, capsys) -> None:
+    path, _, _ = recorded
+    _tamper(path, "DELETE FROM reward_ledger WHERE seq = 3")
+    out = tmp_path / "statements"
+    assert main(["statement", "--factory", "f2", "--ledger", str(path), "--out", str(out)]) == 1
+    assert "TAMPERED: entry seq=3 deleted" in capsys.readouterr().err
+    doc = json.loads((out / "f2-statement.json").read_text())
+    assert doc["verified"] is False
+    assert doc["verification"]["kind"] == "deleted" and doc["verification"]["seq"] == 3
+    assert (out / "f2-statement.csv").exists() and (out / "f2-statement.png").exists()
+
+
+def test_statement_file_names_stay_inside_the_output_folder() -> None:
+    from fl_server.ledger import statement_stem
+
+    assert statement_stem("f1") == "f1-statement"
+    assert statement_stem("../../outside/f1") == "_.._outside_f1-statement"
+    assert "/" not in statement_stem("a/b") and "\\" not in statement_stem("a\\b")
