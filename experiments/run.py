@@ -93,7 +93,7 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> dict:
 
 
 def print_summary(summary: dict, cfg: DictConfig) -> None:
-    """Global metrics, per-factory privacy spend, failures and how to open MLflow."""
+    """Global metrics, per-factory privacy spend and rewards, failures and how to open MLflow."""
     metric = summary["main_metric"]
     table = Table(title=f"{summary['run_name']}  ({summary['wall_seconds']:.0f} s)")
     table.add_column("round", justify="right")
@@ -104,14 +104,33 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
         table.add_row(str(r["round"]), *[f"{r[k]:.4f}" for k in keys])
     table.add_row("test", *[f"{summary['test'].get(k, float('nan')):.4f}" for k in keys])
     console.print(table)
-    if summary["factory_epsilon"]:
-        eps = Table(title="privacy spend per factory")
-        eps.add_column("factory")
-        eps.add_column("epsilon spent", justify="right")
-        eps.add_column("budget", justify="right")
-        for fid, e in sorted(summary["factory_epsilon"].items()):
-            eps.add_row(fid, f"{e:.3f}", f"{summary['epsilon_budget']}")
-        console.print(eps)
+    factories = sorted(
+        set(summary["factory_epsilon"]) | set(summary.get("payout_cumulative") or {})
+    )
+    if factories:
+        per = Table(title="per factory: privacy spend, contribution and rewards")
+        per.add_column("factory")
+        per.add_column(f"epsilon (budget {summary['epsilon_budget']})", justify="right")
+        per.add_column(f"contribution ({summary.get('contribution')})", justify="right")
+        per.add_column(f"paid ({summary.get('reward_currency')})", justify="right")
+        contrib = summary.get("contribution_cumulative") or {}
+        paid = summary.get("payout_cumulative") or {}
+        for fid in factories:
+            eps = summary["factory_epsilon"].get(fid)
+            per.add_row(
+                fid,
+                "-" if eps is None else f"{eps:.3f}",
+                f"{contrib[fid]:+.4f}" if fid in contrib else "-",
+                f"{paid[fid] / 100:.2f}" if fid in paid else "-",
+            )
+        console.print(per)
+    if summary.get("ledger"):
+        console.print(
+            f"reward ledger {summary['ledger']} (head {summary['ledger_head'][:16]}...); "
+            "check it with: factoryfed ledger verify <path>",
+            markup=False,
+            highlight=False,
+        )
     for f in summary["failures"]:
         console.print(f"[yellow]round {f['round']}: {f['factory']} {f['status']}: {f['reason']}")
     uri = summary["tracking_uri"]

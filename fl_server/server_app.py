@@ -1,8 +1,9 @@
 """The operator's ServerApp: strategy from config, central evaluation, checkpoints, MLflow.
 
 Each round: the wrapped Flower strategy sends the global model and the training config to the
-factories, validates and aggregates their updates; then the server evaluates the new global
-model on its validation set, logs the round to MLflow in one batch (``server/*`` and
+factories, validates their updates, scores each accepted factory's contribution and aggregates;
+then the server evaluates the new global model on its validation set, pays the round's rewards
+into the hash-chained ledger, logs the round to MLflow in one batch (``server/*`` and
 ``factory/<id>/*``) and checkpoints the model.
 """
 
@@ -23,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from fl_server.checkpoint import save_checkpoint
 from fl_server.config import flat_params, load_from_run_config
 from fl_server.data import ensure_data
+from fl_server.payouts import LEDGER_FILE, PayoutDesk, build_scorer, reward_policy
 from fl_server.tracking import MlflowTracker
 from standard_models.registry import get_task
 from strategies.hooked import FactoryFedStrategy
@@ -86,10 +88,13 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
     tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
     log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
 
+    scorer = build_scorer(cfg, task, validation)
+    desk = PayoutDesk(reward_policy(cfg), out_dir / LEDGER_FILE, run_id) if scorer else None
     strategy = FactoryFedStrategy(
         instantiate(cfg.strategy.flower),
         rules=ValidationRules(),
         min_accepted=int(cfg.federation.min_factories),
+        scorer=scorer,
     )
     num_rounds = int(cfg.federation.num_rounds)
     history: list[dict] = []
@@ -121,6 +126,18 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
                 )
             if report.failures:
                 tracker.log_dict(failures, "failures.json")
+            contribution = strategy.contributions.get(server_round)
+            if contribution is not None:
+                metrics.update(contribution.mlflow_metrics())
+            if desk is not None:
+                epsilons = {
+                    fid: o.metrics["epsilon"]
+                    for fid, o in report.outcomes.items()
+                    if "epsilon" in o.metrics
+                }
+                metrics.update(desk.metrics(desk.settle(server_round, contribution, epsilons)))
+                tracker.log_artifact(desk.path, "rewards")
+                tracker.set_tags({"ledger_head": desk.ledger.head()})
         tracker.log_metrics(server_round, metrics)
         save_checkpoint(
             out_dir / "checkpoints",
@@ -178,6 +195,13 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
             "factory_epsilon": final_eps,
             "epsilon_budget": float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
             "failures": failures,
+            "contribution": str(cfg.contribution.method),
+            "contribution_cumulative": desk.book.cumulative_contribution if desk else {},
+            "payout_cumulative": desk.book.cumulative_payout if desk else {},
+            "reward_currency": str(cfg.rewards.currency),
+            "reward_carry": desk.book.carry if desk else None,
+            "ledger": str(desk.path) if desk else None,
+            "ledger_head": desk.ledger.head() if desk else None,
             "registered_model": registered,
             "model_version": version,
         }

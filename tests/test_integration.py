@@ -18,6 +18,7 @@ from experiments.run import run_simulation
 from fl_server.checkpoint import load_latest
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
+from fl_server.ledger import RewardLedger, verify_ledger
 from standard_models.registry import get_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -47,6 +48,9 @@ def test_federation_end_to_end(tmp_path):
             f"data_root={tmp_path / 'data'}",
             f"tracking.artifact_root={tmp_path / 'artifacts'}",
             "privacy.epsilon=4",
+            "contribution=exact",
+            "rewards=per_run",
+            "rewards.amount=1001",
         ]
     )
     cfg = finalize(cfg, base=tmp_path, output_dir=tmp_path / "out")
@@ -90,8 +94,25 @@ def test_federation_end_to_end(tmp_path):
     assert {f["status"] for f in failures} == {"data-error"}
     assert all("factory_002.parquet" in f["reason"] for f in failures)
 
+    # Contributions of the two working factories, paid from the pool through the ledger.
+    for fid in ("factory_000", "factory_001"):
+        for name in ("contribution", "contribution_cumulative", "payout_cumulative"):
+            history = client.get_metric_history(run.info.run_id, f"factory/{fid}/{name}")
+            assert [m.step for m in history] == [1, 2], (fid, name)
+    for name in ("contribution_evaluations", "contribution_seconds"):
+        history = client.get_metric_history(run.info.run_id, f"server/{name}")
+        assert [m.step for m in history] == [1, 2], name
+    evaluations = client.get_metric_history(run.info.run_id, "server/contribution_evaluations")
+    assert [m.value for m in evaluations] == [3.0, 3.0]  # exact over 2 players
+    ledger_path = Path(summary["ledger"])
+    assert verify_ledger(ledger_path, expected_head=summary["ledger_head"]).ok
+    entries = RewardLedger(ledger_path).entries(run_id=summary["mlflow_run_id"])
+    assert {e.factory_id for e in entries} == {"factory_000", "factory_001"}
+    assert sum(e.payout for e in entries) + summary["reward_carry"] == 1001
+    assert run.data.tags["ledger_head"] == summary["ledger_head"]
+
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config", "summary.json", "failures.json"} <= artifacts
+    assert {"config", "summary.json", "failures.json", "rewards"} <= artifacts
     versions = client.search_model_versions(f"name='factoryfed-{cfg.task.name}'")
     assert versions and versions[0].run_id == run.info.run_id
     mlflow.set_tracking_uri(f"sqlite:///{db}")

@@ -1,0 +1,103 @@
+"""The server's side of contribution and rewards: build the scorer, settle each round.
+
+:func:`build_scorer` turns the ``contribution`` config group into a
+:class:`~strategies.contribution.scorer.ContributionScorer` evaluating coalition models on the
+server validation set. :class:`PayoutDesk` pays each scored round from the ``rewards`` pool
+and writes it to the hash-chained ledger in the run's output directory. The ledger is the
+source of truth: the desk rebuilds its book from it on start, and a round already in it is
+reported again, never paid again, so a restarted server cannot pay twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from fl_server.ledger import LedgerEntry, RewardLedger, round_rows
+from standard_models.base import StandardTask
+from strategies.contribution.scorer import ContributionScorer, RoundContribution
+from strategies.contribution.utility import BatchedEvaluator
+from strategies.rewards import RewardBook, RewardPolicy
+
+LEDGER_FILE = "reward-ledger.sqlite"
+
+
+def build_scorer(
+    cfg: DictConfig, task: StandardTask, validation: Dataset
+) -> ContributionScorer | None:
+    """The round scorer described by ``cfg.contribution``; ``None`` for ``method: none``."""
+    options = OmegaConf.to_container(cfg.contribution, resolve=True)
+    assert isinstance(options, dict)
+    method = str(options.pop("method", "none"))
+    if method == "none":
+        return None
+    evaluator = BatchedEvaluator(task, task.build_model(), validation)
+    return ContributionScorer(
+        method, evaluator.scores, evaluator.sign, params=options, seed=int(cfg.seed)
+    )
+
+
+def reward_policy(cfg: DictConfig) -> RewardPolicy:
+    """The ``rewards`` config group as a policy; errors name the field at fault."""
+    return RewardPolicy(
+        amount=cfg.rewards.amount,
+        schedule=str(cfg.rewards.schedule),
+        num_rounds=int(cfg.federation.num_rounds),
+    )
+
+
+class PayoutDesk:
+    """Settles rounds into the ledger and reports them as MLflow metrics.
+
+    Parameters
+    ----------
+    policy : how much each round releases.
+    ledger_path : the run's SQLite ledger (created if missing, reused after a restart).
+    run_id : the federation run the entries belong to (the MLflow run id).
+    """
+
+    def __init__(self, policy: RewardPolicy, ledger_path: str | Path, run_id: str) -> None:
+        self.policy = policy
+        self.ledger = RewardLedger(ledger_path)
+        self.run_id = run_id
+        self.book = RewardBook.restore(policy, self.ledger.entries(run_id=run_id))
+
+    @property
+    def path(self) -> Path:
+        return self.ledger.path
+
+    def settle(
+        self,
+        server_round: int,
+        contribution: RoundContribution | None,
+        epsilons: Mapping[str, float],
+    ) -> list[LedgerEntry]:
+        """Pay round ``server_round`` (once) and return its ledger entries.
+
+        An unscored round (no contribution: too few updates, or scoring failed) still settles:
+        its instalment is carried to the next round, and the ledger shows that it was.
+        """
+        if server_round in self.ledger.rounds(self.run_id):
+            return [e for e in self.ledger.entries(run_id=self.run_id) if e.round == server_round]
+        scores = dict(contribution.scores) if contribution else {}
+        payouts = self.book.settle(server_round, scores)
+        rows = round_rows(self.book, scores, payouts, epsilons)
+        if not rows:
+            return []
+        return self.ledger.record_round(self.run_id, server_round, rows)
+
+    def metrics(self, entries: list[LedgerEntry]) -> dict[str, float]:
+        """``factory/<id>/{contribution_cumulative,payout,payout_cumulative}`` and totals."""
+        out: dict[str, float] = {}
+        for e in entries:
+            prefix = f"factory/{e.factory_id}/"
+            out[prefix + "contribution_cumulative"] = e.cumulative_score
+            out[prefix + "payout"] = float(e.payout)
+            out[prefix + "payout_cumulative"] = float(e.cumulative_payout)
+        out["server/payout_round"] = float(sum(e.payout for e in entries))
+        out["server/payout_total"] = float(sum(self.book.cumulative_payout.values()))
+        out["server/reward_carry"] = float(self.book.carry)
+        return out
