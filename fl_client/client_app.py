@@ -14,6 +14,15 @@ simulated factory uses ``factory_<partition-id>.parquet`` and ``<output-dir>/pri
 Every failure is answered, never raised: the reply carries the factory id, a status
 (``declined`` for budget, ``data-error`` for an unusable file, ``error`` otherwise) and the
 reason, so the server records it and the round goes on with the other factories.
+
+Robustness benches (simulation only): the train config may name an attack and the malicious
+factories (keys ``attack``, ``attack-factories``, ``attack-fraction``, ``attack-factor``,
+``attack-std``; see :mod:`fl_client.attacks`). A named factory poisons its training labels or
+its reply. A deployed factory (one whose node config sets ``data-path``) refuses such an
+instruction and answers ``error``, so no operator can make a real plant poison the federation.
+Once the attack keys parse (absent keys mean no attack), every reply carries the
+metric ``malicious`` (1.0 or 0.0) so the benches can tell attackers apart. Factories not named,
+and every factory when the config has no attack, train exactly as before.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fl_client.attacks import AttackConfig
 from fl_client.factory import run_factory_round
 from fl_client.privacy import BudgetExhausted, PrivacyLedger
 from fl_client.training import LocalTrainConfig
@@ -94,7 +104,11 @@ def _reply(
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train one round with DP-SGD and reply with weights and metrics, or say why not."""
+    """Train one round with DP-SGD and reply with weights and metrics, or say why not.
+
+    A factory the train config names as malicious carries out the attack (simulation only,
+    see the module docstring); a malformed attack config is answered with status ``error``.
+    """
     factory_id = factory_id_of(context)
     cfg = msg.content["config"]
     nc = context.node_config
@@ -102,7 +116,16 @@ def train(msg: Message, context: Context) -> Message:
     delta = float(nc.get("delta", cfg["delta"]))
     accountant = str(cfg["accountant"])
     ledger_path: Path | None = None
+    marks: dict[str, float] = {}
     try:
+        attack = AttackConfig.from_config(cfg)
+        marks = {"malicious": 1.0 if attack.is_malicious(factory_id) else 0.0}
+        if marks["malicious"] and "data-path" in nc:
+            raise PermissionError(
+                f"factory {factory_id} was told to carry out attack '{attack.name}'; attacks "
+                "are for simulated robustness benches, and a deployed factory (one with a "
+                "data-path in its node config) refuses them"
+            )
         data_path, ledger_path = paths_of(context, factory_id, cfg)
         task = get_task(str(cfg["task"]))
         train_cfg = LocalTrainConfig(
@@ -134,14 +157,15 @@ def train(msg: Message, context: Context) -> Message:
             accountant=accountant,
             carried_history=carried,
             min_run_epsilon=float(cfg.get("min-run-epsilon", 0.0)),
+            attack=attack,
         )
     except DataValidationError as exc:
-        return _reply(msg, factory_id, DATA_ERROR, str(exc))
+        return _reply(msg, factory_id, DATA_ERROR, str(exc), metrics=marks)
     except BudgetExhausted as exc:
-        spent = {}
+        spent = dict(marks)
         if ledger_path is not None and ledger_path.exists():
             ledger = PrivacyLedger.open(ledger_path, factory_id, epsilon, delta, accountant)
-            spent = {"epsilon": ledger.spent_epsilon()}
+            spent["epsilon"] = ledger.spent_epsilon()
         return _reply(msg, factory_id, DECLINED, str(exc), metrics=spent)
     except Exception as exc:  # the factory answers with the reason instead of vanishing
         return _reply(msg, factory_id, ERROR, f"{type(exc).__name__}: {exc}")

@@ -10,6 +10,10 @@ Order of a DP round, chosen so that privacy spend is never lost or exceeded:
 3. plan the run's noise multiplier once from the budget left (later rounds reuse it);
 4. reserve this round's spend on disk, or decline with :class:`BudgetExhausted`;
 5. train.
+
+In simulated robustness benches a factory the server names as malicious poisons its training
+labels (after step 1, on the in-memory dataset) or its trained weights (after step 5); see
+:mod:`fl_client.attacks`. Every other factory runs exactly the steps above.
 """
 
 from __future__ import annotations
@@ -20,6 +24,13 @@ from typing import Any
 
 import torch
 
+from fl_client.attacks import (
+    DATA_ATTACKS,
+    UPDATE_ATTACKS,
+    AttackConfig,
+    poison_dataset,
+    poison_update,
+)
 from fl_client.privacy import BudgetExhausted, PrivacyLedger, epsilon_of, normalize_history
 from fl_client.training import (
     LocalTrainConfig,
@@ -37,7 +48,9 @@ class FactoryRoundResult:
 
     ``metrics`` holds plain ``int``/``float`` values: ``num-examples``, ``train_loss``,
     ``epsilon`` (cumulative DP spend after this round), ``delta``, ``noise_multiplier``,
-    ``sample_rate``, ``steps``, ``train_time`` and ``dp`` (1 if this round ran DP-SGD, else 0).
+    ``sample_rate``, ``steps``, ``train_time`` and ``dp`` (1 if this round ran DP-SGD, else 0);
+    when the round was given an attack config, also ``malicious`` (1.0 if this factory carried
+    out the attack, else 0.0).
     ``history`` is the ledger's accountant history as lists, for ``context.state``.
     """
 
@@ -62,6 +75,31 @@ def _metrics(
     }
 
 
+def _attacked(
+    state: dict[str, torch.Tensor],
+    global_state: dict[str, torch.Tensor],
+    attack: AttackConfig | None,
+    factory_id: str,
+    server_round: int,
+) -> dict[str, torch.Tensor]:
+    """The weights to reply: ``state``, or its poisoned version if this factory attacks."""
+    if attack is None or attack.name not in UPDATE_ATTACKS or not attack.is_malicious(factory_id):
+        return state
+    return poison_update(
+        global_state,
+        state,
+        attack.name,
+        attack.params(),
+        attack.update_generator(factory_id, server_round),
+    )
+
+
+def _mark(metrics: dict[str, float | int], attack: AttackConfig | None, malicious: bool) -> None:
+    """Add ``malicious`` to the metrics of a round that was given an attack config."""
+    if attack is not None:
+        metrics["malicious"] = 1.0 if malicious else 0.0
+
+
 def run_factory_round(
     task: StandardTask,
     data_path: str | Path,
@@ -77,6 +115,7 @@ def run_factory_round(
     accountant: str = "rdp",
     carried_history: list[Any] | None = None,
     min_run_epsilon: float = 0.0,
+    attack: AttackConfig | None = None,
 ) -> FactoryRoundResult:
     """Train one federated round at one factory and account its privacy spend.
 
@@ -94,6 +133,11 @@ def run_factory_round(
     a non-private release; ``dp = 0`` marks such rounds and a mean ``dp`` below 1 across
     factories shows that some updates were not private.
 
+    ``attack`` (simulation only): if it names ``factory_id`` as malicious, a ``label_flip``
+    trains on poisoned labels and a model-poisoning attack replaces the trained weights with
+    poisoned ones; privacy is accounted as for an honest round. The metrics then carry
+    ``malicious``. ``None`` (the default) or an attack on other factories changes nothing.
+
     Raises:
         standard_models.base.DataValidationError: the data file is missing or malformed.
         fl_client.privacy.LedgerError: the ledger file is corrupt or not this factory's.
@@ -105,6 +149,9 @@ def run_factory_round(
         )
     frame = task.load_frame(data_path)
     dataset = task.to_dataset(frame)
+    malicious = attack is not None and attack.is_malicious(factory_id)
+    if malicious and attack is not None and attack.name in DATA_ATTACKS:
+        dataset = poison_dataset(task, dataset, attack.fraction, attack.label_generator(factory_id))
     num_examples = len(dataset)  # type: ignore[arg-type]
 
     model = task.build_model()
@@ -132,7 +179,9 @@ def run_factory_round(
             supports_ghost=task.supports_ghost,
         )
         metrics = _metrics(result, epsilon, delta, False)
-        return FactoryRoundResult(result.state_dict, metrics, history)
+        state = _attacked(result.state_dict, global_state, attack, factory_id, server_round)
+        _mark(metrics, attack, malicious)
+        return FactoryRoundResult(state, metrics, history)
 
     ledger = PrivacyLedger.open(ledger_path, factory_id, epsilon_budget, delta, accountant)
     ledger.absorb(carried_history)
@@ -166,8 +215,10 @@ def run_factory_round(
             f"trained {result.steps} steps at sample rate {result.sample_rate}; "
             f"reserved {round_steps} at {sample_rate}"
         )
+    metrics = _metrics(result, epsilon, delta, True)
+    _mark(metrics, attack, malicious)
     return FactoryRoundResult(
-        result.state_dict,
-        _metrics(result, epsilon, delta, True),
+        _attacked(result.state_dict, global_state, attack, factory_id, server_round),
+        metrics,
         ledger.history_as_lists(),
     )
