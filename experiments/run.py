@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.flower_sim import SimulationSuperLink
-from fl_server.config import finalize
+from fl_server.config import finalize, quote_choices
 from fl_server.data import ensure_data
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -160,4 +161,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = quote_choices(sys.argv[1:])
     main()

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,10 +21,22 @@ from omegaconf import DictConfig, OmegaConf
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def quote_choices(overrides: list[str]) -> list[str]:
+    """Quote group choices Hydra would otherwise parse as numbers (``attack=nan``).
+
+    Hydra reads a bare ``nan`` as a float and then refuses it as a config-group choice; the
+    ``nan`` attack is named so in the catalogue, so ``attack=nan`` is made to mean the file.
+    """
+    return [
+        f"{o.split('=')[0]}='nan'" if o.endswith("=nan") and "." not in o.split("=")[0] else o
+        for o in overrides
+    ]
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides, as ``python -m experiments.run`` does."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides or []))
+        return compose(config_name="config", overrides=quote_choices(list(overrides or [])))
 
 
 def data_dir_for(cfg: DictConfig, root: Path | None = None) -> Path:
@@ -105,3 +118,23 @@ def flat_params(cfg: DictConfig) -> dict[str, str]:
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
     return out
+
+
+def malicious_factories(cfg: DictConfig) -> list[str]:
+    """Ids of the factories that carry out ``cfg.attack`` (empty without an attack).
+
+    ``attack.factories`` names them explicitly; otherwise ``attack.num_malicious`` of the
+    simulated factories ``factory_000 ...`` are drawn with the run seed, so a sweep over
+    strategies attacks the same factories in every run.
+    """
+    attack = cfg.get("attack")
+    if attack is None or str(attack.name) == "none":
+        return []
+    explicit = attack.get("factories")
+    if explicit:
+        return sorted(str(f) for f in explicit)
+    k, n = int(attack.num_malicious), int(cfg.federation.num_factories)
+    if not 0 <= k <= n:
+        raise ValueError(f"attack.num_malicious must be between 0 and {n} factories, got {k}")
+    rng = np.random.default_rng([int(cfg.seed), 0xA77AC])
+    return sorted(f"factory_{i:03d}" for i in rng.choice(n, size=k, replace=False))

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fl_server.checkpoint import save_checkpoint
-from fl_server.config import flat_params, load_from_run_config
+from fl_server.config import flat_params, load_from_run_config, malicious_factories
 from fl_server.data import ensure_data
 from fl_server.payouts import LEDGER_FILE, PayoutDesk, build_scorer, reward_policy
 from fl_server.tracking import MlflowTracker
@@ -58,8 +58,23 @@ def train_config_of(cfg: DictConfig, run_id: str) -> ConfigRecord:
             # Simulation hints only: factories with a node config never read them.
             "data-dir": str(cfg.data_dir),
             "output-dir": str(cfg.output_dir),
+            **attack_entries(cfg),
         }
     )
+
+
+def attack_entries(cfg: DictConfig) -> dict[str, str | float]:
+    """The ``attack-*`` train-config keys (simulated robustness benches; see fl_client.attacks)."""
+    attack = cfg.get("attack")
+    if attack is None or str(attack.name) == "none":
+        return {"attack": "none", "attack-factories": ""}
+    return {
+        "attack": str(attack.name),
+        "attack-factories": ",".join(malicious_factories(cfg)),
+        "attack-fraction": float(attack.get("fraction", 1.0)),
+        "attack-factor": float(attack.get("factor", 1.0)),
+        "attack-std": float(attack.get("std", 0.0)),
+    }
 
 
 def run_federation(grid: Grid, cfg: DictConfig) -> dict:
