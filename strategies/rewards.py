@@ -21,7 +21,8 @@ from typing import Any
 
 PER_ROUND = "per_round"  # ``amount`` is paid out every round
 PER_RUN = "per_run"  # ``amount`` is the run's total, released in equal installments
-SCHEDULES = (PER_ROUND, PER_RUN)
+END_OF_RUN = "end_of_run"  # ``amount`` is the run's total, paid once after the last round
+SCHEDULES = (PER_ROUND, PER_RUN, END_OF_RUN)
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -86,11 +87,20 @@ class RewardPolicy:
     """How much money a run releases, and when.
 
     Attributes:
-        amount: minor units; paid every round (``per_round``) or the run's total (``per_run``).
-        schedule: ``per_round`` or ``per_run``.
+        amount: minor units; paid every round (``per_round``) or the run's total (``per_run``,
+            ``end_of_run``).
+        schedule: ``per_round``, ``per_run`` or ``end_of_run``.
         num_rounds: rounds of the run; ``per_run`` spreads ``amount`` over them (round ``r``
             gets ``amount // num_rounds``, plus one unit for the first ``amount % num_rounds``
-            rounds) and releases nothing after them. Ignored by ``per_round``.
+            rounds) and releases nothing after them; ``end_of_run`` releases all of it in round
+            ``num_rounds``. Ignored by ``per_round``.
+
+    Payouts are final, so the schedules differ in what they reward. ``per_round`` and
+    ``per_run`` pay as the run goes, by the cumulative contributions *so far*: a factory whose
+    early rounds scored well keeps that money even if it turns harmful later. ``end_of_run``
+    holds the whole pool until the run's last round and splits it by the *final* cumulative
+    contributions, so a factory that ends the run with zero or negative contribution gets
+    nothing at all (the default; a run stopped before its last round pays nothing from it).
     """
 
     amount: int
@@ -101,7 +111,8 @@ class RewardPolicy:
         _check_int("rewards.amount", self.amount, 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(
-                f"rewards.schedule must be {' or '.join(SCHEDULES)}, got {self.schedule!r}"
+                f"rewards.schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, "
+                f"got {self.schedule!r}"
             )
         _check_int("rewards.num_rounds", self.num_rounds, 1)
 
@@ -110,6 +121,8 @@ class RewardPolicy:
         _check_int("server_round", server_round, 1)
         if self.schedule == PER_ROUND:
             return self.amount
+        if self.schedule == END_OF_RUN:
+            return self.amount if server_round == self.num_rounds else 0
         if server_round > self.num_rounds:
             return 0
         base, extra = divmod(self.amount, self.num_rounds)
@@ -120,6 +133,8 @@ class RewardPolicy:
         _check_int("through_round", through_round, 0)
         if self.schedule == PER_ROUND:
             return self.amount * through_round
+        if self.schedule == END_OF_RUN:
+            return self.amount if through_round >= self.num_rounds else 0
         rounds = min(through_round, self.num_rounds)
         base, extra = divmod(self.amount, self.num_rounds)
         return base * rounds + min(rounds, extra)

@@ -104,7 +104,10 @@ def test_installments_by_hand() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"amount": 10, "schedule": "x"}, "rewards.schedule must be per_round or per_run, got 'x'"),
+        (
+            {"amount": 10, "schedule": "x"},
+            "rewards.schedule must be per_round, per_run or end_of_run, got 'x'",
+        ),
         ({"amount": -1}, "rewards.amount must be >= 0"),
         ({"amount": 2.5}, "rewards.amount must be an integer"),
         ({"amount": True}, "rewards.amount must be an integer"),
@@ -259,3 +262,19 @@ def test_random_runs_conserve_money_and_restore_exactly(seed: int) -> None:
             else:  # no factory yet: nothing was recorded, and the next round makes up for it
                 _same_state(restored, RewardBook(policy))
     assert sum(book.cumulative_payout.values()) + book.carry == policy.released(server_round)
+
+
+def test_end_of_run_pays_only_final_positive_contributions() -> None:
+    """Early promise is not paid: only the final cumulative scores share the pool."""
+    policy = RewardPolicy(1000, "end_of_run", 3)
+    assert [policy.installment(r) for r in (1, 2, 3, 4)] == [0, 0, 1000, 0]
+    assert [policy.released(r) for r in (0, 2, 3, 9)] == [0, 0, 1000, 1000]
+    book = RewardBook(policy)
+    assert book.settle(1, {"early": 1.0, "steady": 0.2}) == {"early": 0, "steady": 0}
+    book.settle(2, {"early": -1.5, "steady": 0.2})
+    assert book.settle(3, {"steady": 0.1}) == {"early": 0, "steady": 1000}
+    assert book.carry == 0
+    nobody = RewardBook(policy)
+    for r in (1, 2, 3):
+        nobody.settle(r, {"a": -0.1})
+    assert nobody.cumulative_payout == {"a": 0} and nobody.carry == 1000
