@@ -63,6 +63,16 @@ def train_config_of(cfg: DictConfig, run_id: str) -> ConfigRecord:
     )
 
 
+def validation_rules(cfg: DictConfig) -> ValidationRules:
+    """``cfg.validation`` as rules; a missing group (older configs) means the defaults."""
+    options = cfg.get("validation") or {}
+    return ValidationRules(
+        max_update_norm=options.get("max_update_norm"),
+        max_num_examples=options.get("max_num_examples"),
+        reject_unchanged=bool(options.get("reject_unchanged", True)),
+    )
+
+
 def attack_entries(cfg: DictConfig) -> dict[str, str | float]:
     """The ``attack-*`` train-config keys (simulated robustness benches; see fl_client.attacks)."""
     attack = cfg.get("attack")
@@ -107,7 +117,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
     desk = PayoutDesk(reward_policy(cfg), out_dir / LEDGER_FILE, run_id) if scorer else None
     strategy = FactoryFedStrategy(
         instantiate(cfg.strategy.flower),
-        rules=ValidationRules(),
+        rules=validation_rules(cfg),
         min_accepted=int(cfg.federation.min_factories),
         scorer=scorer,
     )

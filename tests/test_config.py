@@ -92,3 +92,11 @@ def test_malicious_factories_are_drawn_once_per_seed_or_named():
         malicious_factories(compose_config(["attack=noise", "attack.num_malicious=9"]))
     # Hydra would read a bare nan as a number; the catalogue's nan attack still composes.
     assert attack_entries(compose_config(["attack=nan"]))["attack"] == "nan"
+
+
+def test_validation_rules_come_from_the_config():
+    from fl_server.server_app import validation_rules
+
+    rules = validation_rules(compose_config(["validation.max_update_norm=5.0"]))
+    assert rules.max_update_norm == 5.0 and rules.reject_unchanged
+    assert validation_rules(compose_config([])).max_update_norm is None
