@@ -40,12 +40,16 @@ def build_scorer(
     )
 
 
-def reward_policy(cfg: DictConfig) -> RewardPolicy:
-    """The ``rewards`` config group as a policy; errors name the field at fault."""
+def reward_policy(cfg: DictConfig, num_rounds: int | None = None) -> RewardPolicy:
+    """The ``rewards`` config group as a policy; errors name the field at fault.
+
+    ``num_rounds`` is the number of rounds the run will really have, when a privacy budget
+    cuts it below ``federation.num_rounds`` (a per-run pool must be released by then).
+    """
     return RewardPolicy(
         amount=cfg.rewards.amount,
         schedule=str(cfg.rewards.schedule),
-        num_rounds=int(cfg.federation.num_rounds),
+        num_rounds=int(num_rounds if num_rounds is not None else cfg.federation.num_rounds),
     )
 
 

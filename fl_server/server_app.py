@@ -27,6 +27,7 @@ from fl_server.data import ensure_data
 from fl_server.payouts import LEDGER_FILE, PayoutDesk, build_scorer, reward_policy
 from fl_server.tracking import MlflowTracker
 from standard_models.registry import get_task
+from strategies.client_dp import wrap_client_dp
 from strategies.hooked import FactoryFedStrategy
 from strategies.validation import ValidationRules
 
@@ -113,15 +114,38 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
     tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
     log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
 
-    scorer = build_scorer(cfg, task, validation)
-    desk = PayoutDesk(reward_policy(cfg), out_dir / LEDGER_FILE, run_id) if scorer else None
-    strategy = FactoryFedStrategy(
+    num_rounds = int(cfg.federation.num_rounds)
+    inner = wrap_client_dp(
         instantiate(cfg.strategy.flower),
+        cfg.get("client_dp") or {"mode": "none"},
+        int(cfg.federation.num_factories),
+    )
+    budget = getattr(inner, "client_dp_budget", None)
+    if budget is not None:
+        budget.check(1)  # refuses to start when not even one round fits the budget
+        if budget.max_rounds < num_rounds:
+            log(
+                WARNING,
+                "Client-level DP: epsilon %.2f allows %d of the %d planned rounds; the run "
+                "stops after round %d so no model past the budget is ever released",
+                budget.epsilon_budget,
+                budget.max_rounds,
+                num_rounds,
+                budget.max_rounds,
+            )
+            num_rounds = budget.max_rounds
+    scorer = build_scorer(cfg, task, validation)
+    desk = (
+        PayoutDesk(reward_policy(cfg, num_rounds), out_dir / LEDGER_FILE, run_id)
+        if scorer
+        else None
+    )
+    strategy = FactoryFedStrategy(
+        inner,
         rules=validation_rules(cfg),
         min_accepted=int(cfg.federation.min_factories),
         scorer=scorer,
     )
-    num_rounds = int(cfg.federation.num_rounds)
     history: list[dict] = []
     failures: list[dict] = []
     round_start = [time.monotonic()]
@@ -132,6 +156,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
         model.load_state_dict(arrays.to_torch_state_dict())
         scores = task.evaluate(model, validation)
         metrics = {f"server/{k}": float(v) for k, v in scores.items()}
+        if budget is not None:
+            metrics["server/epsilon_client_level"] = budget.epsilon(server_round)
         report = strategy.reports.get(server_round)
         if report is not None:
             metrics.update(report.mlflow_metrics(strategy.known_factories))
@@ -219,6 +245,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
             "test": test_scores,
             "factory_epsilon": final_eps,
             "epsilon_budget": float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
+            "rounds_run": num_rounds,
+            "epsilon_client_level": budget.epsilon(num_rounds) if budget is not None else None,
             "failures": failures,
             "contribution": str(cfg.contribution.method),
             "contribution_cumulative": desk.book.cumulative_contribution if desk else {},
