@@ -51,7 +51,12 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> dict:
         + (
             f"DP eps={cfg.privacy.epsilon} delta={cfg.privacy.delta}"
             if cfg.privacy.enabled
-            else "no DP"
+            else "no sample-level DP"
+        )
+        + (
+            f" | client-level DP ({cfg.client_dp.mode}) eps={cfg.client_dp.epsilon}"
+            if cfg.get("client_dp") is not None and cfg.client_dp.mode != "none"
+            else ""
         )
     )
     console.print(f"data: {data_dir} ({'generated' if made else 'reused'})")
@@ -125,6 +130,11 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
                 f"{paid[fid] / 100:.2f}" if fid in paid else "-",
             )
         console.print(per)
+    if summary.get("epsilon_client_level") is not None:
+        console.print(
+            f"client-level DP: epsilon {summary['epsilon_client_level']:.3f} spent after "
+            f"{summary['rounds_run']} rounds"
+        )
     if summary.get("ledger"):
         console.print(
             f"reward ledger {summary['ledger']} (head {summary['ledger_head'][:16]}...); "
