@@ -1,4 +1,8 @@
-"""Round checkpoints of the global model, written atomically so a crash never leaves half a file."""
+"""Round checkpoints of the global model and the server's run state, written atomically.
+
+A crash never leaves half a file. The run state (MLflow run id, per-round history, failures)
+is what a restarted server needs, next to the latest checkpoint, to continue the same run.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +35,20 @@ def load_latest(out_dir: Path) -> dict | None:
         return None
     info = json.loads(latest.read_text())
     return torch.load(Path(out_dir) / info["path"], weights_only=True)
+
+
+RUN_STATE = "server-state.json"
+
+
+def save_run_state(out_dir: Path, state: dict) -> None:
+    """Write the server's run state (JSON) atomically into ``out_dir``."""
+    path = Path(out_dir) / RUN_STATE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, path)
+
+
+def load_run_state(out_dir: Path) -> dict | None:
+    """The saved run state, or None when this output folder has none."""
+    path = Path(out_dir) / RUN_STATE
+    return json.loads(path.read_text()) if path.exists() else None

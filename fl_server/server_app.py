@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fl_server.checkpoint import save_checkpoint
+from fl_server.checkpoint import load_latest, load_run_state, save_checkpoint, save_run_state
 from fl_server.config import flat_params, load_from_run_config, malicious_factories
 from fl_server.data import ensure_data
 from fl_server.payouts import LEDGER_FILE, PayoutDesk, build_scorer, reward_policy
@@ -64,6 +64,23 @@ def train_config_of(cfg: DictConfig, run_id: str) -> ConfigRecord:
     )
 
 
+def resumable_state(out_dir: Path) -> tuple[dict, dict | None] | None:
+    """The run state and latest checkpoint (None before round 0 was saved) of an unfinished run.
+
+    A folder whose run finished (``summary.json`` exists) is refused rather than overwritten:
+    its ledger and checkpoints belong to that run.
+    """
+    state = load_run_state(out_dir)
+    if state is None:
+        return None
+    if (out_dir / "summary.json").exists():
+        raise RuntimeError(
+            f"output folder {out_dir} holds a finished run (MLflow run "
+            f"{state['mlflow_run_id']}); give the new run its own output folder"
+        )
+    return state, load_latest(out_dir / "checkpoints")
+
+
 def validation_rules(cfg: DictConfig) -> ValidationRules:
     """``cfg.validation`` as rules; a missing group (older configs) means the defaults."""
     options = cfg.get("validation") or {}
@@ -102,17 +119,33 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
     model = task.build_model()
 
     tracker = MlflowTracker(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.artifact_root)
-    run_id = tracker.start(
-        str(cfg.run_name),
-        flat_params(cfg),
-        tags={
-            "task": str(cfg.task.name),
-            "strategy": str(cfg.strategy.name),
-            "output_dir": str(out_dir),
-        },
-    )
-    tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
-    log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
+    saved = resumable_state(out_dir)
+    history: list[dict] = []
+    failures: list[dict] = []
+    offset = 0
+    if saved is not None:
+        # A restarted server: same MLflow run, same factories' run id (their privacy ledgers
+        # continue), the last checkpoint's weights, the ledger's payouts (never paid twice).
+        state, checkpoint = saved
+        run_id = tracker.resume(state["mlflow_run_id"])
+        if checkpoint is not None:  # else it crashed before round 0: same initial model (seed)
+            offset = int(checkpoint["round"])
+            model.load_state_dict(checkpoint["state_dict"])
+        history, failures = list(state["history"]), list(state["failures"])
+        log(WARNING, "Resuming MLflow run %s after round %d (from %s)", run_id, offset, out_dir)
+    else:
+        run_id = tracker.start(
+            str(cfg.run_name),
+            flat_params(cfg),
+            tags={
+                "task": str(cfg.task.name),
+                "strategy": str(cfg.strategy.name),
+                "output_dir": str(out_dir),
+            },
+        )
+        tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
+        save_run_state(out_dir, {"mlflow_run_id": run_id, "history": [], "failures": []})
+        log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
 
     num_rounds = int(cfg.federation.num_rounds)
     inner = wrap_client_dp(
@@ -146,15 +179,17 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
         min_accepted=int(cfg.federation.min_factories),
         scorer=scorer,
     )
-    history: list[dict] = []
-    failures: list[dict] = []
+    strategy.round_offset = offset
     round_start = [time.monotonic()]
     main_metric = task.main_metric
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Central evaluation, MLflow batch, checkpoint and a progress line for one round."""
+        server_round = flower_round + offset
         model.load_state_dict(arrays.to_torch_state_dict())
         scores = task.evaluate(model, validation)
+        if flower_round == 0 and offset > 0:  # the resumed checkpoint: logged before the crash
+            return MetricRecord({k: float(v) for k, v in scores.items()})
         metrics = {f"server/{k}": float(v) for k, v in scores.items()}
         if budget is not None:
             metrics["server/epsilon_client_level"] = budget.epsilon(server_round)
@@ -197,6 +232,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
             scores,
         )
         history.append({"round": server_round, **scores})
+        save_run_state(out_dir, {"mlflow_run_id": run_id, "history": history, "failures": failures})
         status = report.summary_line() if report else "initial model"
         log(
             INFO,
@@ -213,14 +249,15 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
 
     status = "FAILED"
     try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=num_rounds,
-            timeout=float(cfg.federation.round_timeout),
-            train_config=train_config_of(cfg, run_id),
-            evaluate_fn=end_of_round,
-        )
+        if num_rounds > offset:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=num_rounds - offset,
+                timeout=float(cfg.federation.round_timeout),
+                train_config=train_config_of(cfg, run_id),
+                evaluate_fn=end_of_round,
+            )
         # `model` holds the final global weights: end_of_round loaded them after the last
         # round (Flower's Result.arrays stays empty if no round ever aggregated).
         test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))

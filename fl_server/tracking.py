@@ -60,6 +60,13 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[i : i + _BATCH_PARAMS])
         return self.run_id
 
+    def resume(self, run_id: str) -> str:
+        """Continue logging into an existing run (a restarted server), marked running again."""
+        self.client.get_run(run_id)  # fails clearly if the run is not in this tracking store
+        self.run_id = run_id
+        self.client.update_run(run_id, status="RUNNING")
+        return run_id
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Log a round's metrics in as few calls as possible (step = round number)."""
         assert self.run_id is not None
@@ -84,9 +91,7 @@ class MlflowTracker:
         assert self.run_id is not None
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(
-        self, model: Any, input_example: Any, registered_name: str | None
-    ) -> str | None:
+    def log_model(self, model: Any, input_example: Any, registered_name: str | None) -> str | None:
         """Log the final global model as an MLflow PyTorch model and register it.
 
         ``input_example`` (a small numpy batch) lets MLflow trace the model and record its

@@ -82,6 +82,9 @@ class FactoryFedStrategy(Strategy):
         self.scorer = scorer
         self.reports: dict[int, RoundReport] = {}
         self.contributions: dict[int, RoundContribution] = {}
+        #: Rounds already completed before this process started (a resumed run): Flower counts
+        #: from 1 again, the inner strategy, the factories and all reports see the true round.
+        self.round_offset = 0
         self.known_factories: set[str] = set()
         self._reference: dict[str, np.ndarray] = {}
         self._arrays_key = getattr(inner, "arrayrecord_key", "arrays")
@@ -101,7 +104,7 @@ class FactoryFedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Remember the global model sent this round, then let the inner strategy sample."""
         self.remember_global(arrays)
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def remember_global(self, arrays: ArrayRecord) -> None:
         """Set the global model that this round's updates are validated against."""
@@ -110,12 +113,12 @@ class FactoryFedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
 
     # -- hooks -----------------------------------------------------------------------------
     def classify(self, msg: Message) -> FactoryOutcome:
@@ -159,6 +162,7 @@ class FactoryFedStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Classify every reply, aggregate only the accepted updates with the inner strategy."""
+        server_round += self.round_offset
         report = RoundReport(server_round)
         accepted: list[Message] = []
         accepted_ids: list[str] = []
