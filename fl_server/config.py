@@ -69,8 +69,10 @@ def finalize(cfg: DictConfig, base: Path, output_dir: Path) -> DictConfig:
     cfg.data_dir = str(data_dir_for(cfg, root if root.is_absolute() else base / root))
     cfg.output_dir = str(output_dir.resolve())
     cfg.tracking.uri = resolve_tracking_uri(str(cfg.tracking.uri), base)
-    art = Path(cfg.tracking.artifact_root)
-    cfg.tracking.artifact_root = str(art if art.is_absolute() else (base / art).resolve())
+    art_root = str(cfg.tracking.artifact_root)
+    if "://" not in art_root and not art_root.startswith("mlflow-artifacts:"):
+        art = Path(art_root)  # a local folder; URIs (s3://, mlflow-artifacts:) stay as given
+        cfg.tracking.artifact_root = str(art if art.is_absolute() else (base / art).resolve())
     if cfg.run_name is None:
         eps = cfg.privacy.epsilon if cfg.privacy.enabled else "none"
         cfg.run_name = f"{cfg.task.name}-{cfg.strategy.name}-eps{eps}-s{cfg.seed}"
@@ -101,7 +103,9 @@ def load_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
     cfg = finalize(cfg, base, output_dir)
     data = str(run_config.get("data-dir", "") or "")
     if data:
+        # An operator's own folder: it holds the server's validation and test files only.
         cfg.data_dir = str(Path(data).resolve())
+        cfg.holdout_only = True
     return cfg
 
 

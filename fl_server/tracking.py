@@ -38,7 +38,11 @@ class MlflowTracker:
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
+        if exp is None and uri.startswith(("http://", "https://")):
+            # A tracking server decides where artifacts live (it serves them to the UI); a
+            # local folder here would leave them on the ServerApp's disk, out of its reach.
+            self.experiment_id = self.client.create_experiment(experiment)
+        elif exp is None:
             location = (
                 Path(artifact_root).resolve().as_uri()
                 if "://" not in artifact_root

@@ -463,3 +463,18 @@ def test_cli_errors_and_defaults(tmp_path, capsys) -> None:
     )
     with pytest.raises(SystemExit):
         cli.main(["data", "make", "--task", "rul"])
+
+
+def test_an_operator_data_dir_needs_only_the_holdout_files(tmp_path):
+    """Deployment: the operator holds validation and test files, never a factory's data."""
+    from fl_server.config import load_from_run_config
+    from fl_server.data import ensure_data
+
+    run_config = {"overrides": "task=molding_quality", "data-dir": str(tmp_path)}
+    cfg = load_from_run_config({**run_config, "output-dir": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="validation.parquet"):
+        ensure_data(cfg)
+    for name in ("validation.parquet", "test.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    assert ensure_data(cfg) == (tmp_path.resolve(), False)
+    assert not list(tmp_path.glob("factory_*.parquet"))
