@@ -232,5 +232,352 @@ def _configure_statement(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(handler=_statement)
 
 
+# ----------------------------------------------------------------------------- deployment
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from fl_server.provision import ProvisionError, provision
+
+    if args.factory:
+        ids = list(args.factory)
+    elif args.num_factories:
+        ids = [f"factory_{i:03d}" for i in range(args.num_factories)]
+    else:
+        print("factoryfed provision: give --num-factories N or --factory ID ...", file=sys.stderr)
+        return 2
+    try:
+        result = provision(
+            args.out,
+            ids,
+            superlink_address=args.superlink_address,
+            dns_names=["localhost", *args.dns],
+            ip_addresses=["127.0.0.1", *args.ip],
+            cert_days=args.cert_days,
+        )
+    except (ProvisionError, OSError, ValueError) as exc:
+        print(f"factoryfed provision: {exc}", file=sys.stderr)
+        return 1
+    # Public facts only: paths and fingerprints, never a private key.
+    print(f"CA:        {result.ca_dir} (keep ca.key off the servers)")
+    print(f"operator:  {result.operator_dir}  (ca.crt, server.crt, server.key, factories.json)")
+    dns, ips = ", ".join(result.dns_names), ", ".join(result.ip_addresses) or "-"
+    print(f"SuperLink: {result.superlink_address}; certificate SANs: DNS {dns}; IP {ips}")
+    for fid, bundle in result.factories.items():
+        print(f"factory    {fid:<16} {bundle.path}  {bundle.fingerprint}")
+    print(
+        "next: start the SuperLink (factoryfed deploy superlink --operator-dir "
+        f"{result.operator_dir} --home DIR --register-factories), give each factory its "
+        "folder under factories/"
+    )
+    return 0
+
+
+@register_command(
+    "provision",
+    help="create the CA, the SuperLink certificate and one key bundle per factory",
+)
+def _configure_provision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="bundles", help="output folder (default: bundles)")
+    parser.add_argument("--num-factories", type=int, help="factories factory_000 ... factory_N-1")
+    parser.add_argument(
+        "--factory", action="append", default=[], metavar="ID", help="a factory id (repeatable)"
+    )
+    parser.add_argument(
+        "--superlink-address",
+        default="127.0.0.1:9093",
+        metavar="HOST:PORT",
+        help="address the factories dial; its host goes into the certificate (default "
+        "127.0.0.1:9093)",
+    )
+    parser.add_argument(
+        "--dns",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another host name of the SuperLink for the certificate (localhost is always in)",
+    )
+    parser.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="another IP address of the SuperLink for the certificate (127.0.0.1 is always in)",
+    )
+    parser.add_argument(
+        "--cert-days", type=int, default=825, help="server certificate validity (days)"
+    )
+    parser.set_defaults(handler=_provision)
+
+
+def _sigterm_interrupts() -> None:
+    """Until a launcher waits in the foreground, SIGTERM raises KeyboardInterrupt, so that a
+    container stopped during start-up still stops the processes it launched."""
+    import signal
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _print_registrations(registrations: list) -> int:
+    failed = 0
+    for r in registrations:
+        if r.ok:
+            detail = f"node {r.node_id}" if r.node_id is not None else r.message
+            print(f"registered {r.factory_id}: {detail}")
+        else:
+            failed += 1
+            print(f"NOT registered {r.factory_id}: {r.message}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _deploy_superlink(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fl_server.deploy import READY_FILE, LaunchError, serve_forever, start_superlink
+    from fl_server.provision import ProvisionError, register_factories
+
+    # <home>/ready exists only while this SuperLink is up with the factories registered
+    # (the container's health check): a factory that connects earlier would be refused.
+    ready = Path(args.home) / READY_FILE
+    ready.unlink(missing_ok=True)
+    _sigterm_interrupts()
+    try:
+        handle = start_superlink(
+            None if args.insecure else args.operator_dir,
+            args.home,
+            host=args.host,
+            port=args.port,
+            insecure=args.insecure,
+            node_auth=not args.no_node_auth,
+            connection=args.connection,
+        )
+    except (LaunchError, OSError, ValueError) as exc:
+        print(f"factoryfed deploy superlink: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    info = handle.info
+    print(f"SuperLink PID {handle.pid} on {info['address']} (log {handle.log_path})")
+    print(f"Flower CLI: FLWR_HOME={info['flwr_home']} (connection '{info['connection']}')")
+    if args.register_factories:
+        try:
+            code = _print_registrations(
+                register_factories(args.operator_dir, info["connection"], handle.env)
+            )
+        except (ProvisionError, OSError, ValueError) as exc:
+            print(f"factoryfed deploy superlink: registration failed: {exc}", file=sys.stderr)
+            code = 1
+        except KeyboardInterrupt:
+            code = 130
+        if code:
+            handle.stop()
+            return code
+    ready.write_text(info["address"] + "\n")
+    print(
+        f"run: FLWR_HOME={info['flwr_home']} flwr run . {info['connection']} --stream "
+        '--run-config \'overrides="..." output-dir="..." data-dir="..."\'',
+        flush=True,
+    )
+    try:
+        return serve_forever([handle])
+    finally:
+        ready.unlink(missing_ok=True)
+
+
+def _deploy_register(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from experiments.flower_sim import flower_env
+    from fl_server.deploy import write_connection
+    from fl_server.provision import CA_CERT, ProvisionError, register_factories
+
+    flwr_home = Path(args.home) / "flwr"
+    if args.superlink:
+        ca = Path(args.operator_dir) / CA_CERT
+        write_connection(flwr_home, args.superlink, args.connection, root_certificates=ca)
+    elif not (flwr_home / "config.toml").is_file():
+        print(
+            f"factoryfed deploy register: no {flwr_home / 'config.toml'}; give --superlink "
+            "HOST:PORT or the --home of 'factoryfed deploy superlink'",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        regs = register_factories(
+            args.operator_dir, args.connection, flower_env(flwr_home), args.factory or None
+        )
+    except (ProvisionError, OSError, ValueError) as exc:
+        print(f"factoryfed deploy register: {exc}", file=sys.stderr)
+        return 1
+    return _print_registrations(regs)
+
+
+def _deploy_mlflow(args: argparse.Namespace) -> int:
+    from fl_server.deploy import LaunchError, serve_forever, start_mlflow
+
+    _sigterm_interrupts()
+    try:
+        handle = start_mlflow(
+            args.home,
+            host=args.host,
+            port=args.port,
+            backend_store_uri=args.backend_store_uri,
+            artifacts_destination=args.artifacts_destination,
+            allowed_hosts=args.allowed_hosts,
+            experiment=args.experiment or None,
+        )
+    except (LaunchError, OSError, ValueError) as exc:
+        print(f"factoryfed deploy mlflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"MLflow PID {handle.pid}: {handle.info['uri']} (log {handle.log_path})")
+    print(
+        "set tracking.uri=<this server's URL as the ServerApp sees it> in the run's overrides",
+        flush=True,
+    )
+    return serve_forever([handle])
+
+
+def _deploy_supernode(args: argparse.Namespace) -> int:
+    from fl_server.deploy import LaunchError, serve_forever, start_supernode, wait_connected
+    from fl_server.provision import ProvisionError
+
+    _sigterm_interrupts()
+    extra: dict[str, object] = {}
+    if args.epsilon_budget is not None:
+        extra["epsilon-budget"] = args.epsilon_budget
+    if args.delta is not None:
+        extra["delta"] = args.delta
+    try:
+        handle = start_supernode(
+            args.bundle,
+            args.home,
+            args.data_path,
+            args.ledger_path,
+            superlink=args.superlink,
+            host=args.host,
+            port=args.port,
+            insecure=args.insecure,
+            node_auth=not args.insecure,
+            node_config=extra,
+            max_retries=args.max_retries,
+            max_wait_time=args.max_wait_time,
+        )
+    except (ProvisionError, OSError, ValueError) as exc:
+        print(f"factoryfed deploy supernode: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    try:
+        print(
+            f"SuperNode PID {handle.pid} for {handle.info['factory_id']} (log {handle.log_path})",
+            flush=True,
+        )
+        if args.wait_connected:
+            try:
+                wait_connected(handle, args.wait_connected)
+            except LaunchError as exc:
+                print(f"factoryfed deploy supernode: {exc}", file=sys.stderr)
+                print(handle.log_text()[-2000:], file=sys.stderr)
+                return 1
+            print("connected to the SuperLink", flush=True)
+    except KeyboardInterrupt:
+        handle.stop()
+        return 130
+    return serve_forever([handle])
+
+
+@register_command(
+    "deploy",
+    help="run the operator side (SuperLink, MLflow) or a factory's SuperNode",
+)
+def _configure_deploy(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(group_parser=parser)
+    actions = parser.add_subparsers(dest="deploy_command", metavar="ACTION")
+
+    link = actions.add_parser(
+        "superlink",
+        help="operator: the SuperLink with TLS and SuperNode authentication (foreground)",
+    )
+    link.add_argument("--operator-dir", default="bundles/operator", help="provisioned folder")
+    link.add_argument("--home", required=True, help="state folder (Flower home, DB, log)")
+    link.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 in a container)")
+    link.add_argument("--port", type=int, default=9093, help="the one HTTPS port (default 9093)")
+    link.add_argument("--connection", default="factoryfed", help="Flower CLI connection name")
+    link.add_argument(
+        "--register-factories",
+        action="store_true",
+        help="register every provisioned factory's public key once the SuperLink is up",
+    )
+    link.add_argument("--insecure", action="store_true", help="no TLS (local trials only)")
+    link.add_argument(
+        "--no-node-auth", action="store_true", help="accept any SuperNode (not recommended)"
+    )
+    link.set_defaults(handler=_deploy_superlink)
+
+    reg = actions.add_parser(
+        "register",
+        help="operator: register factories' public keys with a running SuperLink",
+    )
+    reg.add_argument("--operator-dir", default="bundles/operator", help="provisioned folder")
+    reg.add_argument("--home", required=True, help="the SuperLink launcher's --home")
+    reg.add_argument(
+        "--superlink", metavar="HOST:PORT", help="write a connection to this SuperLink first"
+    )
+    reg.add_argument("--connection", default="factoryfed", help="Flower CLI connection name")
+    reg.add_argument(
+        "--factory", action="append", default=[], metavar="ID", help="only these factories"
+    )
+    reg.set_defaults(handler=_deploy_register)
+
+    ml = actions.add_parser("mlflow", help="operator: an MLflow tracking server (foreground)")
+    ml.add_argument("--home", required=True, help="folder for the default store and artifacts")
+    ml.add_argument("--host", default="127.0.0.1", help="bind address")
+    ml.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    ml.add_argument(
+        "--backend-store-uri",
+        help="default sqlite:///<home>/mlflow.db; e.g. postgresql://user:pw@db:5432/mlflow",
+    )
+    ml.add_argument("--artifacts-destination", help="default <home>/artifacts; or s3://...")
+    ml.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="Host header the server accepts besides localhost and private IPs (e.g. mlflow:5000)",
+    )
+    ml.add_argument(
+        "--experiment",
+        default="factoryfed",
+        help="create this experiment with the server's artifact store ('' to skip)",
+    )
+    ml.set_defaults(handler=_deploy_mlflow)
+
+    node = actions.add_parser("supernode", help="factory: its SuperNode from its bundle")
+    node.add_argument("--bundle", required=True, help="the factory's bundle folder")
+    node.add_argument("--home", required=True, help="writable folder (Flower home, log)")
+    node.add_argument("--data-path", help="the factory's Parquet file")
+    node.add_argument("--ledger-path", help="the factory's privacy ledger (JSON)")
+    node.add_argument("--superlink", metavar="HOST:PORT", help="default: the bundle's address")
+    node.add_argument("--host", default="127.0.0.1", help="bind address of its runtime API")
+    node.add_argument("--port", type=int, default=9094, help="its runtime API port (9094)")
+    node.add_argument("--epsilon-budget", type=float, help="this factory's own privacy budget")
+    node.add_argument("--delta", type=float, help="this factory's own delta")
+    node.add_argument("--max-retries", type=int, help="give up connecting after N tries")
+    node.add_argument("--max-wait-time", type=float, help="give up connecting after S seconds")
+    node.add_argument(
+        "--wait-connected",
+        type=float,
+        default=0,
+        metavar="S",
+        help="fail unless the SuperLink accepts the node within S seconds",
+    )
+    node.add_argument("--insecure", action="store_true", help="no TLS and no authentication")
+    node.set_defaults(handler=_deploy_supernode)
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
