@@ -456,3 +456,44 @@ def test_composes_with_the_factoryfed_wrapper(identity):
     arrays, _ = strategy.aggregate_train(1, replies)
     assert len(strategy.reports[1].accepted) == 2
     np.testing.assert_allclose(arrays["w"].numpy(), g["w"] + 0.5 * (np.eye(4)[0] + np.eye(4)[1]))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_a_federation_stops_at_its_client_level_budget(tmp_path):
+    """Through the real server: rounds are cut to the budget and the spend is logged."""
+    from mlflow.tracking import MlflowClient
+
+    from experiments.inprocess import run_inprocess
+    from fl_server.config import finalize
+
+    db = tmp_path / "mlflow.db"
+    cfg = compose_config(
+        [
+            "task=molding_quality",
+            "federation.num_factories=4",
+            "federation.num_rounds=6",
+            "privacy=none",
+            "contribution=none",
+            "client_dp=fixed",
+            "client_dp.noise_multiplier=1.0",
+            "client_dp.epsilon=6",
+            f"tracking.uri=sqlite:///{db}",
+            f"tracking.artifact_root={tmp_path / 'artifacts'}",
+            "tracking.register_model=false",
+            f"data_root={tmp_path / 'data'}",
+        ]
+    )
+    cfg = finalize(cfg, base=tmp_path, output_dir=tmp_path / "out")
+    budget = client_dp_budget(cfg.client_dp, 4)
+    assert 1 <= budget.max_rounds < 6
+    summary = run_inprocess(cfg, quiet=True)
+    assert summary["rounds_run"] == budget.max_rounds
+    assert [r["round"] for r in summary["rounds"]] == list(range(budget.max_rounds + 1))
+    assert summary["epsilon_client_level"] <= 6.0
+    history = MlflowClient(f"sqlite:///{db}").get_metric_history(
+        summary["mlflow_run_id"], "server/epsilon_client_level"
+    )
+    values = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(values) == budget.max_rounds + 1 and values[0] == 0.0  # round 0: nothing released
+    assert values == sorted(values) and values[-1] <= 6.0
