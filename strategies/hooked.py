@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -197,7 +197,27 @@ class FactoryFedStrategy(Strategy):
             return None, None
         if self.scorer is not None:
             self.score(server_round, accepted_ids, accepted)
-        return self.inner.aggregate_train(server_round, accepted)
+        arrays, metrics = self.inner.aggregate_train(server_round, accepted)
+        return self.keep_dtypes(arrays), metrics
+
+    def keep_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The aggregate in the global model's dtypes.
+
+        Server optimisers compute in float64 (FedAdam's step mixes float32 arrays with float64
+        numpy scalars), which would silently turn a float32 model into float64: every honest
+        factory's float32 reply would then fail validation against it.
+        """
+        if arrays is None or not self._reference:
+            return arrays
+        out = {}
+        changed = False
+        for key, value in arrays.items():
+            array = value.numpy()
+            ref = self._reference.get(key)
+            if ref is not None and array.dtype != ref.dtype:
+                array, changed = array.astype(ref.dtype), True
+            out[key] = Array(np.ascontiguousarray(array))
+        return ArrayRecord(out) if changed else arrays
 
     def score(self, server_round: int, factory_ids: list[str], accepted: list[Message]) -> None:
         """Contribution of each accepted factory, from coalition models of the inner rule.

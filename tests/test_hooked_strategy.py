@@ -61,3 +61,23 @@ def test_too_few_valid_updates_leave_the_model_unchanged(identity):
     ]
     assert strategy.aggregate_train(1, replies) == (None, None)
     assert strategy.reports[1].accepted == ["factory_000"]
+
+
+def test_a_server_optimiser_keeps_the_models_dtype(identity):
+    """FedAdam computes in float64; honest float32 replies must still validate next round."""
+    from flwr.serverapp.strategy import FedAdam
+
+    strategy = FactoryFedStrategy(FedAdam(fraction_evaluate=0.0, eta=0.1), min_accepted=1)
+    current = [np.zeros((2, 3), np.float32)]
+    strategy.remember_global(ArrayRecord(current))
+    strategy.inner.current_arrays = {k: v.numpy() for k, v in ArrayRecord(current).items()}
+    replies = [
+        identity(1, _update("factory_000", 1.0, 10)),
+        identity(2, _update("factory_001", 2.0, 10)),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    (aggregated,) = arrays.to_numpy_ndarrays()
+    assert aggregated.dtype == np.float32 and np.all(aggregated > 0)
+    strategy.remember_global(arrays)
+    again = [identity(1, _update("factory_000", 0.5, 10))]
+    assert strategy.classify(again[0]).status == "accepted"

@@ -124,8 +124,15 @@ class StrategyAggregator(CoalitionAggregator):
             if arrays is None:
                 self.failed += 1
                 out.append(dict(self.fallback))
-            else:
-                out.append({k: v.numpy() for k, v in arrays.items()})
+            else:  # in the global model's dtypes, as the real round's aggregate is kept
+                out.append(
+                    {
+                        k: v.numpy().astype(self.fallback[k].dtype, copy=False)
+                        if k in self.fallback
+                        else v.numpy()
+                        for k, v in arrays.items()
+                    }
+                )
         return out
 
 
