@@ -24,6 +24,28 @@ Process hygiene: every process gets the quiet environment of :mod:`experiments.f
 SuperNodes start ``flower-superexec`` by name). ``stop()`` sends SIGTERM to the process group,
 then SIGKILL to what is left of the group and of the process tree (Flower starts
 ``flower-superexec`` in a session of its own).
+
+Round overhead. Flower 1.42 runs every message a factory receives in a fresh ``flwr-clientapp``
+process (it has no long-lived ClientApp: ``flwr-clientapp`` serves one task token and exits,
+with ``--isolation process`` too), which here spends about 5 s (10 s with three factories on
+two cores) importing torch, Opacus, scikit-learn and pandas for under a second of training.
+A *warm ClientApp launcher* per SuperNode (``warm_clientapp=True``, the default) brings a
+deployed round of ``molding_quality`` from about 21 s to about 7.5 s here
+(``experiments/bench_deploy_overhead.py``): a long-lived process that has imported those
+libraries once and forks for each message. A ``flwr-clientapp`` shim, first on the SuperNode's
+PATH, hands each launch Flower's SuperExec makes to it (argv, environment, working folder,
+standard streams), so every message still runs Flower's own ``flwr-clientapp`` entry point in
+a process of its own that starts from a clean state and loads the app from the FAB; only the
+import work is shared. Without the launcher (not started yet, stopped, crashed) the shim runs
+Flower's ``flwr-clientapp`` itself. The launcher never imports the app's own packages.
+
+Flower's one tunable poll, ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (how often the SuperExec
+asks for new tasks, 1 s), is a parameter (``task_poll_interval``) but left at Flower's value:
+0.2 s cost 2 % of a core per idle SuperNode and gained nothing measurable, since a launched
+ClientApp then waits for the SuperNode to finish pulling the message anyway. What remains are
+Flower's fixed polls (an idle SuperNode asks for messages every 3 s, the ServerApp's grid asks
+for replies every 3 s, a SuperNode passes a reply on within 0.5 s), the local HTTPS transfers
+of each message and reply, and the round's own work.
 """
 
 from __future__ import annotations
@@ -57,6 +79,26 @@ DEFAULT_MLFLOW_PORT = 5000
 #: Written into the SuperLink's home by ``factoryfed deploy superlink`` once it is up and the
 #: factories are registered; removed when it stops (what the container health check tests).
 READY_FILE = "ready"
+#: Seconds between a SuperExec's requests for new tasks (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``);
+#: None keeps Flower's 1 s (shorter cost CPU and gained nothing measurable here).
+DEFAULT_TASK_POLL_INTERVAL: float | None = None
+#: Libraries the warm ClientApp launcher imports once (what ``fl_client.client_app`` needs
+#: besides its own packages; missing ones are skipped). Never the app's own packages.
+CLIENTAPP_PRELOAD = (
+    "numpy",
+    "torch",
+    "opacus",
+    "scipy.stats",
+    "pyarrow.parquet",
+    "pandas",
+    "sklearn.metrics",
+    "flwr.app",
+    "flwr.clientapp",
+    "flwr.supernode.cli.flwr_clientapp",
+)
+#: The environment variable that points the ``flwr-clientapp`` shim at its launcher's socket.
+WARM_SOCKET_ENV = "FACTORYFED_CLIENTAPP_SOCKET"
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
 class LaunchError(RuntimeError):
@@ -74,6 +116,9 @@ class Handle:
     info: dict[str, str] = field(default_factory=dict)
     #: Where this process's output starts in ``log_path`` (logs are appended across restarts).
     log_offset: int = 0
+    #: Helper processes that live and die with this one (a SuperNode's warm ClientApp
+    #: launcher); :meth:`stop` stops them after the main process.
+    companions: list[Handle] = field(default_factory=list)
 
     @property
     def pid(self) -> int:
@@ -121,9 +166,12 @@ class Handle:
             except ProcessLookupError:
                 pass
         try:
-            return proc.wait(timeout=10)
+            code = proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            return None
+            code = None
+        for companion in self.companions:
+            companion.stop(grace=grace)
+        return code
 
     def __enter__(self) -> Handle:
         return self
@@ -265,6 +313,7 @@ def start_superlink(
     connection: str = DEFAULT_CONNECTION,
     ready_timeout: float = 60.0,
     extra_env: Mapping[str, str] | None = None,
+    task_poll_interval: float | None = DEFAULT_TASK_POLL_INTERVAL,
 ) -> Handle:
     """Start ``flower-superlink`` for a deployment; returns once ``/health`` answers.
 
@@ -281,6 +330,8 @@ def start_superlink(
     insecure : no TLS (tests and local trials only; refuses ``node_auth``).
     node_auth : only SuperNodes whose public key is registered may connect (default on).
     database : SQLite state file (default ``<home>/superlink.db``; ``":flwr-in-memory:"``).
+    task_poll_interval : seconds between its SuperExec's looks for a new run to start (None:
+        Flower's 1 s).
 
     The returned handle's ``info`` holds ``address`` (what to dial), ``connection``,
     ``flwr_home`` and ``ca_cert``; ``env`` is the environment for ``flwr`` CLI calls.
@@ -294,6 +345,8 @@ def start_superlink(
     address = _hostport(connect_host(host), port)
     env = flower_env(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    if task_poll_interval is not None:
+        env[TASK_POLL_ENV] = repr(float(task_poll_interval))
     env.update(extra_env or {})
     cmd = [
         "flower-superlink",
@@ -379,6 +432,9 @@ def start_supernode(
     max_retries: int | None = None,
     max_wait_time: float | None = None,
     extra_env: Mapping[str, str] | None = None,
+    warm_clientapp: bool = True,
+    preload: Sequence[str] = CLIENTAPP_PRELOAD,
+    task_poll_interval: float | None = DEFAULT_TASK_POLL_INTERVAL,
 ) -> Handle:
     """Start a factory's ``flower-supernode`` from its bundle.
 
@@ -399,6 +455,12 @@ def start_supernode(
     node_config : further node-config keys (``epsilon-budget``, ``delta``).
     max_retries, max_wait_time : give up connecting after so many tries / seconds (Flower's
         default: never).
+    warm_clientapp : also start the warm ClientApp launcher (``<home>/clientapp-launcher.log``;
+        see the module docstring), a companion of the returned handle: ``stop()`` stops both,
+        and the launcher ends by itself when the SuperNode does.
+    preload : what the launcher imports once.
+    task_poll_interval : seconds between the SuperExec's looks for a new message to run (None:
+        Flower's 1 s).
 
     Returns as soon as the process is started; :func:`wait_connected` waits until the
     SuperLink accepted it. A refused node (key not registered) exits with status 1 and
@@ -427,7 +489,16 @@ def start_supernode(
     nc_file = write_node_config(home / "node-config.toml", values)
     port = int(port) if port else free_port()
     env = flower_env(flwr_home)
+    if task_poll_interval is not None:
+        env[TASK_POLL_ENV] = repr(float(task_poll_interval))
     env.update(extra_env or {})
+    warm_socket: Path | None = None
+    if warm_clientapp:
+        warm_socket = _warm_socket_path(home)
+        warm_socket.unlink(missing_ok=True)  # a crashed launcher's: wait for the new one
+        shim_dir = write_clientapp_shim(home / "bin")
+        env["PATH"] = str(shim_dir) + os.pathsep + env["PATH"]
+        env[WARM_SOCKET_ENV] = str(warm_socket)
     cmd = [
         "flower-supernode",
         "--superlink",
@@ -449,7 +520,7 @@ def start_supernode(
         cmd += ["--max-retries", str(int(max_retries))]
     if max_wait_time is not None:
         cmd += ["--max-wait-time", str(float(max_wait_time))]
-    return _spawn(
+    handle = _spawn(
         f"supernode-{bundle['factory-id']}",
         cmd,
         env,
@@ -461,16 +532,361 @@ def start_supernode(
             "node_config": str(nc_file),
         },
     )
+    if warm_socket is not None:
+        try:
+            launcher = start_warm_clientapp(
+                warm_socket, home, env, watch_pid=handle.pid, preload=preload
+            )
+        except BaseException:
+            handle.stop()
+            raise
+        handle.companions.append(launcher)
+        handle.info["warm_socket"] = str(warm_socket)
+    return handle
 
 
 def wait_connected(handle: Handle, timeout: float = 60.0) -> None:
-    """Wait until a SuperNode's log says it reached the SuperLink (raises if it exits)."""
+    """Wait until a SuperNode's log says it reached the SuperLink (raises if it exits).
+
+    With a warm ClientApp launcher it also waits (within the same ``timeout``) until the
+    launcher listens, so that the first round is warm too; a launcher that fails is only
+    reported in its log (the SuperNode then runs Flower's ``flwr-clientapp`` directly).
+    """
+    deadline = time.monotonic() + timeout
 
     def connected() -> bool:
         text = handle.log_text()
         return "SuperNode ID:" in text
 
     _wait_ready(handle, connected, timeout, handle.name)
+    socket_path = handle.info.get("warm_socket")
+    if socket_path:
+        for launcher in handle.companions:
+            while launcher.poll() is None and time.monotonic() < deadline:
+                if Path(socket_path).exists():
+                    break
+                time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- warm ClientApp
+
+_SHIM = """#!{python} -IS
+# factoryfed: Flower's SuperExec starts this `flwr-clientapp` for every message. It hands the
+# launch (argv, environment, working folder, standard streams) to the SuperNode's warm
+# ClientApp launcher (fl_server.deploy), which forks a process that runs Flower's own
+# flwr-clientapp entry point; without a launcher it runs Flower's flwr-clientapp itself.
+import array, json, os, signal, socket, sys
+
+REAL = {real!r}
+
+
+def cold():
+    os.execv(REAL, [REAL, *sys.argv[1:]])
+
+
+path = os.environ.get({env!r}, "")
+try:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+except OSError:
+    cold()
+for fd in (0, 1, 2):
+    try:
+        os.fstat(fd)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_RDWR), fd)
+request = json.dumps(
+    {{"argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ)}}
+).encode()
+fds = array.array("i", [0, 1, 2])
+try:
+    sock.sendmsg(
+        [len(request).to_bytes(4, "big") + request],
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
+    )
+    reply = sock.makefile("rb")
+    first = reply.readline().split()
+except OSError:
+    first = []
+if len(first) != 2 or first[0] != b"pid":
+    sock.close()
+    cold()  # the launcher is gone or refused before starting anything
+pid = int(first[1])
+
+
+def forward(signum, frame):
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass
+
+
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, forward)
+last = reply.readline().split()
+sys.exit(int(last[1]) if len(last) == 2 and last[0] == b"exit" else 1)
+"""
+
+
+#: The launcher's own packages (imported by ``python -m fl_server.deploy``): dropped from a
+#: forked ClientApp's ``sys.modules`` so that the app imports its own copies from the FAB.
+_LAUNCHER_PACKAGES = ("fl_server", "experiments")
+_WARM_TMP_PREFIX = "factoryfed-warm-"
+
+
+def _warm_socket_path(home: Path) -> Path:
+    """Where a SuperNode's warm launcher listens (a private folder; Unix socket paths must
+    stay under about 100 bytes, so a long home gets a private temporary folder instead)."""
+    import tempfile
+
+    folder = home / "warm"
+    path = folder / "clientapp.sock"
+    if len(str(path)) > 100:
+        folder = Path(tempfile.mkdtemp(prefix=_WARM_TMP_PREFIX))
+        path = folder / "clientapp.sock"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    return path
+
+
+def write_clientapp_shim(bin_dir: str | Path, real: str | Path | None = None) -> Path:
+    """Write the ``flwr-clientapp`` shim into ``bin_dir`` (put it first on the SuperNode's
+    PATH); ``real`` is Flower's own ``flwr-clientapp`` (default: the one next to this Python).
+    Returns ``bin_dir``."""
+    import sys
+
+    folder = Path(bin_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    real = Path(real) if real else Path(sys.executable).parent / "flwr-clientapp"
+    shim = folder / "flwr-clientapp"
+    tmp = shim.with_suffix(".tmp")
+    tmp.write_text(_SHIM.format(python=sys.executable, real=str(real), env=WARM_SOCKET_ENV))
+    tmp.chmod(0o755)
+    os.replace(tmp, shim)
+    return folder
+
+
+def start_warm_clientapp(
+    socket_path: str | Path,
+    home: str | Path,
+    env: Mapping[str, str],
+    *,
+    watch_pid: int | None = None,
+    preload: Sequence[str] = CLIENTAPP_PRELOAD,
+) -> Handle:
+    """Start a warm ClientApp launcher listening on ``socket_path`` (see the module docstring).
+
+    It imports ``preload`` first and only then listens, so a listening socket means warm. It
+    runs in ``env`` (the SuperNode's), in a session of its own, logs to
+    ``<home>/clientapp-launcher.log`` and exits when ``watch_pid`` does. Does not wait.
+    """
+    import sys
+
+    home = Path(home)
+    env = dict(env)
+    # pyarrow's jemalloc would start a background thread at import; a process that forks
+    # must not have threads.
+    env["JE_ARROW_MALLOC_CONF"] = "background_thread:false"
+    cmd = [
+        sys.executable,
+        "-m",
+        "fl_server.deploy",
+        "warm-clientapp",
+        "--socket",
+        str(socket_path),
+        "--preload",
+        ",".join(preload),
+    ]
+    if watch_pid is not None:
+        cmd += ["--watch-pid", str(int(watch_pid))]
+    return _spawn(
+        "clientapp-launcher",
+        cmd,
+        env,
+        home,
+        home / "clientapp-launcher.log",
+        info={"socket": str(socket_path)},
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def _read_request(conn) -> tuple[dict, list[int]]:
+    """One launch request: 4-byte length, JSON, and the caller's stdin/stdout/stderr."""
+    import json
+    import socket
+
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    try:
+        if len(data) < 4:
+            raise ValueError("short request")
+        size = int.from_bytes(data[:4], "big")
+        body = bytearray(data[4:])
+        while len(body) < size:
+            chunk = conn.recv(size - len(body))
+            if not chunk:
+                raise ValueError("truncated request")
+            body += chunk
+        request = json.loads(bytes(body))
+        if len(fds) != 3 or not isinstance(request.get("argv"), list):
+            raise ValueError("malformed request")
+        return request, list(fds)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _run_forked_clientapp(request: dict, fds: list[int], keep_closed: list) -> None:
+    """In the forked child: become the shim's ``flwr-clientapp`` process; never returns."""
+    import sys
+
+    code = 1
+    try:
+        for obj in keep_closed:
+            obj.close()
+        for target, fd in zip((0, 1, 2), fds, strict=True):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in request["env"].items()})
+        sys.argv = [str(a) for a in request["argv"]]
+        # What the launcher imported for itself must not stand in for the app's modules.
+        for name in [m for m in sys.modules if m.split(".")[0] in _LAUNCHER_PACKAGES]:
+            del sys.modules[name]
+        if "numpy" in sys.modules:  # a fresh process would seed it from the OS
+            sys.modules["numpy"].random.seed()
+        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+        try:
+            flwr_clientapp()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def _warm_clientapp_main(socket_path: str, preload: Sequence[str], watch_pid: int | None) -> int:
+    """The warm ClientApp launcher's loop (single-threaded: it forks)."""
+    import importlib
+    import logging
+    import select
+    import socket
+    import sys
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    t0 = time.monotonic()
+    # As a console script's: no working folder on sys.path (`python -m` puts it first).
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        sys.path[0] = str(Path(sys.executable).parent)
+    root_handlers = list(logging.root.handlers)
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a library this app does not use: nothing to warm
+            print(f"warm-clientapp: not preloaded {name}: {exc!r}", flush=True)
+    # A library's logging.basicConfig at import (Opacus has one) would now pass Flower's
+    # DEBUG records on to stderr from the start of every ClientApp; in a cold flwr-clientapp
+    # it is installed only once the app is loaded. Keep such handlers to INFO and above.
+    for handler in logging.root.handlers:
+        if handler not in root_handlers and handler.level == logging.NOTSET:
+            handler.setLevel(logging.INFO)
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    path = Path(socket_path)
+    tmp = path.with_name(path.name + f".{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(tmp))
+    os.chmod(tmp, 0o600)
+    server.listen(16)
+    os.replace(tmp, path)
+    inode = os.stat(path).st_ino
+    print(
+        f"warm-clientapp: ready on {path} after {time.monotonic() - t0:.1f} s "
+        f"({threads} thread(s)), pid {os.getpid()}",
+        flush=True,
+    )
+    children: dict[int, socket.socket] = {}
+    try:
+        while not stop:
+            if watch_pid is not None and not _pid_alive(watch_pid):
+                print(f"warm-clientapp: process {watch_pid} ended; stopping", flush=True)
+                break
+            ready, _, _ = select.select([server], [], [], 0.1)
+            while children:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                conn = children.pop(pid, None)
+                if conn is not None:
+                    try:
+                        conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+                    except OSError:
+                        pass
+                    conn.close()
+            if not ready:
+                continue
+            conn, _ = server.accept()
+            conn.settimeout(5)
+            try:
+                request, fds = _read_request(conn)
+            except (OSError, ValueError) as exc:
+                print(f"warm-clientapp: bad request: {exc!r}", flush=True)
+                conn.close()
+                continue
+            sys.stdout.flush()
+            sys.stderr.flush()
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                print(f"warm-clientapp: fork failed: {exc!r}", flush=True)
+                for fd in fds:
+                    os.close(fd)
+                conn.close()  # the shim runs flwr-clientapp itself
+                continue
+            if pid == 0:
+                _run_forked_clientapp(request, fds, [server, conn, *children.values()])
+            for fd in fds:
+                os.close(fd)
+            try:
+                conn.sendall(f"pid {pid}\n".encode())
+            except OSError:
+                pass
+            children[pid] = conn
+    finally:
+        server.close()
+        try:
+            if os.stat(path).st_ino == inode:  # not a newer launcher's socket
+                path.unlink()
+            if path.parent.name.startswith(_WARM_TMP_PREFIX):
+                path.parent.rmdir()
+        except OSError:
+            pass
+        for conn in children.values():
+            conn.close()
+    return 0
 
 
 # ----------------------------------------------------------------------------- MLflow
@@ -644,3 +1060,25 @@ def serve_forever(handles: Sequence[Handle]) -> int:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return code
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python -m fl_server.deploy warm-clientapp --socket PATH [--preload A,B] [--watch-pid N]``
+    (started by :func:`start_supernode`; not a user command)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fl_server.deploy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    warm = sub.add_parser("warm-clientapp", help="a SuperNode's warm ClientApp launcher")
+    warm.add_argument("--socket", required=True)
+    warm.add_argument("--preload", default=",".join(CLIENTAPP_PRELOAD))
+    warm.add_argument("--watch-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    preload = [m for m in args.preload.split(",") if m]
+    return _warm_clientapp_main(args.socket, preload, args.watch_pid)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

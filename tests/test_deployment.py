@@ -22,9 +22,7 @@ the slowest factory's local training time) for comparison with simulation. About
 
 from __future__ import annotations
 
-import http.client
 import json
-import os
 import re
 import signal
 import ssl
@@ -36,6 +34,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from deployment_helpers import IDS, ONE_THREAD, REPO
+from deployment_helpers import alive as _alive
+from deployment_helpers import kill as _kill
+from deployment_helpers import plain_http_fails as _plain_http_fails
+from deployment_helpers import wait_for as _wait_for
 
 from experiments.flower_sim import flower_env, free_port
 from fl_server import deploy
@@ -46,9 +49,6 @@ from fl_server.provision import provision
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parent.parent
-IDS = ["factory_000", "factory_001", "factory_002"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 OVERRIDES = [
     "task=molding_quality",
     "federation.num_factories=3",
@@ -59,51 +59,6 @@ OVERRIDES = [
     "tracking.register_model=false",
     "seed=0",
 ]
-
-
-def _wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _kill(pid: int) -> None:
-    """SIGKILL a process started in a session of its own, and its group."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _plain_http_fails(address: str) -> str:
-    """What a plain-HTTP GET to the TLS port gives (never a 200)."""
-    host, port = address.rsplit(":", 1)
-    conn = http.client.HTTPConnection(host, int(port), timeout=5)
-    try:
-        conn.request("GET", "/health")
-        resp = conn.getresponse()
-        assert resp.status != 200, "plain HTTP reached the TLS SuperLink"
-        return f"HTTP {resp.status}"
-    except (OSError, http.client.HTTPException) as exc:
-        return type(exc).__name__
-    finally:
-        conn.close()
 
 
 def test_tls_federation_with_node_auth(tmp_path):
