@@ -37,6 +37,7 @@ the same values, without re-running Opacus's search in every run).
     python -m experiments.bench_robustness --strategies fedprox fedadam fedyogi fedavgm \\
         --out outputs/bench_robustness_more.json                 # the remaining strategies
     python -m experiments.bench_robustness --quick               # smoke run, about 2 minutes
+    python -m experiments.bench_robustness --resume              # finish an interrupted run
 
 Writes ``outputs/bench_robustness.json`` (every cell, after every run) and prints one
 markdown table per task and attack.
@@ -216,6 +217,21 @@ def print_tables(results: dict) -> None:
     )
 
 
+def previous_cells(out: Path, rounds: dict[str, int]) -> tuple[dict[tuple, dict], dict[str, float]]:
+    """Finished cells of an interrupted benchmark in ``out`` (same rounds), and their time."""
+    if not out.exists():
+        return {}, {}
+    previous = json.loads(out.read_text())
+    if previous.get("rounds") != rounds:
+        return {}, {}
+    done = {
+        (c["task"], c["strategy"], c["attack"], c["k"], c.get("tag", "")): c
+        for c in previous.get("cells", [])
+        if "error" not in c
+    }
+    return done, dict(previous.get("seconds", {}))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the grid of (task, strategy, attack, k) federations and print the tables."""
     import torch
@@ -246,6 +262,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=APP_DIR / "data")
     parser.add_argument("--keep-runs", action="store_true", help="keep MLflow store and run dirs")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished cells in --out, run the rest"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.rounds or 2
@@ -273,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
         "cells": [],
         "seconds": {},
     }
+    done, prior = previous_cells(out, rounds) if args.resume else ({}, {})
     workdir = Path(tempfile.mkdtemp(prefix="factoryfed-bench-robustness-"))
     print(f"scratch MLflow store and run folders: {workdir}")
     t_all = time.monotonic()
@@ -287,13 +307,17 @@ def main(argv: list[str] | None = None) -> None:
                 if "fedavg" in args.strategies:
                     plan += [("fedavg", "none", 0, f"-rep{r}") for r in range(1, args.repeats)]
                 for i, (strategy, attack, k, tag) in enumerate(plan, 1):
-                    cell = run_cell(bench, task, strategy, attack, k, rounds[task], args.seed, tag)
+                    cell = done.get((task, strategy, attack if k else "none", k, tag))
+                    if cell is None:
+                        cell = run_cell(
+                            bench, task, strategy, attack, k, rounds[task], args.seed, tag
+                        )
                     if tag:
                         cell["tag"] = tag
                     if strategy == "fedavg" and k == 0:
                         cell["repeat"] = True
                     results["cells"].append(cell)
-                    results["seconds"][task] = time.monotonic() - t_task
+                    results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
                     results["noise_plans"] = dict(bench.noise_plans)
                     out.write_text(json.dumps(results, indent=1))
                     status = cell.get("error") or (

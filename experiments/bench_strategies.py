@@ -27,6 +27,7 @@ so each cell is one noisy draw; ``--repeats`` runs every cell several times (mea
     python -m experiments.bench_strategies                         # both tasks, 3 alphas
     python -m experiments.bench_strategies --tasks tep_fault --alphas 0.1 10 --rounds 20
     python -m experiments.bench_strategies --quick                 # smoke run
+    python -m experiments.bench_strategies --resume                # finish an interrupted run
 
 Writes ``outputs/bench_strategies.json`` (every run's validation curve, after every run) and
 prints one markdown table per task.
@@ -202,6 +203,21 @@ def print_tables(results: dict, rows: list[dict]) -> None:
     )
 
 
+def previous_runs(out: Path, rounds: dict[str, int]) -> tuple[dict[tuple, dict], dict[str, float]]:
+    """Finished runs of an interrupted benchmark in ``out`` (same rounds), and their time."""
+    if not out.exists():
+        return {}, {}
+    previous = json.loads(out.read_text())
+    if previous.get("rounds") != rounds:
+        return {}, {}
+    done = {
+        (r["task"], r["strategy"], r["alpha"], r["repeat"]): r
+        for r in previous.get("runs", [])
+        if "error" not in r
+    }
+    return done, dict(previous.get("seconds", {}))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every (task, alpha, strategy) federation and print the tables."""
     import torch
@@ -226,6 +242,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-root", type=Path, default=APP_DIR / "data")
     parser.add_argument("--keep-runs", action="store_true", help="keep MLflow store and run dirs")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished runs in --out, run the rest"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.rounds or 3
@@ -247,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         "runs": [],
         "seconds": {},
     }
+    done, prior = previous_runs(out, rounds) if args.resume else ({}, {})
     workdir = Path(tempfile.mkdtemp(prefix="factoryfed-bench-strategies-"))
     print(f"scratch MLflow store and run folders: {workdir}")
     t_all = time.monotonic()
@@ -261,9 +281,11 @@ def main(argv: list[str] | None = None) -> None:
                     for rep in range(args.repeats)
                 ]
                 for i, (alpha, strategy, rep) in enumerate(plan, 1):
-                    record = run_one(bench, task, strategy, alpha, rounds[task], args.seed, rep)
+                    record = done.get((task, strategy, alpha, rep))
+                    if record is None:
+                        record = run_one(bench, task, strategy, alpha, rounds[task], args.seed, rep)
                     results["runs"].append(record)
-                    results["seconds"][task] = time.monotonic() - t_task
+                    results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
                     out.write_text(json.dumps(results, indent=1))
                     status = record.get("error") or (
                         f"test {record['main_metric']}={record['test']:.4f} "
