@@ -15,9 +15,10 @@ Everything binds 127.0.0.1 and every process is stopped by PID / process group. 
 
 Privacy stays at the default (DP-SGD, epsilon 8): for ``molding_quality`` it costs about 0.3 s
 more than non-private training per factory and round (README benchmark), against a deployed
-round of 20-30 s here, and it exercises what deployment adds, the factory's own privacy ledger
-at its ``ledger-path``. Prints the per-round wall time (MLflow ``server/round_seconds``, with
-the slowest factory's local training time) for comparison with simulation. About 2 minutes.
+round of 7-13 s here (with the warm ClientApp launcher), and it exercises what deployment
+adds, the factory's own privacy ledger at its ``ledger-path``. Prints the per-round wall time
+(MLflow ``server/round_seconds``, with the slowest factory's local training time) for
+comparison with simulation. About 2 minutes.
 """
 
 from __future__ import annotations
