@@ -28,6 +28,7 @@ from rich.table import Table
 from experiments.flower_sim import SimulationSuperLink
 from fl_server.config import finalize, quote_choices
 from fl_server.data import ensure_data
+from fl_server.server_app import resumable_state
 
 APP_DIR = Path(__file__).resolve().parent.parent
 console = Console()
@@ -43,6 +44,9 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> dict:
     """Run one federation for a finalised config; returns the ServerApp's summary."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # Refuse a folder holding a finished run here, before its summary is cleared below: the
+    # ServerApp would otherwise take it for an interrupted run and "resume" it.
+    resumable_state(out)
     t0 = time.monotonic()
     data_dir, made = ensure_data(cfg)
     console.print(

@@ -131,3 +131,13 @@ def test_killed_server_resumes_without_double_pay_or_privacy_reset(tmp_path):
     # The resumed run's first round started from the checkpoint, not from a fresh model.
     fresh = torch.load(out / "checkpoints" / "round_0000.pt", weights_only=True)["metrics"]
     assert summary["rounds"][0]["loss"] == pytest.approx(fresh["loss"])
+
+    # The folder now holds a finished run: neither the ServerApp nor the main job's launcher
+    # (which clears the old summary before a run) may take it for an interrupted one.
+    from experiments.run import run_simulation
+
+    with pytest.raises(RuntimeError, match="holds a finished run"):
+        resumable_state(out)
+    with pytest.raises(RuntimeError, match="holds a finished run"):
+        run_simulation(cfg)
+    assert (out / "summary.json").exists()

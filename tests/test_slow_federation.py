@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cfg(tmp_path, *overrides):
+def _cfg(tmp_path, *overrides, output="out"):
     cfg = compose_config(
         [
             "federation.num_factories=2",
@@ -29,7 +30,7 @@ def _cfg(tmp_path, *overrides):
             *overrides,
         ]
     )
-    return finalize(cfg, base=tmp_path, output_dir=tmp_path / "out")
+    return finalize(cfg, base=tmp_path, output_dir=tmp_path / output)
 
 
 @pytest.mark.timeout(600)
@@ -46,7 +47,17 @@ def test_budget_spent_in_an_earlier_run_counts(tmp_path):
     }
     assert len(ledgers) == 2
 
-    second = run_simulation(cfg)  # same output folder, so the same ledgers
+    # The next federation has its own output folder; the factories bring their privacy ledgers.
+    cfg = _cfg(
+        tmp_path,
+        "task=rul",
+        "strategy=fedprox",
+        "federation.num_rounds=2",
+        "privacy.epsilon=2",
+        output="out2",
+    )
+    shutil.copytree(tmp_path / "out" / "privacy", tmp_path / "out2" / "privacy")
+    second = run_simulation(cfg)
     statuses = {f["status"] for f in second["failures"]}
     assert statuses == {"declined"}
     assert len(second["failures"]) == 2 * 2  # both factories, both rounds
