@@ -204,5 +204,9 @@ def test_inprocess_matches_the_flower_simulation_without_dp(tmp_path):
     common = ("privacy=none", "contribution=none", "tracking.register_model=false")
     inprocess = run_inprocess(_config(tmp_path, "inprocess", *common), quiet=True)
     simulated = run_simulation(_config(tmp_path, "simulation", *common))
-    assert inprocess["rounds"] == simulated["rounds"]
-    assert inprocess["test"] == simulated["test"]
+    # Equal up to float32 rounding: Ray's workers run torch with a different thread count, so
+    # sums are reduced in another order (seen: a loss differing in its 7th digit).
+    assert len(inprocess["rounds"]) == len(simulated["rounds"])
+    for ours, flowers in zip(inprocess["rounds"], simulated["rounds"], strict=True):
+        assert ours == pytest.approx(flowers, rel=1e-5, abs=1e-6)
+    assert inprocess["test"] == pytest.approx(simulated["test"], rel=1e-5, abs=1e-6)
