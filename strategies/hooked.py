@@ -86,6 +86,9 @@ class FactoryFedStrategy(Strategy):
         #: from 1 again, the inner strategy, the factories and all reports see the true round.
         self.round_offset = 0
         self.known_factories: set[str] = set()
+        #: Which factory each SuperNode answered as, so that a later error reply from Flower
+        #: (which carries no factory record) is recorded against the factory, not the node.
+        self.node_factories: dict[int, str] = {}
         self._reference: dict[str, np.ndarray] = {}
         self._arrays_key = getattr(inner, "arrayrecord_key", "arrays")
 
@@ -125,10 +128,15 @@ class FactoryFedStrategy(Strategy):
         """Turn one reply into an outcome; validates the update when the factory trained."""
         node_id = int(msg.metadata.src_node_id)
         if msg.has_error():
-            return FactoryOutcome(f"node-{node_id}", ERROR, msg.error.reason, node_id=node_id)
+            name = self.node_factories.get(node_id, f"node-{node_id}")
+            return FactoryOutcome(name, ERROR, msg.error.reason, node_id=node_id)
         content = msg.content
         info = content.config_records.get(FACTORY_RECORD, ConfigRecord())
-        factory_id = str(info.get("factory-id", f"node-{node_id}"))
+        if "factory-id" in info:
+            factory_id = str(info["factory-id"])
+            self.node_factories[node_id] = factory_id
+        else:
+            factory_id = self.node_factories.get(node_id, f"node-{node_id}")
         status = str(info.get("status", ACCEPTED))
         reason = str(info.get("reason", ""))
         metrics = _metrics_of(msg)

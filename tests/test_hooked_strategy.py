@@ -52,6 +52,31 @@ def test_only_valid_updates_are_aggregated(identity):
     assert metrics["factory/factory_002/rejected"] == 1.0
 
 
+def test_an_error_reply_is_recorded_against_the_factory_the_node_answered_as(identity):
+    """Flower's error replies (a crashed ClientApp, a timeout) carry no factory record: once a
+    node has answered as a factory, its errors are that factory's, so MLflow and the failure
+    table name the firm; a node never heard from keeps its node name."""
+    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    strategy.aggregate_train(
+        1,
+        [identity(7, _update("factory_000", 1.0, 10)), identity(8, _update("factory_001", 2.0, 9))],
+    )
+    crash = Error(code=1, reason="ClientApp crashed")
+    strategy.aggregate_train(
+        2, [identity(7, _update("factory_000", 1.0, 10)), identity(8, crash), identity(9, crash)]
+    )
+    outcomes = strategy.reports[2].outcomes
+    assert {f: o.status for f, o in outcomes.items()} == {
+        "factory_000": "accepted",
+        "factory_001": "error",
+        "node-9": "error",
+    }
+    assert outcomes["factory_001"].node_id == 8
+    metrics = strategy.reports[2].mlflow_metrics(strategy.known_factories)
+    assert metrics["factory/factory_001/failed"] == 1.0
+
+
 def test_too_few_valid_updates_leave_the_model_unchanged(identity):
     strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
     strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
