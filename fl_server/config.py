@@ -77,7 +77,24 @@ def finalize(cfg: DictConfig, base: Path, output_dir: Path) -> DictConfig:
         eps = cfg.privacy.epsilon if cfg.privacy.enabled else "none"
         cfg.run_name = f"{cfg.task.name}-{cfg.strategy.name}-eps{eps}-s{cfg.seed}"
     OmegaConf.resolve(cfg)
+    check_federation(cfg)
     return cfg
+
+
+def check_federation(cfg: DictConfig) -> None:
+    """Refuse federation sizes that could never run: a round needing more factories than exist
+    would wait for them forever (Flower's node sampling has no timeout)."""
+    fed = cfg.federation
+    n = int(fed.num_factories)
+    if n < 1:
+        raise ValueError(f"federation.num_factories must be at least 1, got {n}")
+    for field in ("min_factories", "min_available"):
+        value = fed.get(field)
+        if value is not None and not 1 <= int(value) <= n:
+            raise ValueError(
+                f"federation.{field} must be between 1 and federation.num_factories ({n}), "
+                f"got {value}"
+            )
 
 
 def load_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:

@@ -50,6 +50,25 @@ def test_documented_overrides(task, strategy, tmp_path):
     assert "privacy.epsilon" in flat_params(cfg)
 
 
+def test_a_deployment_can_start_rounds_without_every_factory(tmp_path):
+    cfg = compose_config(["federation.num_factories=5", "federation.min_available=3"])
+    cfg = finalize(cfg, base=tmp_path, output_dir=tmp_path / "out")
+    strategy = instantiate(cfg.strategy.flower)
+    assert strategy.min_available_nodes == 3
+    assert strategy.min_train_nodes == cfg.federation.min_factories == 2
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["federation.min_available=5", "federation.min_factories=0", "federation.min_factories=7"],
+)
+def test_a_federation_that_could_never_run_is_refused(override, tmp_path):
+    cfg = compose_config(["federation.num_factories=4", override])
+    field = override.split("=")[0]
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        finalize(cfg, base=tmp_path, output_dir=tmp_path / "out")
+
+
 def test_data_dir_depends_on_partition():
     a = compose_config(["partition=dirichlet", "partition.alpha=0.1"])
     b = compose_config(["partition=dirichlet", "partition.alpha=10"])
