@@ -335,11 +335,12 @@ class LoopbackFederation:
             deploy.wait_connected(node, connect_timeout)
         return node
 
-    def node_status(self, node_id: int) -> str | None:
-        """A node's status at the SuperLink (``online``, ``offline``...): ``flwr supernode ls``."""
+    def flwr_json(self, *command: str) -> dict | None:
+        """``flwr <command> <connection> --format json`` against the SuperLink, parsed (None
+        when the CLI printed no JSON document)."""
         assert self.superlink is not None
         proc = subprocess.run(
-            ["flwr", "supernode", "ls", self.superlink.info["connection"], "--format", "json"],
+            ["flwr", *command, self.superlink.info["connection"], "--format", "json"],
             env=self.superlink.env,
             capture_output=True,
             text=True,
@@ -347,9 +348,13 @@ class LoopbackFederation:
             check=False,
         )
         try:
-            nodes = json.loads(proc.stdout[proc.stdout.find("{") :])["nodes"]
-        except (ValueError, KeyError):
+            return json.loads(proc.stdout[proc.stdout.find("{") :])
+        except ValueError:
             return None
+
+    def node_status(self, node_id: int) -> str | None:
+        """A node's status at the SuperLink (``online``, ``offline``...): ``flwr supernode ls``."""
+        nodes = (self.flwr_json("supernode", "ls") or {}).get("nodes", [])
         return next((n["status"] for n in nodes if int(n["node-id"]) == node_id), None)
 
     @staticmethod

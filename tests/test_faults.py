@@ -1,6 +1,5 @@
-"""Faults in a real deployment on loopback: a factory's SuperNode killed mid-round and a factory
-with a corrupt data file. (A server killed mid-run is tested in process, ``tests/test_resume.py``:
-here the ServerApp process does not reliably stay in the SuperLink's process tree to be killed.)
+"""Faults in a real deployment on loopback: a factory's SuperNode killed mid-round, the operator's
+server killed mid-run, a factory with a corrupt data file.
 
 One provisioning (CA, server certificate, factory bundles), one set of factory data and one
 MLflow server (over HTTP) serve the whole module; each test starts its own TLS SuperLink with
@@ -11,15 +10,17 @@ starts ``flwr-serverapp`` / ``flwr-clientapp``), which is what a crash of that m
 
 What a deployed round costs here (see ``experiments/bench_deploy_overhead.py``) sets the
 round timeout: long enough for honest rounds, short enough to keep the tests bounded. The
-module takes about 7.5 minutes on 2 cores.
+module takes about 9.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +35,10 @@ from deployment_helpers import (
     wait_for,
 )
 
+from experiments.flower_sim import descendants
 from fl_server import deploy
+from fl_server.checkpoint import load_latest, load_run_state
+from fl_server.ledger import RewardLedger, verify_ledger
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -122,7 +126,7 @@ def test_supernode_killed_mid_round_is_absent_then_rejoins(federation, site):
         f"federation.num_rounds={rounds}",
         f"federation.round_timeout={ROUND_TIMEOUT}",
         # Sampling must not wait for the dead factory: 2 connected nodes are enough.
-        "strategy.flower.min_available_nodes=2",
+        "federation.min_available=2",
         "contribution=none",
     ]
     run = fed.start_run(out, overrides)
@@ -199,6 +203,171 @@ def test_supernode_killed_mid_round_is_absent_then_rejoins(federation, site):
 
 
 # ----------------------------------------------------------------------------- 2. server
+
+
+def _serverapp_pids(pids: list[int]) -> list[int]:
+    """Which of ``pids`` run ``flwr-serverapp``. Call it on live processes: a killed one's
+    ``/proc/<pid>/cmdline`` reads empty (zombie) or is gone (reaped)."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"flwr-serverapp" in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.timeout(720)
+def test_server_killed_mid_run_resumes(federation, site):
+    """Kill the operator's whole server side (SuperLink, its SuperExec and the running
+    ``flwr-serverapp``) after round 2's checkpoint, while round 3 trains; restart the SuperLink
+    on the same state database and ``flwr run`` again with the same ``output-dir``.
+
+    The run resumes: same MLflow run, the round-2 checkpoint's weights, rounds 3-4 numbered on,
+    every round paid once in a reward ledger that verifies, and every factory's privacy ledger
+    continues (the interrupted round 3 stays charged, nothing is reset, never above budget).
+    """
+    fed, rounds = federation, 4
+    t0 = time.monotonic()
+    fed.start_nodes()
+    out = fed.root / "out"
+    overrides = [
+        *OVERRIDES,
+        f"federation.num_rounds={rounds}",
+        f"federation.round_timeout={ROUND_TIMEOUT}",
+        "contribution=exact",
+        "rewards=per_round",
+        "rewards.amount=300",
+    ]
+    run1 = fed.start_run(out, overrides)
+    wait_for(
+        lambda: run1.first(rf"\[factoryfed\] round 2/{rounds}\b"),
+        4 * ROUND_TIMEOUT + 120,
+        "round 2's checkpoint",
+    )
+
+    def round3_at_factories() -> bool:
+        return all(
+            count_log_lines(n.log_text(), "Received successfully") >= 3 for n in fed.nodes.values()
+        )
+
+    wait_for(round3_at_factories, ROUND_TIMEOUT, "round 3's train messages", interval=0.1)
+    assert run1.first(rf"\[factoryfed\] round 3/{rounds}\b") is None
+    serverapps = _serverapp_pids(descendants(fed.superlink.pid))
+    assert serverapps, "no flwr-serverapp process was running under the SuperLink"
+    killed = kill_tree(fed.superlink.pid)
+    assert set(serverapps) <= set(killed)
+    t_kill = time.monotonic()
+    run1.wait(timeout=120)  # the CLI's log stream ends with its SuperLink
+
+    # What the crash left behind.
+    state = load_run_state(out)
+    checkpoint = load_latest(out / "checkpoints")
+    assert checkpoint["round"] == 2
+    ckpt_file = out / "checkpoints" / "round_0002.pt"
+    ckpt_hash = hashlib.sha256(ckpt_file.read_bytes()).hexdigest()
+    run_id = state["mlflow_run_id"]
+    reward_ledger = RewardLedger(out / "reward-ledger.sqlite")
+    assert reward_ledger.rounds(run_id) == {1, 2}
+    assert not (out / "summary.json").exists()
+    time.sleep(2)  # let the factories' in-flight round 3 reserve its spend
+    privacy_before = {fid: _ledger_doc(fed.ledger_path(fid)) for fid in fed.ids}
+    for fid, doc in privacy_before.items():
+        assert [r["round"] for r in doc["rounds"]] in ([1, 2], [1, 2, 3]), (fid, doc["rounds"])
+
+    # The operator restarts the SuperLink (same home, state database and port) without
+    # registering anyone: the factories' registrations are in the state, and the running
+    # SuperNodes (never restarted) reconnect by themselves.
+    node_ids = {fid: n.log_text().count("SuperNode ID:") for fid, n in fed.nodes.items()}
+    fed.start_superlink(register=False)
+    run2 = fed.start_run(out, overrides)
+    assert run2.wait(timeout=(rounds - 1) * ROUND_TIMEOUT + 180) == 0, run2.text()[-5000:]
+    assert {fid: n.log_text().count("SuperNode ID:") for fid, n in fed.nodes.items()} == node_ids
+    assert all(n.poll() is None for n in fed.nodes.values())
+    text = run2.text()
+    assert f"Resuming MLflow run {run_id} after round 2" in text, text[-5000:]
+    summary = _summary(out)
+    assert summary["mlflow_run_id"] == run_id
+    assert [r["round"] for r in summary["rounds"]] == list(range(rounds + 1))
+
+    # Same weights as the last checkpoint: the resumed run evaluates them first, unchanged.
+    initial = re.search(r"Initial global evaluation results: .*'loss': ([0-9.e+-]+)", text)
+    assert initial, text[-5000:]
+    assert float(initial.group(1)) == pytest.approx(checkpoint["metrics"]["loss"], rel=1e-6)
+    assert hashlib.sha256(ckpt_file.read_bytes()).hexdigest() == ckpt_hash
+    assert load_latest(out / "checkpoints")["round"] == rounds
+    # Round 3 trained again from there, with every factory.
+    assert "(3/3 accepted)" in _round_line(run2, 3, rounds), _round_line(run2, 3, rounds)
+    assert f"[factoryfed] round {rounds}/{rounds}" in text
+
+    # MLflow: one run, each round logged once, finished.
+    client = site.client()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    loss_steps = site.metric_steps(run_id, "server/loss")
+    assert sorted(loss_steps) == list(range(rounds + 1))
+
+    # Rewards: every round paid once, per factory; the chain verifies against MLflow's head.
+    entries = reward_ledger.entries(run_id=run_id)
+    keys = [(e.round, e.factory_id) for e in entries]
+    assert len(keys) == len(set(keys)), keys
+    paid_rounds = sorted({e.round for e in entries})
+    assert paid_rounds[:2] == [1, 2] and set(paid_rounds) <= set(range(1, rounds + 1))
+    head = run.data.tags["ledger_head"]
+    assert verify_ledger(out / "reward-ledger.sqlite", head).ok
+    cli = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "factoryfed"),
+            "ledger",
+            "verify",
+            str(out / "reward-ledger.sqlite"),
+            "--head",
+            head,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+
+    # Privacy: every factory's ledger went on from its pre-crash state, never above budget.
+    epsilons = {}
+    for fid in fed.ids:
+        before, after = privacy_before[fid], _ledger_doc(fed.ledger_path(fid))
+        assert after["rounds"][: len(before["rounds"])] == before["rounds"], fid
+        assert {r["run_id"] for r in after["rounds"]} == {run_id}
+        eps_before = before["rounds"][-1]["epsilon_after"]
+        eps_after = after["rounds"][-1]["epsilon_after"]
+        assert eps_after >= eps_before
+        assert all(r["epsilon_after"] <= after["epsilon_budget"] + 1e-9 for r in after["rounds"])
+        epsilons[fid] = (eps_before, eps_after, [r["round"] for r in after["rounds"]])
+
+    # What the restarted SuperLink says about the killed run and the resumed one.
+    runs = (fed.flwr_json("ls") or {}).get("runs", [])
+    flower_runs = [(r.get("run-id"), r.get("status")) for r in runs]
+
+    # The retried round 3 was charged again; a factory without budget left declines round 4.
+    for f in summary["failures"]:
+        assert f["status"] == "declined" and "privacy budget exhausted" in f["reason"], f
+    declined = sorted({(f["round"], f["factory"]) for f in summary["failures"]})
+    print(
+        f"\n[faults/server] killed {len(killed)} processes (SuperLink, SuperExec, ServerApp) "
+        f"{time.monotonic() - t_kill:.0f} s before the resumed run ended; MLflow run {run_id} "
+        f"resumed after round 2 (checkpoint loss {checkpoint['metrics']['loss']:.4f}); reward "
+        f"ledger rounds {paid_rounds}, {len(entries)} entries; privacy "
+        + "; ".join(
+            f"{fid} eps {b:.3f} -> {a:.3f} rounds {r}" for fid, (b, a, r) in epsilons.items()
+        )
+        + (f"; declined {declined}" if declined else "")
+        + f"; Flower runs on the SuperLink: {flower_runs}"
+        + f"; test {time.monotonic() - t0:.0f} s"
+    )
+
+
+# ----------------------------------------------------------------------------- 3. data
 
 
 @pytest.mark.timeout(420)
