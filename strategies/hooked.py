@@ -9,6 +9,11 @@ strategy (FedAvg, FedProx, ...) and adds, in one place for all of them:
   a plausible ``num-examples`` (see :mod:`strategies.validation`); a rejected update is recorded
   and never aggregated;
 * the minimum number of accepted updates a round needs before it may change the global model;
+* identity: in a deployment each factory's SuperNode is registered under its factory id
+  (``factoryfed deploy register``, ``flwr supernode register --name``), and the SuperLink
+  authenticates the node by its key; a reply whose claimed ``factory-id`` is not the name its
+  node was registered under (or is the name of another node) is rejected, so one factory can
+  neither be paid nor be blamed for another's update;
 * contribution scoring (optional): before the real aggregation, each accepted factory's
   contribution is estimated from coalition models built with the inner strategy's own rule
   (:mod:`strategies.contribution`).
@@ -89,6 +94,9 @@ class FactoryFedStrategy(Strategy):
         #: Which factory each SuperNode answered as, so that a later error reply from Flower
         #: (which carries no factory record) is recorded against the factory, not the node.
         self.node_factories: dict[int, str] = {}
+        #: The name each SuperNode was registered under at the SuperLink (deployment with
+        #: SuperNode authentication); empty in simulation, where nodes have no names.
+        self.registered: dict[int, str] = {}
         self._reference: dict[str, np.ndarray] = {}
         self._arrays_key = getattr(inner, "arrayrecord_key", "arrays")
 
@@ -105,13 +113,41 @@ class FactoryFedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model sent this round, then let the inner strategy sample."""
+        """Remember the global model sent this round and the SuperNodes' registered names,
+        then let the inner strategy sample."""
         self.remember_global(arrays)
+        try:
+            self.learn_registrations(grid.get_nodes())
+        except Exception as exc:  # never lose a round over the names; the last ones stand
+            log(30, "Could not read the SuperNodes' registered names: %s", exc)
         return self.inner.configure_train(server_round + self.round_offset, arrays, config, grid)
 
     def remember_global(self, arrays: ArrayRecord) -> None:
         """Set the global model that this round's updates are validated against."""
         self._reference = {k: v.numpy() for k, v in arrays.items()}
+
+    def learn_registrations(self, nodes: Iterable[object]) -> None:
+        """Record each node's registered name (Flower ``NodeInfo.name``); nameless nodes are
+        not bound. Logs the binding whenever it changes."""
+        names = {int(n.node_id): str(n.name) for n in nodes if getattr(n, "name", "")}
+        if names and any(self.registered.get(k) != v for k, v in names.items()):
+            log(
+                20,
+                "[factoryfed] SuperNodes registered as: %s",
+                ", ".join(sorted(names.values())),
+            )
+        self.registered.update(names)
+
+    def _impostor(self, node_id: int, claimed: str) -> str | None:
+        """Why ``claimed`` is not ``node_id``'s factory id, or None when it may be."""
+        registered = self.registered.get(node_id)
+        if registered is not None and claimed != registered:
+            return f"node {node_id} is registered as '{registered}' but answered as '{claimed}'"
+        if registered is None:
+            owner = next((n for n, name in self.registered.items() if name == claimed), None)
+            if owner is not None:
+                return f"'{claimed}' is registered to node {owner}, not to node {node_id}"
+        return None
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -127,19 +163,26 @@ class FactoryFedStrategy(Strategy):
     def classify(self, msg: Message) -> FactoryOutcome:
         """Turn one reply into an outcome; validates the update when the factory trained."""
         node_id = int(msg.metadata.src_node_id)
+        known = self.registered.get(node_id) or self.node_factories.get(node_id)
         if msg.has_error():
-            name = self.node_factories.get(node_id, f"node-{node_id}")
-            return FactoryOutcome(name, ERROR, msg.error.reason, node_id=node_id)
+            return FactoryOutcome(
+                known or f"node-{node_id}", ERROR, msg.error.reason, node_id=node_id
+            )
         content = msg.content
         info = content.config_records.get(FACTORY_RECORD, ConfigRecord())
+        metrics = _metrics_of(msg)
         if "factory-id" in info:
             factory_id = str(info["factory-id"])
+            impostor = self._impostor(node_id, factory_id)
+            if impostor is not None:
+                # Recorded against the node's own name (or its node id), never the claimed one.
+                name = self.registered.get(node_id, f"node-{node_id}")
+                return FactoryOutcome(name, REJECTED, impostor, metrics, node_id)
             self.node_factories[node_id] = factory_id
         else:
-            factory_id = self.node_factories.get(node_id, f"node-{node_id}")
+            factory_id = known or f"node-{node_id}"
         status = str(info.get("status", ACCEPTED))
         reason = str(info.get("reason", ""))
-        metrics = _metrics_of(msg)
         if status not in _STATUSES:
             return FactoryOutcome(
                 factory_id, REJECTED, f"unknown status '{status}'", metrics, node_id

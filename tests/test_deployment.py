@@ -206,6 +206,8 @@ def test_tls_federation_with_node_auth(tmp_path):
         assert code == 0, text[-5000:]
         assert "[factoryfed] round 2/2" in text, text[-5000:]
         assert "Sampled 3 nodes (out of 3)" in text, text[-5000:]
+        # The server bound every node to the factory id it was registered under.
+        assert f"SuperNodes registered as: {', '.join(IDS)}" in text, text[-5000:]
         for node in nodes:
             assert node.poll() is None, node.log_text()[-3000:]
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
@@ -75,6 +76,56 @@ def test_an_error_reply_is_recorded_against_the_factory_the_node_answered_as(ide
     assert outcomes["factory_001"].node_id == 8
     metrics = strategy.reports[2].mlflow_metrics(strategy.known_factories)
     assert metrics["factory/factory_001/failed"] == 1.0
+
+
+def _nodes(**names):
+    """What the SuperLink's runtime API answers for ``grid.get_nodes()``."""
+    return [NodeInfo(node_id=int(k[1:]), name=v) for k, v in names.items()]
+
+
+def test_a_node_cannot_answer_as_another_registered_factory(identity):
+    """In a deployment the SuperLink authenticates each SuperNode by its key and knows the name
+    it was registered under: a reply claiming another factory's id is rejected, recorded under
+    the sender's own name, and neither aggregated nor credited to the claimed factory."""
+    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    strategy.learn_registrations(_nodes(n1="factory_000", n2="factory_001"))
+    arrays, _ = strategy.aggregate_train(
+        1,
+        [
+            identity(1, _update("factory_000", 1.0, 10)),
+            identity(2, _update("factory_000", 50.0, 10)),  # factory_001 poses as factory_000
+            identity(3, _update("factory_001", 70.0, 10)),  # a nameless node takes a name
+            identity(4, _update("factory_003", 3.0, 10)),  # nameless, unclaimed name: accepted
+        ],
+    )
+    (aggregated,) = arrays.to_numpy_ndarrays()
+    np.testing.assert_allclose(aggregated, 2.0)  # only factory_000's and factory_003's
+    outcomes = strategy.reports[1].outcomes
+    assert {f: o.status for f, o in outcomes.items()} == {
+        "factory_000": "accepted",
+        "factory_001": "rejected",
+        "node-3": "rejected",
+        "factory_003": "accepted",
+    }
+    assert "registered as 'factory_001' but answered as 'factory_000'" in (
+        outcomes["factory_001"].reason
+    )
+    assert "'factory_001' is registered to node 2" in outcomes["node-3"].reason
+    # An error reply from a registered node is its factory's, even before it ever answered.
+    strategy.learn_registrations(_nodes(n5="factory_005"))
+    strategy.aggregate_train(2, [identity(5, Error(code=1, reason="lost"))])
+    assert strategy.reports[2].outcomes["factory_005"].status == "error"
+
+
+def test_a_nameless_federation_is_not_bound(identity):
+    """Simulation nodes have no registered names: factory ids are taken as claimed."""
+    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    strategy.learn_registrations([NodeInfo(node_id=1), NodeInfo(node_id=2)])
+    assert strategy.registered == {}
+    strategy.aggregate_train(1, [identity(1, _update("factory_007", 1.0, 10))])
+    assert strategy.reports[1].accepted == ["factory_007"]
 
 
 def test_too_few_valid_updates_leave_the_model_unchanged(identity):
