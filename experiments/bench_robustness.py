@@ -36,6 +36,9 @@ the same values, without re-running Opacus's search in every run).
     python -m experiments.bench_robustness --tasks tep_fault --rounds 10
     python -m experiments.bench_robustness --strategies fedprox fedadam fedyogi fedavgm \\
         --out outputs/bench_robustness_more.json                 # the remaining strategies
+    python -m experiments.bench_robustness --tasks tep_fault --strategies fedavg fedmedian \\
+        --attacks sign_flip scale --ks 2 --overrides partition=dirichlet partition.alpha=10 \\
+        --out outputs/bench_robustness_iid.json                  # a near-IID split
     python -m experiments.bench_robustness --quick               # smoke run, about 2 minutes
     python -m experiments.bench_robustness --resume              # finish an interrupted run
 
@@ -53,6 +56,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.inprocess import APP_DIR, BenchRunner, unchanged_rounds
@@ -102,8 +106,12 @@ def run_cell(
     rounds: int,
     seed: int,
     tag: str = "",
+    extra: Sequence[str] = (),
 ) -> dict:
-    """One federation; returns the cell's record (metric, curve, rejections, time or error)."""
+    """One federation; returns the cell's record (metric, curve, rejections, time or error).
+
+    ``extra``: Hydra overrides applied on top (the bench's ``--overrides``, e.g. a split).
+    """
     overrides, f, beyond = defence(strategy, k, NUM_FACTORIES)
     attack_args = ["attack=none"] if k == 0 else [f"attack={attack}", f"attack.num_malicious={k}"]
     name = f"robust-{task}-{strategy}-{attack if k else 'clean'}-k{k}-s{seed}{tag}"
@@ -128,6 +136,7 @@ def run_cell(
                 f"seed={seed}",
                 *attack_args,
                 *overrides,
+                *extra,
             ],
             name,
         )
@@ -187,7 +196,10 @@ def print_tables(results: dict) -> None:
         task_cells = [c for c in cells if c["task"] == task and "main_metric" in c]
         metric = task_cells[0]["main_metric"] if task_cells else "main metric"
         rounds = results["rounds"][task]
-        print(f"\n### {task}: test {metric} after {rounds} rounds, 10 factories, DP epsilon 8")
+        print(
+            f"\n### {task}: test {metric} after {rounds} rounds, 10 factories, DP epsilon 8"
+            + (f", {' '.join(results['overrides'])}" if results.get("overrides") else "")
+        )
         repeats = [
             c["test"] for c in cells if c["task"] == task and c.get("repeat") and "test" in c
         ]
@@ -217,12 +229,15 @@ def print_tables(results: dict) -> None:
     )
 
 
-def previous_cells(out: Path, rounds: dict[str, int]) -> tuple[dict[tuple, dict], dict[str, float]]:
-    """Finished cells of an interrupted benchmark in ``out`` (same rounds), and their time."""
+def previous_cells(
+    out: Path, rounds: dict[str, int], overrides: Sequence[str] = ()
+) -> tuple[dict[tuple, dict], dict[str, float]]:
+    """Finished cells of an interrupted benchmark in ``out`` (same rounds and overrides), and
+    their time."""
     if not out.exists():
         return {}, {}
     previous = json.loads(out.read_text())
-    if previous.get("rounds") != rounds:
+    if previous.get("rounds") != rounds or previous.get("overrides", []) != list(overrides):
         return {}, {}
     done = {
         (c["task"], c["strategy"], c["attack"], c["k"], c.get("tag", "")): c
@@ -263,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep-runs", action="store_true", help="keep MLflow store and run dirs")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
+        "--overrides",
+        nargs="+",
+        default=[],
+        help="Hydra overrides for every run, e.g. partition=dirichlet partition.alpha=10",
+    )
+    parser.add_argument(
         "--resume", action="store_true", help="keep the finished cells in --out, run the rest"
     )
     args = parser.parse_args(argv)
@@ -289,10 +310,11 @@ def main(argv: list[str] | None = None) -> None:
         "num_factories": NUM_FACTORIES,
         "seed": args.seed,
         "privacy": "dp epsilon 8 (conf default)",
+        "overrides": list(args.overrides),
         "cells": [],
         "seconds": {},
     }
-    done, prior = previous_cells(out, rounds) if args.resume else ({}, {})
+    done, prior = previous_cells(out, rounds, args.overrides) if args.resume else ({}, {})
     workdir = Path(tempfile.mkdtemp(prefix="factoryfed-bench-robustness-"))
     print(f"scratch MLflow store and run folders: {workdir}")
     t_all = time.monotonic()
@@ -310,7 +332,15 @@ def main(argv: list[str] | None = None) -> None:
                     cell = done.get((task, strategy, attack if k else "none", k, tag))
                     if cell is None:
                         cell = run_cell(
-                            bench, task, strategy, attack, k, rounds[task], args.seed, tag
+                            bench,
+                            task,
+                            strategy,
+                            attack,
+                            k,
+                            rounds[task],
+                            args.seed,
+                            tag,
+                            args.overrides,
                         )
                     if tag:
                         cell["tag"] = tag
