@@ -51,15 +51,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from experiments.inprocess import APP_DIR, BenchRunner, unchanged_rounds
+from experiments.benchkit import (
+    add_common_arguments,
+    finished_runs,
+    output_path,
+    prepare_process,
+    scratch_runner,
+)
+from experiments.inprocess import BenchRunner, unchanged_rounds
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 MORE_STRATEGIES = ("fedprox", "fedadam", "fedyogi", "fedavgm")
@@ -229,35 +232,9 @@ def print_tables(results: dict) -> None:
     )
 
 
-def previous_cells(
-    out: Path, rounds: dict[str, int], overrides: Sequence[str] = ()
-) -> tuple[dict[tuple, dict], dict[str, float]]:
-    """Finished cells of an interrupted benchmark in ``out`` (same rounds and overrides), and
-    their time."""
-    if not out.exists():
-        return {}, {}
-    previous = json.loads(out.read_text())
-    if previous.get("rounds") != rounds or previous.get("overrides", []) != list(overrides):
-        return {}, {}
-    done = {
-        (c["task"], c["strategy"], c["attack"], c["k"], c.get("tag", "")): c
-        for c in previous.get("cells", [])
-        if "error" not in c
-    }
-    return done, dict(previous.get("seconds", {}))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the grid of (task, strategy, attack, k) federations and print the tables."""
-    import torch
-
-    torch.set_num_threads(1)
-    for key, value in {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }.items():
-        os.environ.setdefault(key, value)
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument(
@@ -268,24 +245,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     parser.add_argument("--ks", nargs="+", type=int, default=list(KS))
-    parser.add_argument(
-        "--rounds", type=int, default=None, help=f"rounds for every task (default {DEFAULT_ROUNDS})"
-    )
     parser.add_argument("--repeats", type=int, default=3, help="fedavg clean runs (spread)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 rounds, 2 strategies, 2 attacks")
-    parser.add_argument("--data-root", type=Path, default=APP_DIR / "data")
-    parser.add_argument("--keep-runs", action="store_true", help="keep MLflow store and run dirs")
-    parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--overrides",
         nargs="+",
         default=[],
         help="Hydra overrides for every run, e.g. partition=dirichlet partition.alpha=10",
     )
-    parser.add_argument(
-        "--resume", action="store_true", help="keep the finished cells in --out, run the rest"
-    )
+    add_common_arguments(parser, DEFAULT_ROUNDS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.rounds or 2
@@ -295,10 +263,7 @@ def main(argv: list[str] | None = None) -> None:
             [0, 2],
             1,
         )
-    out = args.out or APP_DIR / "outputs" / (
-        "bench_robustness_quick.json" if args.quick else "bench_robustness.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_path(args.out, "bench_robustness", args.quick)
     rounds = {t: args.rounds or DEFAULT_ROUNDS[t] for t in args.tasks}
     ks = sorted(set(args.ks) | {0})
     results: dict = {
@@ -314,55 +279,56 @@ def main(argv: list[str] | None = None) -> None:
         "cells": [],
         "seconds": {},
     }
-    done, prior = previous_cells(out, rounds, args.overrides) if args.resume else ({}, {})
-    workdir = Path(tempfile.mkdtemp(prefix="factoryfed-bench-robustness-"))
-    print(f"scratch MLflow store and run folders: {workdir}")
+    done, prior = (
+        finished_runs(
+            out,
+            "cells",
+            lambda c: (c["task"], c["strategy"], c["attack"], c["k"], c.get("tag", "")),
+            {"rounds": rounds, "overrides": list(args.overrides)},
+        )
+        if args.resume
+        else ({}, {})
+    )
     t_all = time.monotonic()
-    try:
-        with BenchRunner(workdir, args.data_root) as bench:
-            for task in args.tasks:
-                t_task = time.monotonic()
-                plan = [(s, "none", 0, "") for s in args.strategies]
-                plan += [
-                    (s, a, k, "") for s in args.strategies for a in args.attacks for k in ks if k
-                ]
-                if "fedavg" in args.strategies:
-                    plan += [("fedavg", "none", 0, f"-rep{r}") for r in range(1, args.repeats)]
-                for i, (strategy, attack, k, tag) in enumerate(plan, 1):
-                    cell = done.get((task, strategy, attack if k else "none", k, tag))
-                    if cell is None:
-                        cell = run_cell(
-                            bench,
-                            task,
-                            strategy,
-                            attack,
-                            k,
-                            rounds[task],
-                            args.seed,
-                            tag,
-                            args.overrides,
-                        )
-                    if tag:
-                        cell["tag"] = tag
-                    if strategy == "fedavg" and k == 0:
-                        cell["repeat"] = True
-                    results["cells"].append(cell)
-                    results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
-                    results["noise_plans"] = dict(bench.noise_plans)
-                    out.write_text(json.dumps(results, indent=1))
-                    status = cell.get("error") or (
-                        f"{cell['main_metric']}={cell['test']:.4f} rejected={cell['rejected']} "
-                        f"unchanged={cell['unchanged_rounds']}"
+    with scratch_runner("bench-robustness", args.data_root, args.keep_runs) as bench:
+        for task in args.tasks:
+            t_task = time.monotonic()
+            plan = [(s, "none", 0, "") for s in args.strategies]
+            plan += [(s, a, k, "") for s in args.strategies for a in args.attacks for k in ks if k]
+            if "fedavg" in args.strategies:
+                plan += [("fedavg", "none", 0, f"-rep{r}") for r in range(1, args.repeats)]
+            for i, (strategy, attack, k, tag) in enumerate(plan, 1):
+                cell = done.get((task, strategy, attack if k else "none", k, tag))
+                if cell is None:
+                    cell = run_cell(
+                        bench,
+                        task,
+                        strategy,
+                        attack,
+                        k,
+                        rounds[task],
+                        args.seed,
+                        tag,
+                        args.overrides,
                     )
-                    print(
-                        f"[{task} {i}/{len(plan)}] {strategy:13s} {attack:10s} k={k}{tag}: "
-                        f"{status}  ({cell['seconds']:.1f} s)",
-                        flush=True,
-                    )
-                print(f"{task}: {len(plan)} runs in {results['seconds'][task] / 60:.1f} min")
-    finally:
-        if not args.keep_runs:
-            shutil.rmtree(workdir, ignore_errors=True)
+                if tag:
+                    cell["tag"] = tag
+                if strategy == "fedavg" and k == 0:
+                    cell["repeat"] = True
+                results["cells"].append(cell)
+                results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
+                results["noise_plans"] = dict(bench.noise_plans)
+                out.write_text(json.dumps(results, indent=1))
+                status = cell.get("error") or (
+                    f"{cell['main_metric']}={cell['test']:.4f} rejected={cell['rejected']} "
+                    f"unchanged={cell['unchanged_rounds']}"
+                )
+                print(
+                    f"[{task} {i}/{len(plan)}] {strategy:13s} {attack:10s} k={k}{tag}: "
+                    f"{status}  ({cell['seconds']:.1f} s)",
+                    flush=True,
+                )
+            print(f"{task}: {len(plan)} runs in {results['seconds'][task] / 60:.1f} min")
     results["seconds"]["total"] = time.monotonic() - t_all
     out.write_text(json.dumps(results, indent=1))
     print_tables(results)

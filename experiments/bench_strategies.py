@@ -37,14 +37,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from experiments.inprocess import APP_DIR, BenchRunner, unchanged_rounds
+from experiments.benchkit import (
+    add_common_arguments,
+    finished_runs,
+    output_path,
+    prepare_process,
+    scratch_runner,
+)
+from experiments.inprocess import BenchRunner, unchanged_rounds
 from fl_server.config import CONF_DIR
 
 STRATEGIES = tuple(sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml")))
@@ -203,56 +206,21 @@ def print_tables(results: dict, rows: list[dict]) -> None:
     )
 
 
-def previous_runs(out: Path, rounds: dict[str, int]) -> tuple[dict[tuple, dict], dict[str, float]]:
-    """Finished runs of an interrupted benchmark in ``out`` (same rounds), and their time."""
-    if not out.exists():
-        return {}, {}
-    previous = json.loads(out.read_text())
-    if previous.get("rounds") != rounds:
-        return {}, {}
-    done = {
-        (r["task"], r["strategy"], r["alpha"], r["repeat"]): r
-        for r in previous.get("runs", [])
-        if "error" not in r
-    }
-    return done, dict(previous.get("seconds", {}))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run every (task, alpha, strategy) federation and print the tables."""
-    import torch
-
-    torch.set_num_threads(1)
-    for key, value in {
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }.items():
-        os.environ.setdefault(key, value)
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS))
-    parser.add_argument(
-        "--rounds", type=int, default=None, help=f"rounds for every task (default {DEFAULT_ROUNDS})"
-    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (DP noise)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 rounds, 3 strategies, 1 alpha")
-    parser.add_argument("--data-root", type=Path, default=APP_DIR / "data")
-    parser.add_argument("--keep-runs", action="store_true", help="keep MLflow store and run dirs")
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument(
-        "--resume", action="store_true", help="keep the finished runs in --out, run the rest"
-    )
+    add_common_arguments(parser, DEFAULT_ROUNDS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.rounds or 3
         args.strategies, args.alphas = ["fedavg", "fedmedian", "krum"], [0.5]
-    out = args.out or APP_DIR / "outputs" / (
-        "bench_strategies_quick.json" if args.quick else "bench_strategies.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_path(args.out, "bench_strategies", args.quick)
     rounds = {t: args.rounds or DEFAULT_ROUNDS[t] for t in args.tasks}
     results: dict = {
         "tasks": args.tasks,
@@ -266,41 +234,44 @@ def main(argv: list[str] | None = None) -> None:
         "runs": [],
         "seconds": {},
     }
-    done, prior = previous_runs(out, rounds) if args.resume else ({}, {})
-    workdir = Path(tempfile.mkdtemp(prefix="factoryfed-bench-strategies-"))
-    print(f"scratch MLflow store and run folders: {workdir}")
+    done, prior = (
+        finished_runs(
+            out,
+            "runs",
+            lambda r: (r["task"], r["strategy"], r["alpha"], r["repeat"]),
+            {"rounds": rounds},
+        )
+        if args.resume
+        else ({}, {})
+    )
     t_all = time.monotonic()
-    try:
-        with BenchRunner(workdir, args.data_root) as bench:
-            for task in args.tasks:
-                t_task = time.monotonic()
-                plan = [
-                    (alpha, strategy, rep)
-                    for alpha in args.alphas
-                    for strategy in args.strategies
-                    for rep in range(args.repeats)
-                ]
-                for i, (alpha, strategy, rep) in enumerate(plan, 1):
-                    record = done.get((task, strategy, alpha, rep))
-                    if record is None:
-                        record = run_one(bench, task, strategy, alpha, rounds[task], args.seed, rep)
-                    results["runs"].append(record)
-                    results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
-                    out.write_text(json.dumps(results, indent=1))
-                    status = record.get("error") or (
-                        f"test {record['main_metric']}={record['test']:.4f} "
-                        f"val {record['val_curve'][-1]:.4f} failures={len(record['failures'])} "
-                        f"unchanged={record['unchanged_rounds']}"
-                    )
-                    print(
-                        f"[{task} {i}/{len(plan)}] alpha={alpha:g} {strategy:13s}: {status}  "
-                        f"({record['seconds']:.1f} s)",
-                        flush=True,
-                    )
-                print(f"{task}: {len(plan)} runs in {results['seconds'][task] / 60:.1f} min")
-    finally:
-        if not args.keep_runs:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with scratch_runner("bench-strategies", args.data_root, args.keep_runs) as bench:
+        for task in args.tasks:
+            t_task = time.monotonic()
+            plan = [
+                (alpha, strategy, rep)
+                for alpha in args.alphas
+                for strategy in args.strategies
+                for rep in range(args.repeats)
+            ]
+            for i, (alpha, strategy, rep) in enumerate(plan, 1):
+                record = done.get((task, strategy, alpha, rep))
+                if record is None:
+                    record = run_one(bench, task, strategy, alpha, rounds[task], args.seed, rep)
+                results["runs"].append(record)
+                results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
+                out.write_text(json.dumps(results, indent=1))
+                status = record.get("error") or (
+                    f"test {record['main_metric']}={record['test']:.4f} "
+                    f"val {record['val_curve'][-1]:.4f} failures={len(record['failures'])} "
+                    f"unchanged={record['unchanged_rounds']}"
+                )
+                print(
+                    f"[{task} {i}/{len(plan)}] alpha={alpha:g} {strategy:13s}: {status}  "
+                    f"({record['seconds']:.1f} s)",
+                    flush=True,
+                )
+            print(f"{task}: {len(plan)} runs in {results['seconds'][task] / 60:.1f} min")
     results["seconds"]["total"] = time.monotonic() - t_all
     rows = summarise(results)
     results["summary"] = rows

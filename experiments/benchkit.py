@@ -1,0 +1,92 @@
+"""What every in-process benchmark shares: process set-up, common options, resuming, scratch space.
+
+The grid benchmarks (:mod:`experiments.bench_robustness`, :mod:`experiments.bench_strategies`)
+run many whole federations one after another in one process (:class:`BenchRunner`), write every
+finished run to a JSON file as they go, and can pick up an interrupted grid from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from experiments.inprocess import APP_DIR, BenchRunner
+
+#: Set in every benchmark process (and inherited by anything it starts).
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+def prepare_process() -> None:
+    """One torch thread (runs are sequential; timings stay comparable) and no telemetry."""
+    import torch
+
+    torch.set_num_threads(1)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_rounds: dict[str, int]) -> None:
+    """``--rounds --seed --data-root --keep-runs --out --resume``."""
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"rounds for every task (default {default_rounds})"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", type=Path, default=APP_DIR / "data")
+    parser.add_argument("--keep-runs", action="store_true", help="keep MLflow store and run dirs")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the finished runs in --out, run the rest"
+    )
+
+
+def output_path(out: Path | None, name: str, quick: bool) -> Path:
+    """``--out`` or ``outputs/<name>.json`` (``<name>_quick.json`` for a smoke run)."""
+    path = out or APP_DIR / "outputs" / (f"{name}_quick.json" if quick else f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def finished_runs(
+    out: Path, entries: str, key: Callable[[dict], tuple], same: dict
+) -> tuple[dict[tuple, dict], dict[str, float]]:
+    """The finished entries of an interrupted benchmark in ``out``, by ``key``, and its time.
+
+    Only a file whose fields in ``same`` (rounds, overrides...) match this run counts, and
+    failed entries are run again.
+    """
+    if not out.exists():
+        return {}, {}
+    previous = json.loads(out.read_text())
+    if any(previous.get(field, _missing(value)) != value for field, value in same.items()):
+        return {}, {}
+    done = {key(e): e for e in previous.get(entries, []) if "error" not in e}
+    return done, dict(previous.get("seconds", {}))
+
+
+def _missing(value: object) -> object:
+    """What an older results file without a field counts as: the field's empty value."""
+    return type(value)() if isinstance(value, list | dict) else None
+
+
+@contextmanager
+def scratch_runner(name: str, data_root: Path, keep: bool) -> Iterator[BenchRunner]:
+    """A :class:`BenchRunner` on a fresh scratch folder (MLflow store, run folders), removed
+    afterwards unless ``keep``."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"factoryfed-{name}-"))
+    print(f"scratch MLflow store and run folders: {workdir}")
+    try:
+        with BenchRunner(workdir, data_root) as bench:
+            yield bench
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
