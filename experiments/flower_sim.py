@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 #: Environment every Flower/MLflow process gets: no telemetry, no update checks.
@@ -88,6 +88,74 @@ def _kill_group(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         return
     proc.wait(timeout=10)
+
+
+def start_flwr_run(
+    app_dir: str | Path,
+    target: str,
+    run_config: Mapping[str, object],
+    home: Path,
+    env: Mapping[str, str],
+    rc_name: str = "run_config.toml",
+    extra_args: Sequence[str] = (),
+) -> subprocess.Popen:
+    """Start ``flwr run <app_dir> <target> --stream --run-config FILE`` in a session of its own.
+
+    The run config is written to ``home/<rc_name>`` as TOML, so paths and Hydra overrides with
+    spaces or quotes survive; stdout and stderr come back together, as text, on ``stdout``.
+    """
+    rc_file = Path(home) / rc_name
+    rc_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    return subprocess.Popen(
+        [
+            "flwr",
+            "run",
+            str(app_dir),
+            target,
+            "--stream",
+            "--run-config",
+            str(rc_file),
+            *extra_args,
+        ],
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
+        cwd=home,
+    )
+
+
+def stream_to_end(
+    proc: subprocess.Popen, on_line: Callable[[str], None], timeout: float, stop: Callable[[], None]
+) -> int:
+    """Pass every output line of ``proc`` to ``on_line`` until it exits; returns its exit code.
+
+    ``stop`` ends it (and what it started) after ``timeout`` seconds, which then raises
+    :class:`TimeoutError`, or if it is still running when streaming ends (an error).
+    """
+    expired = threading.Event()
+
+    def stop_on_timeout() -> None:
+        expired.set()
+        stop()
+
+    watchdog = threading.Timer(timeout, stop_on_timeout)
+    watchdog.daemon = True
+    watchdog.start()
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            on_line(line.rstrip("\n"))
+        code = proc.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            stop()
+    if expired.is_set():
+        raise TimeoutError(f"flwr run exceeded {timeout:.0f} s and was stopped")
+    return code
 
 
 class SimulationSuperLink:
@@ -220,51 +288,17 @@ class SimulationSuperLink:
         Every output line goes to ``on_line``. The run config is passed as a TOML file so paths
         with spaces or quotes survive.
         """
-        rc_file = self.home / "run_config.toml"
-        rc_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
         cpus = int(self.client_cpus) if float(self.client_cpus).is_integer() else self.client_cpus
         federation_config = f"num-supernodes={self.num_supernodes} client-resources-num-cpus={cpus}"
-        cmd = [
-            "flwr",
-            "run",
-            str(app_dir),
+        proc = start_flwr_run(
+            app_dir,
             self.federation,
-            "--stream",
-            "--run-config",
-            str(rc_file),
-            "--federation-config",
-            federation_config,
-        ]
-        proc = subprocess.Popen(
-            cmd,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-            cwd=self.home,
+            run_config,
+            self.home,
+            self.env,
+            extra_args=("--federation-config", federation_config),
         )
-        expired = threading.Event()
-
-        def kill_on_timeout() -> None:
-            expired.set()
-            _kill_group(proc)
-
-        watchdog = threading.Timer(timeout, kill_on_timeout)
-        watchdog.daemon = True
-        watchdog.start()
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                on_line(line.rstrip("\n"))
-            code = proc.wait(timeout=60)
-        finally:
-            watchdog.cancel()
-            if proc.poll() is None:
-                _kill_group(proc)
-        if expired.is_set():
-            raise TimeoutError(f"flwr run exceeded {timeout:.0f} s and was stopped")
-        return code
+        return stream_to_end(proc, on_line, timeout, lambda: _kill_group(proc))
 
     def __enter__(self) -> SimulationSuperLink:
         self.start()

@@ -62,7 +62,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.flower_sim import _toml_value, descendants, flower_env, free_port
+from experiments.flower_sim import (
+    _toml_value,
+    descendants,
+    flower_env,
+    free_port,
+    start_flwr_run,
+    stream_to_end,
+)
 from fl_server.provision import (
     CA_CERT,
     SERVER_CERT,
@@ -994,41 +1001,11 @@ def run_app(
     process group) after ``timeout`` seconds.
     """
     home = Path(flwr_home)
-    rc_file = home / "run_config.toml"
-    rc_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
-    cmd = ["flwr", "run", str(app_dir), connection, "--stream", "--run-config", str(rc_file)]
-    proc = subprocess.Popen(
-        cmd,
-        env=dict(env) if env is not None else flower_env(home),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-        cwd=home,
+    proc = start_flwr_run(
+        app_dir, connection, run_config, home, env if env is not None else flower_env(home)
     )
-    handle = Handle("flwr-run", proc, rc_file)
-    expired = threading.Event()
-
-    def kill_on_timeout() -> None:
-        expired.set()
-        handle.stop(grace=5)
-
-    watchdog = threading.Timer(timeout, kill_on_timeout)
-    watchdog.daemon = True
-    watchdog.start()
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            on_line(line.rstrip("\n"))
-        code = proc.wait(timeout=60)
-    finally:
-        watchdog.cancel()
-        if proc.poll() is None:
-            handle.stop(grace=5)
-    if expired.is_set():
-        raise TimeoutError(f"flwr run exceeded {timeout:.0f} s and was stopped")
-    return code
+    handle = Handle("flwr-run", proc, home / "run_config.toml")
+    return stream_to_end(proc, on_line, timeout, lambda: handle.stop(grace=5))
 
 
 # ----------------------------------------------------------------------------- foreground

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from experiments.flower_sim import _toml_value, descendants, flower_env
+from experiments.flower_sim import descendants, flower_env, start_flwr_run
 from fl_server import deploy
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
@@ -137,22 +137,10 @@ class FlwrRun:
         connection: str = deploy.DEFAULT_CONNECTION,
         rc_name: str = "run_config.toml",
     ) -> None:
-        home = Path(flwr_home)
-        rc_file = home / rc_name
-        rc_file.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
         self.lines: list[str] = []
         self.times: list[float] = []
         self.started = time.monotonic()
-        self.process = subprocess.Popen(
-            ["flwr", "run", str(app_dir), connection, "--stream", "--run-config", str(rc_file)],
-            env=dict(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            start_new_session=True,
-            cwd=home,
-        )
+        self.process = start_flwr_run(app_dir, connection, run_config, flwr_home, env, rc_name)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
