@@ -92,6 +92,16 @@ def _round_times(run: FlwrRun, num_rounds: int) -> dict[int, float]:
     return out
 
 
+def _overrides(rounds: int, *extra: str) -> list[str]:
+    """The module's config for a run of ``rounds`` rounds at the test round timeout."""
+    return [
+        *OVERRIDES,
+        f"federation.num_rounds={rounds}",
+        f"federation.round_timeout={ROUND_TIMEOUT}",
+        *extra,
+    ]
+
+
 def _round_line(run: FlwrRun, k: int, num_rounds: int) -> str:
     hit = run.first(rf"\[factoryfed\] round {k}/{num_rounds}\b.*")
     assert hit, run.text()[-4000:]
@@ -121,14 +131,8 @@ def test_supernode_killed_mid_round_is_absent_then_rejoins(federation, site):
     t0 = time.monotonic()
     fed.start_nodes()
     out = fed.root / "out"
-    overrides = [
-        *OVERRIDES,
-        f"federation.num_rounds={rounds}",
-        f"federation.round_timeout={ROUND_TIMEOUT}",
-        # Sampling must not wait for the dead factory: 2 connected nodes are enough.
-        "federation.min_available=2",
-        "contribution=none",
-    ]
+    # Sampling must not wait for the dead factory: 2 connected nodes are enough.
+    overrides = _overrides(rounds, "federation.min_available=2", "contribution=none")
     run = fed.start_run(out, overrides)
     node = fed.nodes[victim]
 
@@ -233,14 +237,7 @@ def test_server_killed_mid_run_resumes(federation, site):
     t0 = time.monotonic()
     fed.start_nodes()
     out = fed.root / "out"
-    overrides = [
-        *OVERRIDES,
-        f"federation.num_rounds={rounds}",
-        f"federation.round_timeout={ROUND_TIMEOUT}",
-        "contribution=exact",
-        "rewards=per_round",
-        "rewards.amount=300",
-    ]
+    overrides = _overrides(rounds, "contribution=exact", "rewards=per_round", "rewards.amount=300")
     run1 = fed.start_run(out, overrides)
     wait_for(
         lambda: run1.first(rf"\[factoryfed\] round 2/{rounds}\b"),
@@ -386,12 +383,7 @@ def test_corrupt_data_file_is_reported_and_federation_continues(federation, site
     for node in fed.nodes.values():
         deploy.wait_connected(node, 90)
     out = fed.root / "out"
-    overrides = [
-        *OVERRIDES,
-        f"federation.num_rounds={rounds}",
-        f"federation.round_timeout={ROUND_TIMEOUT}",
-        "contribution=none",
-    ]
+    overrides = _overrides(rounds, "contribution=none")
     run = fed.start_run(out, overrides)
     assert run.wait(timeout=rounds * ROUND_TIMEOUT + 120) == 0, run.text()[-5000:]
     for k in range(1, rounds + 1):
