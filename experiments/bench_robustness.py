@@ -60,9 +60,10 @@ from experiments.benchkit import (
     finished_runs,
     output_path,
     prepare_process,
+    run_recorded,
     scratch_runner,
 )
-from experiments.inprocess import BenchRunner, unchanged_rounds
+from experiments.inprocess import BenchRunner
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 MORE_STRATEGIES = ("fedprox", "fedadam", "fedyogi", "fedavgm")
@@ -128,39 +129,32 @@ def run_cell(
         "rounds": rounds,
         "seed": seed,
     }
-    t0 = time.monotonic()
-    try:
-        summary, cfg = bench.run(
-            [
-                f"task={task}",
-                f"strategy={strategy}",
-                f"federation.num_factories={NUM_FACTORIES}",
-                f"federation.num_rounds={rounds}",
-                f"seed={seed}",
-                *attack_args,
-                *overrides,
-                *extra,
-            ],
-            name,
-        )
-    except Exception as exc:  # a strategy that cannot aggregate is a result, not a crash
-        record.update(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
+    done = run_recorded(
+        bench,
+        [
+            f"task={task}",
+            f"strategy={strategy}",
+            f"federation.num_factories={NUM_FACTORIES}",
+            f"federation.num_rounds={rounds}",
+            f"seed={seed}",
+            *attack_args,
+            *overrides,
+            *extra,
+        ],
+        name,
+        record,
+    )
+    if done is None:
         return record
     from fl_server.config import malicious_factories
 
-    main = summary["main_metric"]
+    summary, cfg = done
     failures = summary["failures"]
     record.update(
-        main_metric=main,
-        test=summary["test"][main],
-        test_all=summary["test"],
-        val_curve=[r[main] for r in summary["rounds"]],
         malicious=malicious_factories(cfg),
         rejected=sum(1 for x in failures if x["status"] == "rejected"),
         rejected_reasons=sorted({x["reason"].split(":")[0] for x in failures}),
         failures=len(failures),
-        unchanged_rounds=unchanged_rounds(summary),
-        seconds=summary["wall_seconds"],
     )
     return record
 

@@ -45,9 +45,10 @@ from experiments.benchkit import (
     finished_runs,
     output_path,
     prepare_process,
+    run_recorded,
     scratch_runner,
 )
-from experiments.inprocess import BenchRunner, unchanged_rounds
+from experiments.inprocess import BenchRunner
 from fl_server.config import CONF_DIR
 
 STRATEGIES = tuple(sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml")))
@@ -89,34 +90,20 @@ def run_one(
         "seed": seed,
         "repeat": rep,
     }
-    t0 = time.monotonic()
-    try:
-        summary, _ = bench.run(
-            [
-                f"task={task}",
-                f"strategy={strategy}",
-                "partition=dirichlet",
-                f"partition.alpha={alpha}",
-                f"federation.num_factories={NUM_FACTORIES}",
-                f"federation.num_rounds={rounds}",
-                f"seed={seed}",
-                *strategy_overrides(strategy),
-            ],
-            name,
-        )
-    except Exception as exc:  # a strategy that fails is a result, not a crash
-        record.update(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
-        return record
-    main = summary["main_metric"]
-    record.update(
-        main_metric=main,
-        test=summary["test"][main],
-        test_all=summary["test"],
-        val_curve=[r[main] for r in summary["rounds"]],
-        failures=[(f["round"], f["factory"], f["status"]) for f in summary["failures"]],
-        unchanged_rounds=unchanged_rounds(summary),
-        seconds=summary["wall_seconds"],
-    )
+    overrides = [
+        f"task={task}",
+        f"strategy={strategy}",
+        "partition=dirichlet",
+        f"partition.alpha={alpha}",
+        f"federation.num_factories={NUM_FACTORIES}",
+        f"federation.num_rounds={rounds}",
+        f"seed={seed}",
+        *strategy_overrides(strategy),
+    ]
+    done = run_recorded(bench, overrides, name, record)
+    if done is not None:
+        summary, _ = done
+        record["failures"] = [(f["round"], f["factory"], f["status"]) for f in summary["failures"]]
     return record
 
 

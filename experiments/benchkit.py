@@ -12,11 +12,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from experiments.inprocess import APP_DIR, BenchRunner
+from experiments.inprocess import APP_DIR, BenchRunner, unchanged_rounds
 
 #: Set in every benchmark process (and inherited by anything it starts).
 QUIET_ENV = {
@@ -90,3 +91,32 @@ def scratch_runner(name: str, data_root: Path, keep: bool) -> Iterator[BenchRunn
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_recorded(
+    bench: BenchRunner, overrides: Sequence[str], name: str, record: dict
+) -> tuple[dict, object] | None:
+    """Run one federation of a grid and fill ``record`` with what every grid reports.
+
+    On success ``record`` gets ``main_metric``, ``test`` (the main metric on the test set),
+    ``test_all``, ``val_curve`` (the main metric per round), ``unchanged_rounds`` and
+    ``seconds``, and the run's summary and config are returned for the grid's own fields. A run
+    that fails is a result, not a crash: ``record`` gets ``error`` and ``seconds``, and None is
+    returned.
+    """
+    t0 = time.monotonic()
+    try:
+        summary, cfg = bench.run(list(overrides), name)
+    except Exception as exc:
+        record.update(error=f"{type(exc).__name__}: {exc}", seconds=time.monotonic() - t0)
+        return None
+    main = summary["main_metric"]
+    record.update(
+        main_metric=main,
+        test=summary["test"][main],
+        test_all=summary["test"],
+        val_curve=[r[main] for r in summary["rounds"]],
+        unchanged_rounds=unchanged_rounds(summary),
+        seconds=summary["wall_seconds"],
+    )
+    return summary, cfg

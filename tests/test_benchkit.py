@@ -31,3 +31,41 @@ def test_finished_runs_of_the_same_grid_are_kept_and_failed_ones_rerun(tmp_path)
     assert finished_runs(out, "cells", _key, {"rounds": {"tep": 4}}) == ({}, {})
     other_split = {"rounds": {"tep": 3}, "overrides": ["partition=dirichlet"]}
     assert finished_runs(out, "cells", _key, other_split) == ({}, {})
+
+
+class _Runner:
+    """Stands in for BenchRunner.run: returns a summary, or raises like a failed federation."""
+
+    def __init__(self, summary=None):
+        self.summary = summary
+        self.calls = []
+
+    def run(self, overrides, name):
+        self.calls.append((overrides, name))
+        if self.summary is None:
+            raise RuntimeError("Krum needs more replies")
+        return self.summary, {"name": name}
+
+
+def test_a_grid_cell_records_the_common_fields_or_its_error():
+    from experiments.benchkit import run_recorded
+
+    summary = {
+        "main_metric": "f1",
+        "test": {"f1": 0.4, "loss": 1.2},
+        "rounds": [{"round": 0, "f1": 0.1}, {"round": 1, "f1": 0.3}],
+        "wall_seconds": 7.5,
+    }
+    record = {"task": "tep"}
+    runner = _Runner(summary)
+    assert run_recorded(runner, ["task=tep"], "cell", record) == (summary, {"name": "cell"})
+    assert runner.calls == [(["task=tep"], "cell")]
+    assert record["test"] == 0.4 and record["val_curve"] == [0.1, 0.3]
+    assert record["test_all"] == summary["test"] and record["seconds"] == 7.5
+    assert record["unchanged_rounds"] == []  # round 1 moved the model
+    assert "error" not in record
+
+    failed = {"task": "tep"}
+    assert run_recorded(_Runner(), ["task=tep"], "cell", failed) is None
+    assert failed["error"] == "RuntimeError: Krum needs more replies"
+    assert failed["seconds"] >= 0 and "test" not in failed
