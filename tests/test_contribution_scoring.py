@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 from torch.utils.data import TensorDataset
 
 from standard_models.registry import get_task
@@ -14,6 +14,7 @@ from strategies.contribution.coalitions import (
     StrategyAggregator,
     WeightedMeanAggregator,
     coalition_aggregator,
+    detached,
 )
 from strategies.contribution.scorer import ContributionScorer
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
@@ -215,3 +216,22 @@ def test_wrapper_survives_a_failing_scorer(identity):
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
     assert 1 not in strategy.contributions
+
+
+@pytest.mark.parametrize("strategy_cls", [FedMedian, FedTrimmedAvg])
+def test_detached_replies_survive_strategies_that_consume_them(identity, strategy_cls):
+    """FedMedian and FedTrimmedAvg pop the arrays out of the replies they aggregate: coalition
+    models and the real aggregation must each get their own records."""
+    replies = [_reply(identity, i + 1, _state(), 10) for i in range(5)]
+    strategy = strategy_cls(fraction_evaluate=0.0)
+    agg = coalition_aggregator(strategy, 1, replies, _state())
+    models = agg.aggregate(_coalitions(5))
+    assert agg.failed == 0
+    for msg in replies:  # the originals are untouched ...
+        assert set(msg.content["arrays"].keys()) == set(SHAPES)
+    real, _ = strategy.aggregate_train(1, detached(replies))
+    for key, value in real.items():  # ... and the grand coalition is the real round's model
+        np.testing.assert_allclose(models[-1][key], value.numpy(), rtol=1e-6)
+    second, _ = strategy.aggregate_train(1, detached(replies))
+    for key, value in real.items():
+        np.testing.assert_array_equal(second[key].numpy(), value.numpy())

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
 
@@ -29,6 +29,28 @@ State = dict[str, np.ndarray]
 
 #: Flower classes whose server-side aggregation is exactly the weighted mean of the updates.
 WEIGHTED_MEAN_STRATEGIES: tuple[type, ...] = (FedAvg, FedProx)
+
+
+def detached(replies: Sequence[Message]) -> list[Message]:
+    """Copies of ``replies`` whose records the receiving strategy may consume.
+
+    Flower's FedMedian and FedTrimmedAvg (and Bulyan through them) ``pop`` the arrays out of the
+    replies they aggregate. The same accepted replies are aggregated many times in a round (each
+    coalition model, then the real aggregation), so every call gets records of its own and no
+    call can empty another's input. The arrays themselves are shared: no strategy writes them.
+    """
+    out: list[Message] = []
+    for msg in replies:
+        clone = copy.copy(msg)
+        clone.content = RecordDict({key: _copy_record(rec) for key, rec in msg.content.items()})
+        out.append(clone)
+    return out
+
+
+def _copy_record(
+    record: ArrayRecord | MetricRecord | ConfigRecord,
+) -> ArrayRecord | MetricRecord | ConfigRecord:
+    return type(record)(dict(record.items()))
 
 
 class CoalitionAggregator(ABC):
@@ -114,7 +136,7 @@ class StrategyAggregator(CoalitionAggregator):
             if not members:
                 raise ValueError("the empty coalition has no aggregate (it is the global model)")
             trial = copy.deepcopy(self.strategy)
-            msgs = [copy.copy(self.replies[i]) for i in sorted(members)]
+            msgs = detached([self.replies[i] for i in sorted(members)])
             try:
                 arrays, _ = trial.aggregate_train(self.server_round, msgs)
             except Exception as exc:  # the rule refuses this coalition size or content
