@@ -45,12 +45,12 @@ from torch.utils.data import Subset, TensorDataset
 from fl_client.attacks import poison_labels
 from fl_client.privacy import plan_noise_multiplier
 from fl_client.training import LocalTrainConfig, sample_rate_for, steps_per_epoch, train_local
+from fl_server.rewards.allocation import RewardBook, RewardPolicy
 from standard_models.base import PartitionConfig, StandardTask
 from standard_models.registry import get_task
 from strategies.contribution.coalitions import WeightedMeanAggregator
 from strategies.contribution.scorer import ContributionScorer
 from strategies.contribution.utility import BatchedEvaluator
-from strategies.rewards import RewardBook, RewardPolicy
 from strategies.validation import ValidationRules, validate_update
 
 KINDS = (

@@ -1,30 +1,27 @@
 """Round checkpoints of the global model and the server's run state, written atomically.
 
-A crash never leaves half a file. The run state (MLflow run id, per-round history, failures)
-is what a restarted server needs, next to the latest checkpoint, to continue the same run.
+A crash never leaves half a file (:mod:`fl_common.storage`: temporary file, fsync, rename).
+The run state (MLflow run id, per-round history, failures) is what a restarted server needs,
+next to the latest checkpoint, to continue the same run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 
+from fl_common.storage import atomic_open, atomic_write_json
+
 
 def save_checkpoint(out_dir: Path, server_round: int, state_dict: dict, metrics: dict) -> Path:
     """Write ``round_<r>.pt`` and point ``latest.json`` at it; returns the checkpoint path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"round_{server_round:04d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"round": server_round, "state_dict": state_dict, "metrics": metrics}, tmp)
-    os.replace(tmp, path)
-    latest = out_dir / "latest.json"
-    tmp_json = latest.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps({"round": server_round, "path": path.name, "metrics": metrics}))
-    os.replace(tmp_json, latest)
+    path = Path(out_dir) / f"round_{server_round:04d}.pt"
+    with atomic_open(path, "wb") as handle:
+        torch.save({"round": server_round, "state_dict": state_dict, "metrics": metrics}, handle)
+    info = {"round": server_round, "path": path.name, "metrics": metrics}
+    atomic_write_json(Path(out_dir) / "latest.json", info)
     return path
 
 
@@ -42,10 +39,7 @@ RUN_STATE = "server-state.json"
 
 def save_run_state(out_dir: Path, state: dict) -> None:
     """Write the server's run state (JSON) atomically into ``out_dir``."""
-    path = Path(out_dir) / RUN_STATE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(Path(out_dir) / RUN_STATE, state, indent=2)
 
 
 def load_run_state(out_dir: Path) -> dict | None:

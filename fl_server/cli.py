@@ -149,7 +149,7 @@ def _configure_data(parser: argparse.ArgumentParser) -> None:
 
 
 def _ledger_verify(args: argparse.Namespace) -> int:
-    from fl_server.ledger import LedgerFileError, verify_ledger
+    from fl_server.rewards.ledger import LedgerFileError, verify_ledger
 
     try:
         result = verify_ledger(args.path, expected_head=args.head)
@@ -182,7 +182,8 @@ def _configure_ledger(parser: argparse.ArgumentParser) -> None:
 
 
 def _statement(args: argparse.Namespace) -> int:
-    from fl_server.ledger import LedgerFileError, audit_ledger, export_statement, factory_statement
+    from fl_server.rewards.ledger import LedgerFileError, audit_ledger
+    from fl_server.rewards.statements import export_statement, factory_statement
 
     try:
         entries, result = audit_ledger(args.ledger)

@@ -45,8 +45,8 @@ from experiments.flower_sim import flower_env, free_port
 from fl_server import deploy
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
-from fl_server.ledger import verify_ledger
 from fl_server.provision import provision
+from fl_server.rewards.ledger import verify_ledger
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(600)]
 

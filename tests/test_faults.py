@@ -38,7 +38,7 @@ from deployment_helpers import (
 from experiments.flower_sim import descendants
 from fl_server import deploy
 from fl_server.checkpoint import load_latest, load_run_state
-from fl_server.ledger import RewardLedger, verify_ledger
+from fl_server.rewards.ledger import RewardLedger, verify_ledger
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

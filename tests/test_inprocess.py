@@ -27,7 +27,7 @@ from fl_client.privacy import plan_noise_multiplier
 from fl_server.checkpoint import load_latest
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
-from fl_server.ledger import RewardLedger, verify_ledger
+from fl_server.rewards.ledger import RewardLedger, verify_ledger
 
 toy = ClientApp()
 

@@ -18,7 +18,7 @@ from experiments.run import run_simulation
 from fl_server.checkpoint import load_latest
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
-from fl_server.ledger import RewardLedger, verify_ledger
+from fl_server.rewards.ledger import RewardLedger, verify_ledger
 from standard_models.registry import get_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]

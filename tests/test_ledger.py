@@ -1,20 +1,28 @@
-"""The hash-chained reward ledger: recording, idempotency, tamper detection, CLI and statements."""
+"""The hash-chained reward ledger: recording, idempotency, tamper detection and `ledger verify`."""
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from ledger_helpers import (
+    CONTRIBUTIONS,
+    EPSILONS,
+    FORGED_ROW,
+    POLICY,
+    RUN,
+    play,
+    record_run,
+    tamper,
+)
 
 from fl_server.cli import main
-from fl_server.ledger import (
+from fl_server.rewards.allocation import RewardBook
+from fl_server.rewards.ledger import (
     GENESIS,
     LedgerFileError,
     LedgerRow,
@@ -22,55 +30,14 @@ from fl_server.ledger import (
     canonical_json,
     entry_hash,
     read_entries,
-    round_rows,
     verify_ledger,
 )
-from strategies.rewards import RewardBook, RewardPolicy
-
-RUN = "run-1"
-POLICY = RewardPolicy(1000, "per_run", 4)
-# Three rounds: f3 joins in round 2, f1 skips round 3, f2 starts negative.
-CONTRIBUTIONS = [
-    {"f1": 1.0, "f2": -0.5},
-    {"f1": 0.5, "f2": 1.0, "f3": 2.0},
-    {"f2": 0.25, "f3": -1.0},
-]
-EPSILONS = [{"f1": 0.5, "f2": 0.4}, {"f1": 1.0, "f2": 0.8, "f3": 0.6}, {"f2": 1.2, "f3": 0.9}]
-# A row as a caller could pass it to record_round (a plain dict).
-FORGED_ROW = {
-    "factory_id": "f1",
-    "score": 1.0,
-    "cumulative_score": 1.0,
-    "payout": 1,
-    "cumulative_payout": 1,
-    "carry": 0,
-}
-
-
-def _play(
-    ledger: RewardLedger,
-    run_id: str,
-    rounds: Iterable[tuple[Mapping[str, float], Mapping[str, float]]],
-    book: RewardBook | None = None,
-) -> RewardBook:
-    """Settle and record ``rounds`` (contributions, epsilons) after ``book``'s last round."""
-    book = book or RewardBook(POLICY)
-    for contributions, epsilons in rounds:
-        server_round = book.last_round + 1
-        payouts = book.settle(server_round, contributions)
-        ledger.record_round(
-            run_id, server_round, round_rows(book, contributions, payouts, epsilons)
-        )
-    return book
 
 
 @pytest.fixture
 def recorded(tmp_path: Path) -> tuple[Path, RewardLedger, RewardBook]:
     """A ledger of 3 rounds: seq 1-2 (round 1), 3-5 (round 2), 6-8 (round 3)."""
-    path = tmp_path / "ledgers" / "rewards.db"  # the folder does not exist yet
-    ledger = RewardLedger(path)
-    book = _play(ledger, RUN, zip(CONTRIBUTIONS, EPSILONS, strict=True))
-    return path, ledger, book
+    return record_run(tmp_path)
 
 
 def _raw_rows(path: Path) -> list[dict[str, Any]]:
@@ -78,28 +45,6 @@ def _raw_rows(path: Path) -> list[dict[str, Any]]:
     conn.row_factory = sqlite3.Row
     try:
         return [dict(r) for r in conn.execute("SELECT * FROM reward_ledger ORDER BY seq")]
-    finally:
-        conn.close()
-
-
-def _tamper(path: Path, *statements: str, rows: list[dict[str, Any]] | None = None) -> None:
-    """Change the file behind the API's back: drop the guard triggers, run ``statements``,
-    and if ``rows`` is given replace the whole table with them."""
-    conn = sqlite3.connect(path)
-    try:
-        conn.execute("DROP TRIGGER reward_ledger_no_update")
-        conn.execute("DROP TRIGGER reward_ledger_no_delete")
-        for sql in statements:
-            conn.execute(sql)
-        if rows is not None:
-            conn.execute("DELETE FROM reward_ledger")
-            columns = list(rows[0])
-            conn.executemany(
-                f"INSERT INTO reward_ledger ({', '.join(columns)}) "
-                f"VALUES ({', '.join('?' * len(columns))})",
-                [[row[c] for c in columns] for row in rows],
-            )
-        conn.commit()
     finally:
         conn.close()
 
@@ -203,8 +148,8 @@ def test_a_restarted_server_continues_exactly(recorded) -> None:
     assert restored.cumulative_payout == book.cumulative_payout
     assert (restored.carry, restored.last_round) == (book.carry, book.last_round)
     nxt = [({"f1": 2.0}, {"f1": 1.5})]
-    _play(ledger, RUN, nxt, book=restored)
-    live = _play(
+    play(ledger, RUN, nxt, book=restored)
+    live = play(
         RewardLedger(path.with_name("copy.db")), RUN, [*zip(CONTRIBUTIONS, EPSILONS, strict=True)]
     )
     live.settle(4, nxt[0][0])
@@ -266,7 +211,7 @@ def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
         try:
             ledger = RewardLedger(path)
             rounds = [({"a": 1.0, "b": 0.5, "c": 0.1}, {})] * 4
-            _play(ledger, run_id, rounds)
+            play(ledger, run_id, rounds)
         except BaseException as exc:  # reported by the assertion below
             errors.append(exc)
 
@@ -312,13 +257,13 @@ def _problem(path: Path, expected_head: str | None = None) -> tuple[str | None, 
 
 def test_edited_payout_is_found_at_its_seq(recorded) -> None:
     path, _, _ = recorded
-    _tamper(path, "UPDATE reward_ledger SET payout = payout + 100 WHERE seq = 4")
+    tamper(path, "UPDATE reward_ledger SET payout = payout + 100 WHERE seq = 4")
     assert _problem(path) == ("edited", 4)
 
 
 def test_edited_field_of_the_wrong_type_is_found(recorded) -> None:
     path, _, _ = recorded
-    _tamper(path, "UPDATE reward_ledger SET payout = 'lots' WHERE seq = 2")
+    tamper(path, "UPDATE reward_ledger SET payout = 'lots' WHERE seq = 2")
     assert _problem(path) == ("edited", 2)
 
 
@@ -341,7 +286,7 @@ def test_rehashed_edit_of_the_last_entry_needs_the_external_head(recorded) -> No
 @pytest.mark.parametrize(("seqs", "first_missing"), [((4,), 4), ((1,), 1), ((4, 5), 4)])
 def test_deleted_entries_are_found(recorded, seqs: tuple[int, ...], first_missing: int) -> None:
     path, _, _ = recorded
-    _tamper(path, f"DELETE FROM reward_ledger WHERE seq IN ({', '.join(map(str, seqs))})")
+    tamper(path, f"DELETE FROM reward_ledger WHERE seq IN ({', '.join(map(str, seqs))})")
     result = verify_ledger(path)
     assert (result.kind, result.seq) == ("deleted", first_missing)
     assert f"seq={first_missing}" in result.problem
@@ -357,7 +302,7 @@ def test_forged_inserted_entry_is_found(recorded, position: int) -> None:
     forged["hash"] = entry_hash(forged)
     # Everything from ``position`` on moves one seq up to make room (their stored hashes stay).
     shifted = [{**r, "seq": r["seq"] + 1} for r in rows[position - 1 :]]
-    _tamper(path, rows=[*rows[: position - 1], forged, *shifted])
+    tamper(path, rows=[*rows[: position - 1], forged, *shifted])
     result = verify_ledger(path)
     assert (result.kind, result.seq) == ("inserted", position)
     assert result.entries == 9
@@ -366,7 +311,7 @@ def test_forged_inserted_entry_is_found(recorded, position: int) -> None:
 @pytest.mark.parametrize(("a", "b"), [(3, 5), (4, 5), (1, 2)])
 def test_swapped_entries_are_reordered(recorded, a: int, b: int) -> None:
     path, _, _ = recorded
-    _tamper(
+    tamper(
         path,
         f"UPDATE reward_ledger SET seq = 1000 WHERE seq = {a}",
         f"UPDATE reward_ledger SET seq = {a} WHERE seq = {b}",
@@ -383,7 +328,7 @@ def test_swapped_entries_are_reordered(recorded, a: int, b: int) -> None:
 def test_deleted_last_entry_is_only_found_against_the_kept_head(recorded) -> None:
     path, ledger, _ = recorded
     head = ledger.head()
-    _tamper(path, "DELETE FROM reward_ledger WHERE seq = 8")
+    tamper(path, "DELETE FROM reward_ledger WHERE seq = 8")
     result = verify_ledger(path)
     assert result.ok and result.entries == 7 and result.head != head
     missing = verify_ledger(path, expected_head=head)
@@ -412,7 +357,7 @@ def test_cli_verify_exit_codes(recorded, tmp_path: Path, capsys) -> None:
     assert main(["ledger", "verify", str(path), "--head", "ab" * 32]) == 1
     assert capsys.readouterr().err.startswith("TAMPERED: entry seq=8 head-mismatch: ")
 
-    _tamper(path, "UPDATE reward_ledger SET score = 42.0 WHERE seq = 4")
+    tamper(path, "UPDATE reward_ledger SET score = 42.0 WHERE seq = 4")
     assert main(["ledger", "verify", str(path)]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
@@ -425,82 +370,3 @@ def test_cli_verify_exit_codes(recorded, tmp_path: Path, capsys) -> None:
     junk.write_bytes(b"\x00garbage" * 200)
     assert main(["ledger", "verify", str(junk)]) == 2
     assert str(junk) in capsys.readouterr().err
-
-
-def test_cli_statement_exports_csv_json_png(recorded, tmp_path: Path, capsys) -> None:
-    path, ledger, book = recorded
-    out = tmp_path / "statements"
-    assert main(["statement", "--factory", "f2", "--ledger", str(path), "--out", str(out)]) == 0
-    assert "ledger verified" in capsys.readouterr().out
-
-    with (out / "f2-statement.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [int(r["round"]) for r in rows] == [1, 2, 3]
-    assert [int(r["seq"]) for r in rows] == [2, 4, 7]
-    assert [float(r["contribution"]) for r in rows] == [-0.5, 1.0, 0.25]
-    assert [float(r["epsilon"]) for r in rows] == [0.4, 0.8, 1.2]
-    assert int(rows[-1]["cumulative_payout"]) == book.cumulative_payout["f2"]
-    stored = ledger.entries(factory_id="f2")
-    assert [r["hash"] for r in rows] == [e.hash for e in stored]
-    assert [r["prev_hash"] for r in rows] == [e.prev_hash for e in stored]
-
-    doc = json.loads((out / "f2-statement.json").read_text())
-    assert doc["factory_id"] == "f2" and doc["run_ids"] == [RUN]
-    assert doc["verified"] is True and doc["verification"]["ok"] is True
-    assert doc["ledger_head"] == ledger.head()
-    assert doc["totals"]["payout"] == book.cumulative_payout["f2"] == sum(e.payout for e in stored)
-    assert doc["totals"]["contribution"] == pytest.approx(0.75)
-    assert doc["totals"]["per_run"][RUN]["cumulative_contribution"] == 0.75
-    assert doc["totals"]["per_run"][RUN]["epsilon"] == 1.2
-    assert len(doc["entries"]) == 3
-    assert (out / "f2-statement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_cli_statement_unknown_factory_or_run(recorded, tmp_path: Path, capsys) -> None:
-    path, _, _ = recorded
-    out = tmp_path / "statements"
-    assert main(["statement", "--factory", "f7", "--ledger", str(path), "--out", str(out)]) == 1
-    err = capsys.readouterr().err
-    assert "unknown factory 'f7'" in err and "f1, f2, f3" in err
-    assert not out.exists()
-    args = ["statement", "--factory", "f1", "--ledger", str(path), "--out", str(out)]
-    assert main([*args, "--run-id", "run-9"]) == 1
-    assert f"known runs: {RUN}" in capsys.readouterr().err
-    missing = ["statement", "--factory", "f1", "--ledger", str(tmp_path / "x.db"), "--out", "o"]
-    assert main(missing) == 2
-    assert str(tmp_path / "x.db") in capsys.readouterr().err
-
-
-def test_cli_statement_of_one_run_among_several(recorded, tmp_path: Path) -> None:
-    path, ledger, _ = recorded
-    _play(ledger, "run-2", [({"f1": 1.0, "f4": 1.0}, {})])
-    out = tmp_path / "statements"
-    args = ["statement", "--factory", "f1", "--ledger", str(path), "--out", str(out)]
-    assert main(args) == 0
-    doc = json.loads((out / "f1-statement.json").read_text())
-    assert doc["run_ids"] == [RUN, "run-2"] and len(doc["entries"]) == 4
-    assert doc["totals"]["payout"] == sum(e.payout for e in ledger.entries(factory_id="f1"))
-    assert main([*args, "--run-id", "run-2"]) == 0
-    doc = json.loads((out / "f1-statement.json").read_text())
-    assert doc["run_ids"] == ["run-2"] and [e["round"] for e in doc["entries"]] == [1]
-    assert doc["totals"]["payout"] == 125  # half of round 1's installment of 250
-
-
-def test_cli_statement_of_a_tampered_ledger_is_marked(recorded, tmp_path: Path, capsys) -> None:
-    path, _, _ = recorded
-    _tamper(path, "DELETE FROM reward_ledger WHERE seq = 3")
-    out = tmp_path / "statements"
-    assert main(["statement", "--factory", "f2", "--ledger", str(path), "--out", str(out)]) == 1
-    assert "TAMPERED: entry seq=3 deleted" in capsys.readouterr().err
-    doc = json.loads((out / "f2-statement.json").read_text())
-    assert doc["verified"] is False
-    assert doc["verification"]["kind"] == "deleted" and doc["verification"]["seq"] == 3
-    assert (out / "f2-statement.csv").exists() and (out / "f2-statement.png").exists()
-
-
-def test_statement_file_names_stay_inside_the_output_folder() -> None:
-    from fl_server.ledger import statement_stem
-
-    assert statement_stem("f1") == "f1-statement"
-    assert statement_stem("../../outside/f1") == "_.._outside_f1-statement"
-    assert "/" not in statement_stem("a/b") and "\\" not in statement_stem("a\\b")

@@ -3,10 +3,10 @@
 import pytest
 
 from fl_server.config import compose_config
-from fl_server.ledger import verify_ledger
 from fl_server.payouts import PayoutDesk, build_scorer, reward_policy
+from fl_server.rewards.allocation import RewardPolicy
+from fl_server.rewards.ledger import verify_ledger
 from strategies.contribution.scorer import RoundContribution
-from strategies.rewards import RewardPolicy
 
 
 def _round(r, scores):

@@ -11,7 +11,7 @@ from fl_client.client_app import app as client_app
 from fl_server.checkpoint import load_latest
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
-from fl_server.ledger import RewardLedger, verify_ledger
+from fl_server.rewards.ledger import RewardLedger, verify_ledger
 from fl_server.server_app import resumable_state, run_federation
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from logging import WARNING
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -142,7 +143,7 @@ class StrategyAggregator(CoalitionAggregator):
             except Exception as exc:  # the rule refuses this coalition size or content
                 arrays = None
                 if self.failed == 0:
-                    log(30, "Coalition of %d cannot be aggregated: %s", len(members), exc)
+                    log(WARNING, "Coalition of %d cannot be aggregated: %s", len(members), exc)
             if arrays is None:
                 self.failed += 1
                 out.append(dict(self.fallback))

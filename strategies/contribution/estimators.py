@@ -47,8 +47,6 @@ METHODS: tuple[str, ...] = ("exact", "gtg", "loo")
 _TINY = 1e-12
 """Floor for scales that would otherwise divide by (or compare against) zero."""
 
-"""Upper bound on the default number of GTG blocks (of ``n`` permutations each)."""
-
 
 class UtilityCache:
     """Utilities of coalitions within one round, each evaluated at most once.

@@ -5,8 +5,8 @@ One SQLite table holds one entry per factory per settled round. Every entry carr
 other fields, including ``prev_hash``, the hash of the entry before it (64 zeros for the first).
 Changing, removing, inserting or reordering entries therefore breaks the chain, and
 :func:`verify_ledger` names the first break. Factories can be handed a statement of their own
-entries (:func:`factory_statement`, :func:`export_statement`) that quotes the chain's head, so
-both sides can later check that the ledger still ends where it did.
+entries (:mod:`fl_server.rewards.statements`) that quotes the chain's head, so both sides can
+later check that the ledger still ends where it did.
 
 What the chain cannot show on its own: removing the *last* entries leaves a valid, shorter
 chain; forged entries appended at the end look like new rounds; and someone with write access
@@ -17,17 +17,17 @@ secret is involved). These are caught only against a head hash kept outside the 
 Writes go through :class:`RewardLedger` only, which appends and never updates or deletes (the
 table also has triggers refusing UPDATE and DELETE, a guard against mistakes rather than a
 security boundary). Recording a round is idempotent, so a restarted server can never pay a
-round twice. Standard library only (``sqlite3``); plotting in :func:`export_statement` imports
-matplotlib lazily.
+round twice. Standard library only (``sqlite3``).
+
+One job, the hash chain, from the canonical encoding an entry is hashed over through appending
+to naming the first break; its size is mostly :func:`check_chain`'s classification of breaks.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
-import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_server.rewards.allocation import check_int
+
 if TYPE_CHECKING:
-    from strategies.rewards import RewardBook
+    from fl_server.rewards.allocation import RewardBook
 
 GENESIS = "0" * 64
 FORMAT = "factoryfed-reward-ledger"
@@ -115,14 +117,6 @@ def _plain_float(value: Any) -> float:
     return number + 0.0
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def canonical_json(values: Mapping[str, Any]) -> str:
     """The canonical text an entry's hash is computed over.
 
@@ -184,7 +178,7 @@ class LedgerRow:
                 raise ValueError(f"{name} of factory {self.factory_id!r} must be finite")
             object.__setattr__(self, name, value)
         for name in ("payout", "cumulative_payout", "carry"):
-            object.__setattr__(self, name, _check_int(name, getattr(self, name), 0))
+            object.__setattr__(self, name, check_int(name, getattr(self, name), 0))
         if self.epsilon is not None:
             epsilon = _plain_float(self.epsilon)
             if epsilon < 0:
@@ -238,8 +232,8 @@ def round_rows(
     """The ledger rows of the round ``book`` has just settled.
 
     ``contributions`` and ``payouts`` are that round's input to and result of
-    :meth:`~strategies.rewards.RewardBook.settle`; ``epsilons`` the privacy spend factories
-    reported (absent factories get ``None``).
+    :meth:`~fl_server.rewards.allocation.RewardBook.settle`; ``epsilons`` the privacy spend
+    factories reported (absent factories get ``None``).
     """
     epsilons = epsilons or {}
     cumulative = book.cumulative_contribution
@@ -307,7 +301,7 @@ def _check_ledger(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
-def _entry(row: sqlite3.Row) -> LedgerEntry:
+def _entry(row: sqlite3.Row | Mapping[str, Any]) -> LedgerEntry:
     return LedgerEntry(**{name: row[name] for name in _ENTRY_COLUMNS})
 
 
@@ -409,7 +403,7 @@ class RewardLedger:
         """
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"run_id must be a non-empty string, got {run_id!r}")
-        _check_int("server_round", server_round, 1)
+        check_int("server_round", server_round, 1)
         ordered = sorted((LedgerRow.coerce(row) for row in rows), key=lambda r: r.factory_id)
         ids = [row.factory_id for row in ordered]
         if len(set(ids)) != len(ids):
@@ -673,164 +667,5 @@ def audit_ledger(
         LedgerFileError: as :func:`verify_ledger`.
     """
     rows = _read_rows(Path(path))
-    entries = [LedgerEntry(**{name: row[name] for name in _ENTRY_COLUMNS}) for row in rows]
+    entries = [_entry(row) for row in rows]
     return entries, check_chain(rows, expected_head)
-
-
-# ----------------------------------------------------------------------------- statements
-
-STATEMENT_COLUMNS = (
-    "run_id",
-    "round",
-    "seq",
-    "contribution",
-    "cumulative_contribution",
-    "payout",
-    "cumulative_payout",
-    "epsilon",
-    "prev_hash",
-    "hash",
-)
-
-
-def known_factories(entries: Sequence[LedgerEntry], run_id: str | None = None) -> list[str]:
-    """Sorted ids of the factories with entries (in ``run_id`` if given)."""
-    return sorted({e.factory_id for e in entries if run_id is None or e.run_id == run_id})
-
-
-def _json_number(value: float | None) -> float | str | None:
-    return value if value is None or math.isfinite(value) else repr(value)
-
-
-def factory_statement(
-    entries: Sequence[LedgerEntry],
-    factory_id: str,
-    verification: VerifyResult,
-    run_id: str | None = None,
-) -> dict[str, Any]:
-    """A factory's statement: its entries, per-run and overall totals, and the chain's state.
-
-    ``entries`` is the whole ledger (or at least the factory's part of it) in ``seq`` order;
-    ``verification`` the result of verifying the whole chain, whose head the statement quotes.
-
-    Raises:
-        ValueError: ``factory_id`` has no entries (in ``run_id``); the message lists the known
-            factory ids (or run ids, when the run is unknown).
-    """
-    if run_id is not None and all(e.run_id != run_id for e in entries):
-        runs = sorted({e.run_id for e in entries})
-        raise ValueError(f"unknown run {run_id!r}; known runs: {', '.join(runs) or '(none)'}")
-    mine = [
-        e for e in entries if e.factory_id == factory_id and (run_id is None or e.run_id == run_id)
-    ]
-    if not mine:
-        known = known_factories(entries, run_id)
-        raise ValueError(
-            f"unknown factory {factory_id!r}; known factories: {', '.join(known) or '(none)'}"
-        )
-    per_run: dict[str, dict[str, Any]] = {}
-    for entry in mine:
-        run = per_run.setdefault(entry.run_id, {"rounds": 0, "contribution": [], "payout": 0})
-        run["rounds"] += 1
-        run["contribution"].append(entry.score)
-        run["payout"] += entry.payout
-        run["cumulative_contribution"] = entry.cumulative_score
-        run["cumulative_payout"] = entry.cumulative_payout
-        if entry.epsilon is not None:
-            run["epsilon"] = _json_number(entry.epsilon)
-        run.setdefault("epsilon", None)
-    for run in per_run.values():
-        run["contribution"] = math.fsum(run["contribution"])
-    return {
-        "factory_id": factory_id,
-        "run_ids": list(per_run),
-        "ledger_head": verification.head,
-        "verified": verification.ok,
-        "verification": verification.to_dict(),
-        "totals": {
-            "entries": len(mine),
-            "contribution": math.fsum(e.score for e in mine),
-            "payout": sum(e.payout for e in mine),
-            "per_run": per_run,
-        },
-        "entries": [
-            {
-                "run_id": e.run_id,
-                "round": e.round,
-                "seq": e.seq,
-                "contribution": e.score,
-                "cumulative_contribution": e.cumulative_score,
-                "payout": e.payout,
-                "cumulative_payout": e.cumulative_payout,
-                "epsilon": _json_number(e.epsilon),
-                "prev_hash": e.prev_hash,
-                "hash": e.hash,
-            }
-            for e in mine
-        ],
-    }
-
-
-def statement_stem(factory_id: str) -> str:
-    """File-name stem for a factory's statement: ``<factory>-statement``, made path-safe."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", factory_id).lstrip(".") or "factory"
-    return f"{safe}-statement"
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    return repr(value) if isinstance(value, float) else value
-
-
-def export_statement(statement: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``statement`` as CSV (one row per entry), JSON (everything) and a PNG chart.
-
-    The chart shows per-round contribution bars and the running total paid. It is drawn on a
-    :class:`~matplotlib.figure.Figure` with the Agg canvas, so no GUI backend is touched.
-
-    Returns:
-        ``{"csv": path, "json": path, "png": path}``.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = statement_stem(statement["factory_id"])
-    paths = {kind: out / f"{stem}.{kind}" for kind in ("csv", "json", "png")}
-    entries = statement["entries"]
-
-    with paths["csv"].open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=STATEMENT_COLUMNS)
-        writer.writeheader()
-        for entry in entries:
-            writer.writerow({key: _csv_value(entry[key]) for key in STATEMENT_COLUMNS})
-
-    paths["json"].write_text(
-        json.dumps(statement, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-    )
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    several_runs = len(statement["run_ids"]) > 1
-    labels = [f"{e['run_id']}:{e['round']}" if several_runs else str(e["round"]) for e in entries]
-    positions = list(range(len(entries)))
-    running, total = [], 0
-    for entry in entries:
-        total += entry["payout"]
-        running.append(total)
-    figure = Figure(figsize=(max(6.0, 0.35 * len(entries) + 2.0), 4.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    bars = figure.add_subplot()
-    bars.bar(positions, [e["contribution"] for e in entries], color="tab:blue", alpha=0.7)
-    bars.axhline(0.0, color="grey", linewidth=0.8)
-    bars.set_xticks(positions, labels, rotation=90 if several_runs else 0, fontsize=8)
-    bars.set_xlabel("run:round" if several_runs else "round")
-    bars.set_ylabel("contribution (per round)", color="tab:blue")
-    line = bars.twinx()
-    line.plot(positions, running, color="tab:orange", marker="o", markersize=3)
-    line.set_ylabel("cumulative payout (minor units)", color="tab:orange")
-    line.set_ylim(bottom=0)
-    verified = "" if statement["verified"] else "  [ledger NOT verified]"
-    bars.set_title(f"Reward statement: {statement['factory_id']}{verified}")
-    figure.savefig(paths["png"], dpi=100)
-    return paths

@@ -8,7 +8,7 @@ so the same inputs give the same payouts on every machine.
 :class:`RewardBook` keeps a run's running state (cumulative contributions, cumulative payouts
 and the pool carried over when nobody could be paid) and can be rebuilt from the reward ledger's
 rows, so a restarted server continues exactly where it stopped. Pure logic, no I/O: the ledger
-in :mod:`fl_server.ledger` stores what this module computes.
+in :mod:`fl_server.rewards.ledger` stores what this module computes.
 """
 
 from __future__ import annotations
@@ -25,12 +25,17 @@ END_OF_RUN = "end_of_run"  # ``amount`` is the run's total, paid once after the 
 SCHEDULES = (PER_ROUND, PER_RUN, END_OF_RUN)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an ``int`` if it is an integer (not a bool) ``>= minimum``.
+
+    Raises:
+        ValueError: naming ``name``, the value and the bound, otherwise.
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def allocate(pool: int, scores: Mapping[str, float]) -> dict[str, int]:
@@ -56,7 +61,7 @@ def allocate(pool: int, scores: Mapping[str, float]) -> dict[str, int]:
     Raises:
         ValueError: ``pool`` is negative or not an integer, or a score is +infinity.
     """
-    _check_int("pool", pool, 0)
+    check_int("pool", pool, 0)
     payouts = {factory: 0 for factory in scores}
     positive: dict[str, Fraction] = {}
     for factory, score in scores.items():
@@ -108,17 +113,17 @@ class RewardPolicy:
     num_rounds: int = 1
 
     def __post_init__(self) -> None:
-        _check_int("rewards.amount", self.amount, 0)
+        check_int("rewards.amount", self.amount, 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"rewards.schedule must be {', '.join(SCHEDULES[:-1])} or {SCHEDULES[-1]}, "
                 f"got {self.schedule!r}"
             )
-        _check_int("rewards.num_rounds", self.num_rounds, 1)
+        check_int("rewards.num_rounds", self.num_rounds, 1)
 
     def installment(self, server_round: int) -> int:
         """Minor units released in round ``server_round`` (1-based)."""
-        _check_int("server_round", server_round, 1)
+        check_int("server_round", server_round, 1)
         if self.schedule == PER_ROUND:
             return self.amount
         if self.schedule == END_OF_RUN:
@@ -130,7 +135,7 @@ class RewardPolicy:
 
     def released(self, through_round: int) -> int:
         """Total released by rounds ``1..through_round`` (0 for ``through_round == 0``)."""
-        _check_int("through_round", through_round, 0)
+        check_int("through_round", through_round, 0)
         if self.schedule == PER_ROUND:
             return self.amount * through_round
         if self.schedule == END_OF_RUN:
@@ -216,7 +221,7 @@ class RewardBook:
         Raises:
             ValueError: the round was already settled, or a contribution is not finite.
         """
-        _check_int("server_round", server_round, 1)
+        check_int("server_round", server_round, 1)
         if server_round <= self._last_round:
             raise ValueError(
                 f"round {server_round} is already settled (the book is at round {self._last_round})"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from strategies.rewards import RewardBook, RewardPolicy, allocate
+from fl_server.rewards.allocation import RewardBook, RewardPolicy, allocate
 
 # ----------------------------------------------------------------------------- allocate
 

@@ -1,0 +1,98 @@
+"""Factory statements from the reward ledger: totals, CSV/JSON/PNG export and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from ledger_helpers import RUN, play, record_run, tamper
+
+from fl_server.cli import main
+from fl_server.rewards.allocation import RewardBook
+from fl_server.rewards.ledger import RewardLedger
+from fl_server.rewards.statements import statement_stem
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> tuple[Path, RewardLedger, RewardBook]:
+    """A ledger of 3 rounds: seq 1-2 (round 1), 3-5 (round 2), 6-8 (round 3)."""
+    return record_run(tmp_path)
+
+
+def test_cli_statement_exports_csv_json_png(recorded, tmp_path: Path, capsys) -> None:
+    path, ledger, book = recorded
+    out = tmp_path / "statements"
+    assert main(["statement", "--factory", "f2", "--ledger", str(path), "--out", str(out)]) == 0
+    assert "ledger verified" in capsys.readouterr().out
+
+    with (out / "f2-statement.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["round"]) for r in rows] == [1, 2, 3]
+    assert [int(r["seq"]) for r in rows] == [2, 4, 7]
+    assert [float(r["contribution"]) for r in rows] == [-0.5, 1.0, 0.25]
+    assert [float(r["epsilon"]) for r in rows] == [0.4, 0.8, 1.2]
+    assert int(rows[-1]["cumulative_payout"]) == book.cumulative_payout["f2"]
+    stored = ledger.entries(factory_id="f2")
+    assert [r["hash"] for r in rows] == [e.hash for e in stored]
+    assert [r["prev_hash"] for r in rows] == [e.prev_hash for e in stored]
+
+    doc = json.loads((out / "f2-statement.json").read_text())
+    assert doc["factory_id"] == "f2" and doc["run_ids"] == [RUN]
+    assert doc["verified"] is True and doc["verification"]["ok"] is True
+    assert doc["ledger_head"] == ledger.head()
+    assert doc["totals"]["payout"] == book.cumulative_payout["f2"] == sum(e.payout for e in stored)
+    assert doc["totals"]["contribution"] == pytest.approx(0.75)
+    assert doc["totals"]["per_run"][RUN]["cumulative_contribution"] == 0.75
+    assert doc["totals"]["per_run"][RUN]["epsilon"] == 1.2
+    assert len(doc["entries"]) == 3
+    assert (out / "f2-statement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_statement_unknown_factory_or_run(recorded, tmp_path: Path, capsys) -> None:
+    path, _, _ = recorded
+    out = tmp_path / "statements"
+    assert main(["statement", "--factory", "f7", "--ledger", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "unknown factory 'f7'" in err and "f1, f2, f3" in err
+    assert not out.exists()
+    args = ["statement", "--factory", "f1", "--ledger", str(path), "--out", str(out)]
+    assert main([*args, "--run-id", "run-9"]) == 1
+    assert f"known runs: {RUN}" in capsys.readouterr().err
+    missing = ["statement", "--factory", "f1", "--ledger", str(tmp_path / "x.db"), "--out", "o"]
+    assert main(missing) == 2
+    assert str(tmp_path / "x.db") in capsys.readouterr().err
+
+
+def test_cli_statement_of_one_run_among_several(recorded, tmp_path: Path) -> None:
+    path, ledger, _ = recorded
+    play(ledger, "run-2", [({"f1": 1.0, "f4": 1.0}, {})])
+    out = tmp_path / "statements"
+    args = ["statement", "--factory", "f1", "--ledger", str(path), "--out", str(out)]
+    assert main(args) == 0
+    doc = json.loads((out / "f1-statement.json").read_text())
+    assert doc["run_ids"] == [RUN, "run-2"] and len(doc["entries"]) == 4
+    assert doc["totals"]["payout"] == sum(e.payout for e in ledger.entries(factory_id="f1"))
+    assert main([*args, "--run-id", "run-2"]) == 0
+    doc = json.loads((out / "f1-statement.json").read_text())
+    assert doc["run_ids"] == ["run-2"] and [e["round"] for e in doc["entries"]] == [1]
+    assert doc["totals"]["payout"] == 125  # half of round 1's installment of 250
+
+
+def test_cli_statement_of_a_tampered_ledger_is_marked(recorded, tmp_path: Path, capsys) -> None:
+    path, _, _ = recorded
+    tamper(path, "DELETE FROM reward_ledger WHERE seq = 3")
+    out = tmp_path / "statements"
+    assert main(["statement", "--factory", "f2", "--ledger", str(path), "--out", str(out)]) == 1
+    assert "TAMPERED: entry seq=3 deleted" in capsys.readouterr().err
+    doc = json.loads((out / "f2-statement.json").read_text())
+    assert doc["verified"] is False
+    assert doc["verification"]["kind"] == "deleted" and doc["verification"]["seq"] == 3
+    assert (out / "f2-statement.csv").exists() and (out / "f2-statement.png").exists()
+
+
+def test_statement_file_names_stay_inside_the_output_folder() -> None:
+    assert statement_stem("f1") == "f1-statement"
+    assert statement_stem("../../outside/f1") == "_.._outside_f1-statement"
+    assert "/" not in statement_stem("a/b") and "\\" not in statement_stem("a\\b")
