@@ -1,11 +1,10 @@
-"""The server's side of contribution and rewards: build the scorer, settle each round.
+"""The payout desk: settles each round's rewards into the run's ledger.
 
-:func:`build_scorer` turns the ``contribution`` config group into a
-:class:`~strategies.contribution.scorer.ContributionScorer` evaluating coalition models on the
-server validation set. :class:`PayoutDesk` pays each scored round from the ``rewards`` pool
-and writes it to the hash-chained ledger in the run's output directory. The ledger is the
-source of truth: the desk rebuilds its book from it on start, and a round already in it is
-reported again, never paid again, so a restarted server cannot pay twice.
+:func:`reward_policy` turns the ``rewards`` config group into a policy. :class:`PayoutDesk`
+pays each scored round from the ``rewards`` pool and writes it to the hash-chained ledger in
+the run's output directory. The ledger is the source of truth: the desk rebuilds its book from
+it on start, and a round already in it is reported again, never paid again, so a restarted
+server cannot pay twice.
 """
 
 from __future__ import annotations
@@ -13,31 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset
+from omegaconf import DictConfig
 
 from fl_server.ledger import LedgerEntry, RewardLedger, round_rows
-from standard_models.base import StandardTask
-from strategies.contribution.scorer import ContributionScorer, RoundContribution
-from strategies.contribution.utility import BatchedEvaluator
+from strategies.contribution.scorer import RoundContribution
 from strategies.rewards import RewardBook, RewardPolicy
 
 LEDGER_FILE = "reward-ledger.sqlite"
-
-
-def build_scorer(
-    cfg: DictConfig, task: StandardTask, validation: Dataset
-) -> ContributionScorer | None:
-    """The round scorer described by ``cfg.contribution``; ``None`` for ``method: none``."""
-    options = OmegaConf.to_container(cfg.contribution, resolve=True)
-    assert isinstance(options, dict)
-    method = str(options.pop("method", "none"))
-    if method == "none":
-        return None
-    evaluator = BatchedEvaluator(task, task.build_model(), validation)
-    return ContributionScorer(
-        method, evaluator.scores, evaluator.sign, params=options, seed=int(cfg.seed)
-    )
 
 
 def reward_policy(cfg: DictConfig, num_rounds: int | None = None) -> RewardPolicy:
@@ -54,7 +35,7 @@ def reward_policy(cfg: DictConfig, num_rounds: int | None = None) -> RewardPolic
 
 
 class PayoutDesk:
-    """Settles rounds into the ledger and reports them as MLflow metrics.
+    """Settles rounds into the ledger; the book holds the run's cumulative totals.
 
     Parameters
     ----------
@@ -92,16 +73,3 @@ class PayoutDesk:
         if not rows:
             return []
         return self.ledger.record_round(self.run_id, server_round, rows)
-
-    def metrics(self, entries: list[LedgerEntry]) -> dict[str, float]:
-        """``factory/<id>/{contribution_cumulative,payout,payout_cumulative}`` and totals."""
-        out: dict[str, float] = {}
-        for e in entries:
-            prefix = f"factory/{e.factory_id}/"
-            out[prefix + "contribution_cumulative"] = e.cumulative_score
-            out[prefix + "payout"] = float(e.payout)
-            out[prefix + "payout_cumulative"] = float(e.cumulative_payout)
-        out["server/payout_round"] = float(sum(e.payout for e in entries))
-        out["server/payout_total"] = float(sum(self.book.cumulative_payout.values()))
-        out["server/reward_carry"] = float(self.book.carry)
-        return out
