@@ -30,6 +30,7 @@ RUN pip install --index-url "$TORCH_INDEX_URL" \
 COPY conf conf
 COPY fl_server fl_server
 COPY fl_client fl_client
+COPY fl_common fl_common
 COPY strategies strategies
 COPY standard_models standard_models
 COPY experiments experiments

@@ -1,7 +1,9 @@
 """A factory's whole training round: load its data, account privacy, train, report.
 
-This is plain Python with no Flower types so it can be tested and reused on its own; the
-ClientApp converts records to and from these arguments and results.
+This is plain Python with no Flower runtime so it can be tested and reused on its own: the
+round is described by the server's :class:`~fl_common.protocol.TrainInstruction` and the
+factory's own :class:`FactorySite` (who it is, where its data and privacy ledger are, its
+budget); the ClientApp parses the one and builds the other from its node config.
 
 Order of a DP round, chosen so that privacy spend is never lost or exceeded:
 
@@ -18,7 +20,7 @@ labels (after step 1, on the in-memory dataset) or its trained weights (after st
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,66 @@ from fl_client.training import (
     steps_per_epoch,
     train_local,
 )
+from fl_common.protocol import (
+    DELTA,
+    DP,
+    EPSILON,
+    MALICIOUS,
+    NOISE_MULTIPLIER,
+    NUM_EXAMPLES,
+    SAMPLE_RATE,
+    STEPS,
+    TRAIN_LOSS,
+    TRAIN_TIME,
+    TrainInstruction,
+)
 from standard_models.base import StandardTask
+
+
+@dataclass(frozen=True)
+class FactorySite:
+    """What only the factory decides: its name, where its data and ledger live, its budget.
+
+    ``epsilon_budget``/``delta`` are the factory's own privacy budget (its node config), or
+    the federation's default from the instruction when the factory sets none.
+    """
+
+    factory_id: str
+    data_path: Path
+    ledger_path: Path
+    epsilon_budget: float
+    delta: float
+
+
+def local_seed(instruction: TrainInstruction) -> int:
+    """The seed of the round's non-private randomness (data order, dropout).
+
+    Distinct for every round of a run (up to 999 rounds) and reproducible from the run seed:
+    ``1000 * seed + server_round``.
+    """
+    return 1000 * instruction.seed + instruction.server_round
+
+
+def local_train_config(
+    instruction: TrainInstruction, reproducible_dp: bool = False
+) -> LocalTrainConfig:
+    """The round's local training hyper-parameters, from the server's instruction.
+
+    ``reproducible_dp`` derives the DP noise and sampling from the seed too: tests and
+    benchmarks only (see :class:`~fl_client.training.LocalTrainConfig`).
+    """
+    return LocalTrainConfig(
+        local_epochs=instruction.local_epochs,
+        batch_size=instruction.batch_size,
+        lr=instruction.lr,
+        momentum=instruction.momentum,
+        max_grad_norm=instruction.max_grad_norm,
+        proximal_mu=instruction.proximal_mu,
+        dp=instruction.dp,
+        grad_sample_mode=instruction.grad_sample_mode,
+        seed=local_seed(instruction),
+        reproducible_dp=reproducible_dp,
+    )
 
 
 @dataclass
@@ -59,19 +120,17 @@ class FactoryRoundResult:
     history: list[list[float | int]] = field(default_factory=list)
 
 
-def _metrics(
-    result: TrainResult, epsilon: float, delta: float, dp: bool
-) -> dict[str, float | int]:
+def _metrics(result: TrainResult, epsilon: float, delta: float, dp: bool) -> dict[str, float | int]:
     return {
-        "num-examples": int(result.num_examples),
-        "train_loss": float(result.train_loss),
-        "epsilon": float(epsilon),
-        "delta": float(delta),
-        "noise_multiplier": float(result.noise_multiplier),
-        "sample_rate": float(result.sample_rate),
-        "steps": int(result.steps),
-        "train_time": float(result.train_seconds),
-        "dp": int(dp),
+        NUM_EXAMPLES: int(result.num_examples),
+        TRAIN_LOSS: float(result.train_loss),
+        EPSILON: float(epsilon),
+        DELTA: float(delta),
+        NOISE_MULTIPLIER: float(result.noise_multiplier),
+        SAMPLE_RATE: float(result.sample_rate),
+        STEPS: int(result.steps),
+        TRAIN_TIME: float(result.train_seconds),
+        DP: int(dp),
     }
 
 
@@ -97,35 +156,28 @@ def _attacked(
 def _mark(metrics: dict[str, float | int], attack: AttackConfig | None, malicious: bool) -> None:
     """Add ``malicious`` to the metrics of a round that was given an attack config."""
     if attack is not None:
-        metrics["malicious"] = 1.0 if malicious else 0.0
+        metrics[MALICIOUS] = 1.0 if malicious else 0.0
 
 
 def run_factory_round(
     task: StandardTask,
-    data_path: str | Path,
-    ledger_path: str | Path,
-    factory_id: str,
-    run_id: str,
-    server_round: int,
-    planned_rounds: int,
+    instruction: TrainInstruction,
+    site: FactorySite,
     global_state: dict[str, torch.Tensor],
-    train_cfg: LocalTrainConfig,
-    epsilon_budget: float,
-    delta: float,
-    accountant: str = "rdp",
     carried_history: list[Any] | None = None,
-    min_run_epsilon: float = 0.0,
     attack: AttackConfig | None = None,
+    reproducible_dp: bool = False,
 ) -> FactoryRoundResult:
     """Train one federated round at one factory and account its privacy spend.
 
-    With ``train_cfg.dp`` the run's noise multiplier is planned once, from the budget left in
+    With ``instruction.dp`` the run's noise multiplier is planned once, from the budget left in
     the ledger, for ``planned_rounds * local_epochs * steps_per_epoch`` steps; each round then
     reserves its steps on disk before training. A round that would take the cumulative epsilon
-    above ``epsilon_budget`` (including rounds beyond ``planned_rounds``, or a budget already
-    spent by earlier runs) raises :class:`~fl_client.privacy.BudgetExhausted` without training.
-    So does a new run when less than ``min_run_epsilon`` of the budget is left: the noise that
-    so little budget buys would make its updates harm the global model rather than help it.
+    above the site's ``epsilon_budget`` (including rounds beyond ``planned_rounds``, or a budget
+    already spent by earlier runs) raises :class:`~fl_client.privacy.BudgetExhausted` without
+    training. So does a new run when less than ``min_run_epsilon`` of the budget is left: the
+    noise that so little budget buys would make its updates harm the global model rather than
+    help it.
 
     Without DP nothing is spent and ``noise_multiplier`` is 0, but the round's update carries
     no formal guarantee at all. The ``epsilon`` metric then still reports the DP spend recorded
@@ -133,21 +185,26 @@ def run_factory_round(
     a non-private release; ``dp = 0`` marks such rounds and a mean ``dp`` below 1 across
     factories shows that some updates were not private.
 
-    ``attack`` (simulation only): if it names ``factory_id`` as malicious, a ``label_flip``
-    trains on poisoned labels and a model-poisoning attack replaces the trained weights with
-    poisoned ones; privacy is accounted as for an honest round. The metrics then carry
-    ``malicious``. ``None`` (the default) or an attack on other factories changes nothing.
+    ``carried_history`` is the accountant history the ClientApp kept in its node state (adopted
+    when longer than the ledger's). ``attack`` (simulation only): if it names the factory as
+    malicious, a ``label_flip`` trains on poisoned labels and a model-poisoning attack replaces
+    the trained weights with poisoned ones; privacy is accounted as for an honest round. The
+    metrics then carry ``malicious``. ``None`` (the default) or an attack on other factories
+    changes nothing.
 
     Raises:
         standard_models.base.DataValidationError: the data file is missing or malformed.
         fl_client.privacy.LedgerError: the ledger file is corrupt or not this factory's.
         fl_client.privacy.BudgetExhausted: the round would overspend; nothing was trained.
     """
+    server_round, planned_rounds = instruction.server_round, instruction.planned_rounds
     if server_round < 1 or planned_rounds < 1:
         raise ValueError(
             f"server_round and planned_rounds must be >= 1, got {server_round}, {planned_rounds}"
         )
-    frame = task.load_frame(data_path)
+    factory_id, run_id = site.factory_id, instruction.run_id
+    delta, accountant = site.delta, instruction.accountant
+    frame = task.load_frame(site.data_path)
     dataset = task.to_dataset(frame)
     malicious = attack is not None and attack.is_malicious(factory_id)
     if malicious and attack is not None and attack.name in DATA_ATTACKS:
@@ -156,13 +213,14 @@ def run_factory_round(
 
     model = task.build_model()
     model.load_state_dict(global_state)
-    # Vary the non-private randomness (data order, dropout) from round to round.
-    cfg = replace(train_cfg, seed=train_cfg.seed + server_round)
+    cfg = local_train_config(instruction, reproducible_dp)
 
-    ledger_path = Path(ledger_path)
+    ledger_path = Path(site.ledger_path)
     if not cfg.dp:
         if ledger_path.exists():
-            ledger = PrivacyLedger.open(ledger_path, factory_id, epsilon_budget, delta, accountant)
+            ledger = PrivacyLedger.open(
+                ledger_path, factory_id, site.epsilon_budget, delta, accountant
+            )
             ledger.absorb(carried_history)
             history = ledger.history_as_lists()
             epsilon = ledger.spent_epsilon()
@@ -183,11 +241,12 @@ def run_factory_round(
         _mark(metrics, attack, malicious)
         return FactoryRoundResult(state, metrics, history)
 
-    ledger = PrivacyLedger.open(ledger_path, factory_id, epsilon_budget, delta, accountant)
+    ledger = PrivacyLedger.open(ledger_path, factory_id, site.epsilon_budget, delta, accountant)
     ledger.absorb(carried_history)
     sample_rate = sample_rate_for(num_examples, cfg.batch_size)
     round_steps = cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
     left = ledger.budget - ledger.spent_epsilon()
+    min_run_epsilon = instruction.min_run_epsilon
     if str(run_id) not in ledger.runs and left < min_run_epsilon:
         raise BudgetExhausted(
             ledger.spent_epsilon(),

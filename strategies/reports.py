@@ -1,21 +1,16 @@
-"""What happened to each factory in a round, and how it is named in MLflow.
+"""What happened in a training round: each factory's outcome and the round's record.
 
-Plain data: the strategy wrapper fills a :class:`RoundReport` from the replies, the server
-turns it into ``factory/<id>/<metric>`` values. Kept free of Flower so it is unit-tested alone.
+Plain data: the strategy wrapper fills a :class:`RoundReport` from the replies and hands the
+server one :class:`RoundRecord` per round (see :class:`strategies.hooked.FactoryFedStrategy`);
+the server's round recorder names it in MLflow. Kept free of Flower so it is unit-tested alone.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ACCEPTED = "accepted"
-REJECTED = "rejected"  # the server refused the update (validation)
-DECLINED = "declined"  # the factory refused to train (privacy budget)
-DATA_ERROR = "data-error"  # the factory's data file is unusable
-ERROR = "error"  # anything else that failed on the factory side
-
-# Reply metric names (Flower's convention uses dashes for num-examples) -> MLflow names.
-_RENAMES = {"num-examples": "num_examples"}
+from fl_common.protocol import ACCEPTED
+from strategies.contribution.scorer import RoundContribution
 
 
 @dataclass
@@ -48,26 +43,6 @@ class RoundReport:
     def failures(self) -> list[FactoryOutcome]:
         return [o for o in self.outcomes.values() if o.status != ACCEPTED]
 
-    def mlflow_metrics(self, known_factories: set[str]) -> dict[str, float]:
-        """Per-factory metrics named ``factory/<id>/<metric>`` for every known factory.
-
-        A factory that did not answer this round still gets ``participated = 0`` so gaps are
-        visible on the operator's charts rather than silently missing.
-        """
-        out: dict[str, float] = {}
-        for factory_id in sorted(known_factories | set(self.outcomes)):
-            prefix = f"factory/{factory_id}/"
-            outcome = self.outcomes.get(factory_id)
-            status = outcome.status if outcome else "absent"
-            out[prefix + "participated"] = 1.0 if status == ACCEPTED else 0.0
-            out[prefix + "rejected"] = 1.0 if status == REJECTED else 0.0
-            out[prefix + "declined"] = 1.0 if status == DECLINED else 0.0
-            out[prefix + "failed"] = 1.0 if status in (DATA_ERROR, ERROR) else 0.0
-            if outcome:
-                for name, value in outcome.metrics.items():
-                    out[prefix + _RENAMES.get(name, name)] = float(value)
-        return out
-
     def summary_line(self) -> str:
         """Short human-readable status, e.g. ``3/4 accepted; factory_002 declined``."""
         parts = [f"{len(self.accepted)}/{len(self.outcomes)} accepted"]
@@ -75,3 +50,24 @@ class RoundReport:
             f"{o.factory_id} {o.status}" for o in sorted(self.failures, key=lambda o: o.factory_id)
         ]
         return "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What one training round produced, handed by the strategy to the server once.
+
+    ``report`` holds every factory's outcome; ``contribution`` the scores of the accepted
+    factories when the round was scored (None: scoring off, too few updates, or it failed);
+    ``aggregated`` the factories whose updates went into the global model, in aggregation
+    order (empty when too few were accepted and the model was left unchanged); ``epsilons``
+    each replying factory's cumulative privacy spend as it reported it (any status).
+    """
+
+    report: RoundReport
+    contribution: RoundContribution | None = None
+    aggregated: tuple[str, ...] = ()
+    epsilons: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def server_round(self) -> int:
+        return self.report.server_round

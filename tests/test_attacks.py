@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
+from round_helpers import run_round
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -25,7 +26,7 @@ from fl_client.attacks import (
     poison_labels,
     poison_update,
 )
-from fl_client.factory import FactoryRoundResult, run_factory_round
+from fl_client.factory import FactoryRoundResult
 from fl_client.training import LocalTrainConfig
 from fl_server.config import CONF_DIR
 from standard_models.base import (
@@ -351,18 +352,15 @@ def _round(
     cfg = LocalTrainConfig(
         local_epochs=3, batch_size=32, lr=0.5, dp=dp, reproducible_dp=True, seed=11
     )
-    return run_factory_round(
-        task=TASK,
-        data_path=data,
-        ledger_path=tmp_path / f"ledger-{next(_LEDGERS)}.json",  # a fresh ledger each round
-        factory_id=factory_id,
-        run_id="run",
-        server_round=1,
-        planned_rounds=3,
-        global_state=_global_state(),
-        train_cfg=cfg,
+    return run_round(
+        TASK,
+        cfg,
+        data,
+        tmp_path / f"ledger-{next(_LEDGERS)}.json",  # a fresh ledger each round
+        _global_state(),
         epsilon_budget=50.0,
-        delta=1e-5,
+        planned_rounds=3,
+        factory_id=factory_id,
         attack=attack,
     )
 
@@ -528,7 +526,8 @@ def test_a_deployed_factory_refuses_to_attack(tmp_path: Path, as_node) -> None:
     data = tmp_path / "plant.parquet"
     _molding_frame(200, 1).to_parquet(data)
     config = {
-        "task": "molding_quality", "run-id": "r", "planned-rounds": 1, "local-epochs": 1,
+        "task": "molding_quality", "run-id": "r", "planned-rounds": 1, "server-round": 1,
+        "local-epochs": 1,
         "batch-size": 64, "lr": 0.05, "momentum": 0.0, "dp": False, "epsilon": 0.0,
         "delta": 1e-5, "accountant": "rdp", "max-grad-norm": 1.0, "grad-sample-mode": "bk",
         "seed": 0, "attack": "sign_flip", "attack-factories": "plant", "attack-factor": 1.0,

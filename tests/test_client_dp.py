@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from opacus.accountants import RDPAccountant
 
+from fl_common.protocol import REPLY_RECORD as FACTORY_RECORD
 from fl_server.config import CONF_DIR, compose_config
 from strategies.client_dp import (
     CLIENT_DP_WEIGHT_KEY,
@@ -32,7 +33,7 @@ from strategies.client_dp import (
     parse_client_dp,
     wrap_client_dp,
 )
-from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
+from strategies.hooked import FactoryFedStrategy
 
 FIXED = {
     "mode": "fixed",
@@ -437,7 +438,8 @@ def test_composes_with_the_factoryfed_wrapper(identity):
     """FactoryFedStrategy drops a rejected update; the DP mean is over the accepted ones."""
     g = _global(d=4)
     dp = ClientDPFixedClipping(FedAvg(fraction_train=1.0, min_train_nodes=1), 0.0, 1.0, 3)
-    strategy = FactoryFedStrategy(dp, min_accepted=1)
+    records = []
+    strategy = FactoryFedStrategy(dp, min_accepted=1, on_round=records.append)
     list(strategy.configure_train(1, _record(g), ConfigRecord(), _Grid(3)))
     states = [
         {"w": g["w"] + 5 * np.eye(4)[0], "b": g["b"]},
@@ -454,7 +456,7 @@ def test_composes_with_the_factoryfed_wrapper(identity):
         )
         replies.append(identity(i + 1, content))
     arrays, _ = strategy.aggregate_train(1, replies)
-    assert len(strategy.reports[1].accepted) == 2
+    assert len(records[0].report.accepted) == 2
     np.testing.assert_allclose(arrays["w"].numpy(), g["w"] + 0.5 * (np.eye(4)[0] + np.eye(4)[1]))
 
 

@@ -96,21 +96,22 @@ def test_server_reads_runner_file_or_composes(tmp_path, monkeypatch):
 
 def test_malicious_factories_are_drawn_once_per_seed_or_named():
     from fl_server.config import malicious_factories
-    from fl_server.server_app import attack_entries
+    from fl_server.server_app import train_instruction
 
-    assert attack_entries(compose_config([])) == {"attack": "none", "attack-factories": ""}
+    none = train_instruction(compose_config([]), "r")
+    assert (none.attack, none.attack_factories, none.attack_factor) == ("none", "", None)
     cfg = compose_config(["attack=scale", "attack.num_malicious=3", "federation.num_factories=10"])
     chosen = malicious_factories(cfg)
     assert len(chosen) == 3 and chosen == malicious_factories(cfg)
     assert all(f.startswith("factory_0") for f in chosen)
-    entries = attack_entries(cfg)
-    assert entries["attack-factories"] == ",".join(chosen) and entries["attack-factor"] == 10.0
+    sent = train_instruction(cfg, "r")
+    assert sent.attack_factories == ",".join(chosen) and sent.attack_factor == 10.0
     named = compose_config(["attack=sign_flip", "+attack.factories=[factory_003]"])
     assert malicious_factories(named) == ["factory_003"]
     with pytest.raises(ValueError, match="attack.num_malicious"):
         malicious_factories(compose_config(["attack=noise", "attack.num_malicious=9"]))
     # Hydra would read a bare nan as a number; the catalogue's nan attack still composes.
-    assert attack_entries(compose_config(["attack=nan"]))["attack"] == "nan"
+    assert train_instruction(compose_config(["attack=nan"]), "r").attack == "nan"
 
 
 def test_validation_rules_come_from_the_config():

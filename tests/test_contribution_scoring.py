@@ -9,6 +9,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 from torch.utils.data import TensorDataset
 
+from fl_common.protocol import REPLY_RECORD
+from fl_server.recorder import contribution_metrics
 from standard_models.registry import get_task
 from strategies.contribution.coalitions import (
     StrategyAggregator,
@@ -16,9 +18,9 @@ from strategies.contribution.coalitions import (
     coalition_aggregator,
     detached,
 )
-from strategies.contribution.scorer import ContributionScorer
+from strategies.contribution.scorer import ContributionScorer, build_scorer
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
-from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
+from strategies.hooked import FactoryFedStrategy
 
 RNG = np.random.default_rng(7)
 SHAPES = {"w": (3, 4), "b": (4,)}
@@ -40,7 +42,7 @@ def _reply(identity, node, state, n, factory_id=None):
         }
     )
     if factory_id:
-        content[FACTORY_RECORD] = ConfigRecord(
+        content[REPLY_RECORD] = ConfigRecord(
             {"factory-id": factory_id, "status": "accepted", "reason": ""}
         )
     return identity(node, content)
@@ -176,7 +178,7 @@ def test_scorer_exact_sums_to_the_round_utility():
     assert sum(result.scores.values()) == pytest.approx(result.grand_utility)
     assert result.grand_utility == pytest.approx((1 + 2 + 8) / 4)
     assert result.evaluations == 7
-    metrics = result.mlflow_metrics()
+    metrics = contribution_metrics(result)
     assert metrics["factory/c/contribution"] == result.scores["c"]
     assert metrics["server/contribution_evaluations"] == 7.0
     with pytest.raises(ValueError, match="contribution.method"):
@@ -187,7 +189,10 @@ def test_wrapper_scores_accepted_factories_before_aggregating(identity):
     scorer = ContributionScorer(
         "exact", lambda states: [-float(np.abs(s["w"] - 1.0).mean()) for s in states]
     )
-    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1, scorer=scorer)
+    records = []
+    strategy = FactoryFedStrategy(
+        FedAvg(fraction_evaluate=0.0), min_accepted=1, scorer=scorer, on_round=records.append
+    )
     zero = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
     strategy.remember_global(_record(zero))
     good = {k: np.ones(s, np.float32) for k, s in SHAPES.items()}
@@ -199,7 +204,8 @@ def test_wrapper_scores_accepted_factories_before_aggregating(identity):
         _reply(identity, 3, nan, 10, "factory_002"),
     ]
     strategy.aggregate_train(1, replies)
-    scores = strategy.contributions[1].scores
+    (record,) = records
+    scores = record.contribution.scores
     assert set(scores) == {"factory_000", "factory_001"}  # the rejected NaN update is not a player
     assert scores["factory_000"] > 0 > scores["factory_001"]
 
@@ -208,14 +214,18 @@ def test_wrapper_survives_a_failing_scorer(identity):
     def broken(states):
         raise RuntimeError("evaluation crashed")
 
+    records = []
     strategy = FactoryFedStrategy(
-        FedMedian(fraction_evaluate=0.0), scorer=ContributionScorer("loo", broken)
+        FedMedian(fraction_evaluate=0.0),
+        scorer=ContributionScorer("loo", broken),
+        on_round=records.append,
     )
     strategy.remember_global(_record({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}))
     replies = [_reply(identity, i + 1, _state(), 10, f"factory_00{i}") for i in range(3)]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert arrays is not None
-    assert 1 not in strategy.contributions
+    assert records[0].contribution is None  # unscored, so unpaid
+    assert len(records[0].aggregated) == 3
 
 
 @pytest.mark.parametrize("strategy_cls", [FedMedian, FedTrimmedAvg])
@@ -235,3 +245,32 @@ def test_detached_replies_survive_strategies_that_consume_them(identity, strateg
     second, _ = strategy.aggregate_train(1, detached(replies))
     for key, value in real.items():
         np.testing.assert_array_equal(second[key].numpy(), value.numpy())
+
+
+def test_precomputed_updates_give_the_same_coalitions(identity):
+    """The wrapper passes the numpy updates it validated: the same models as from the replies."""
+    states = [_state() for _ in range(3)]
+    replies = [
+        _reply(identity, i + 1, s, n)
+        for i, (s, n) in enumerate(zip(states, [5, 9, 2], strict=True))
+    ]
+    strategy = FedAvg(fraction_evaluate=0.0)
+    coalitions = _coalitions(3)
+    from_replies = coalition_aggregator(strategy, 1, replies, states[0]).aggregate(coalitions)
+    given = coalition_aggregator(strategy, 1, replies, states[0], states).aggregate(coalitions)
+    for a, b in zip(from_replies, given, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_the_contribution_group_builds_the_scorer():
+    from fl_server.config import compose_config
+
+    assert build_scorer(compose_config(["contribution=none"]), None, None) is None
+    task = get_task("tep_fault")
+    width = next(iter(task.build_model().parameters())).shape[1]
+    data = TensorDataset(torch.randn(40, width), torch.randint(0, 22, (40,)))
+    cfg = compose_config(["contribution=loo", "seed=5"])
+    scorer = build_scorer(cfg, task, data)
+    assert scorer.method == "loo" and scorer.seed == 5
+    assert scorer.sign == (1.0 if task.greater_is_better else -1.0)

@@ -1,16 +1,19 @@
-"""The strategy wrapper on real Flower messages: only valid updates reach FedAvg."""
+"""The strategy wrapper on real Flower messages: only valid updates reach FedAvg, and each
+round ends with one record handed to the server."""
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.hooked import FACTORY_RECORD, FactoryFedStrategy
+from fl_common.protocol import REPLY_RECORD
+from fl_server.recorder import factory_metrics
+from strategies.hooked import FactoryFedStrategy
 
 
 def _update(factory_id, value, n, status="accepted", shape=(2, 3), metrics=None):
     content = RecordDict(
-        {FACTORY_RECORD: ConfigRecord({"factory-id": factory_id, "status": status, "reason": ""})}
+        {REPLY_RECORD: ConfigRecord({"factory-id": factory_id, "status": status, "reason": ""})}
     )
     if status == "accepted":
         content["arrays"] = ArrayRecord([np.full(shape, value, np.float32)])
@@ -18,8 +21,17 @@ def _update(factory_id, value, n, status="accepted", shape=(2, 3), metrics=None)
     return content
 
 
+def _strategy(inner, **kwargs):
+    """The wrapper and the dict its round records land in (what the server's recorder gets)."""
+    records = {}
+    strategy = FactoryFedStrategy(
+        inner, on_round=lambda r: records.__setitem__(r.server_round, r), **kwargs
+    )
+    return strategy, records
+
+
 def test_only_valid_updates_are_aggregated(identity):
-    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
+    strategy, records = _strategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
     strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
     replies = [
         identity(1, _update("factory_000", 1.0, 10)),
@@ -33,7 +45,8 @@ def test_only_valid_updates_are_aggregated(identity):
     arrays, _ = strategy.aggregate_train(1, replies)
     (aggregated,) = arrays.to_numpy_ndarrays()
     np.testing.assert_allclose(aggregated, 2.5)  # (1*10 + 3*30) / 40
-    report = strategy.reports[1]
+    record = records[1]
+    report = record.report
     status = {f: o.status for f, o in report.outcomes.items()}
     assert status == {
         "factory_000": "accepted",
@@ -48,7 +61,10 @@ def test_only_valid_updates_are_aggregated(identity):
     assert "shape" in report.outcomes["factory_003"].reason
     assert "num-examples" in report.outcomes["factory_005"].reason
     assert report.outcomes["node-9"].reason == "worker crashed"
-    metrics = report.mlflow_metrics(strategy.known_factories)
+    assert record.aggregated == ("factory_000", "factory_001")
+    assert record.epsilons == {"factory_004": 8.0}  # taken from the replies once
+    assert record.contribution is None  # no scorer
+    metrics = factory_metrics(report, set())
     assert metrics["factory/factory_004/epsilon"] == 8.0
     assert metrics["factory/factory_002/rejected"] == 1.0
 
@@ -57,7 +73,7 @@ def test_an_error_reply_is_recorded_against_the_factory_the_node_answered_as(ide
     """Flower's error replies (a crashed ClientApp, a timeout) carry no factory record: once a
     node has answered as a factory, its errors are that factory's, so MLflow and the failure
     table name the firm; a node never heard from keeps its node name."""
-    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy, records = _strategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
     strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
     strategy.aggregate_train(
         1,
@@ -67,14 +83,14 @@ def test_an_error_reply_is_recorded_against_the_factory_the_node_answered_as(ide
     strategy.aggregate_train(
         2, [identity(7, _update("factory_000", 1.0, 10)), identity(8, crash), identity(9, crash)]
     )
-    outcomes = strategy.reports[2].outcomes
+    outcomes = records[2].report.outcomes
     assert {f: o.status for f, o in outcomes.items()} == {
         "factory_000": "accepted",
         "factory_001": "error",
         "node-9": "error",
     }
     assert outcomes["factory_001"].node_id == 8
-    metrics = strategy.reports[2].mlflow_metrics(strategy.known_factories)
+    metrics = factory_metrics(records[2].report, set(records[1].report.outcomes))
     assert metrics["factory/factory_001/failed"] == 1.0
 
 
@@ -87,7 +103,7 @@ def test_a_node_cannot_answer_as_another_registered_factory(identity):
     """In a deployment the SuperLink authenticates each SuperNode by its key and knows the name
     it was registered under: a reply claiming another factory's id is rejected, recorded under
     the sender's own name, and neither aggregated nor credited to the claimed factory."""
-    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy, records = _strategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
     strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
     strategy.learn_registrations(_nodes(n1="factory_000", n2="factory_001"))
     arrays, _ = strategy.aggregate_train(
@@ -101,7 +117,7 @@ def test_a_node_cannot_answer_as_another_registered_factory(identity):
     )
     (aggregated,) = arrays.to_numpy_ndarrays()
     np.testing.assert_allclose(aggregated, 2.0)  # only factory_000's and factory_003's
-    outcomes = strategy.reports[1].outcomes
+    outcomes = records[1].report.outcomes
     assert {f: o.status for f, o in outcomes.items()} == {
         "factory_000": "accepted",
         "factory_001": "rejected",
@@ -115,28 +131,29 @@ def test_a_node_cannot_answer_as_another_registered_factory(identity):
     # An error reply from a registered node is its factory's, even before it ever answered.
     strategy.learn_registrations(_nodes(n5="factory_005"))
     strategy.aggregate_train(2, [identity(5, Error(code=1, reason="lost"))])
-    assert strategy.reports[2].outcomes["factory_005"].status == "error"
+    assert records[2].report.outcomes["factory_005"].status == "error"
 
 
 def test_a_nameless_federation_is_not_bound(identity):
     """Simulation nodes have no registered names: factory ids are taken as claimed."""
-    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy, records = _strategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
     strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
     strategy.learn_registrations([NodeInfo(node_id=1), NodeInfo(node_id=2)])
     assert strategy.registered == {}
     strategy.aggregate_train(1, [identity(1, _update("factory_007", 1.0, 10))])
-    assert strategy.reports[1].accepted == ["factory_007"]
+    assert records[1].report.accepted == ["factory_007"]
 
 
 def test_too_few_valid_updates_leave_the_model_unchanged(identity):
-    strategy = FactoryFedStrategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
+    strategy, records = _strategy(FedAvg(fraction_evaluate=0.0), min_accepted=2)
     strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
     replies = [
         identity(1, _update("factory_000", 1.0, 10)),
         identity(2, _update("factory_001", np.inf, 10)),
     ]
     assert strategy.aggregate_train(1, replies) == (None, None)
-    assert strategy.reports[1].accepted == ["factory_000"]
+    assert records[1].report.accepted == ["factory_000"]
+    assert records[1].aggregated == ()  # nothing went into the model
 
 
 def test_a_server_optimiser_keeps_the_models_dtype(identity):
@@ -157,3 +174,36 @@ def test_a_server_optimiser_keeps_the_models_dtype(identity):
     strategy.remember_global(arrays)
     again = [identity(1, _update("factory_000", 0.5, 10))]
     assert strategy.classify(again[0]).status == "accepted"
+
+
+def test_a_resumed_run_sees_the_true_round_everywhere(identity):
+    """The offset is given once: the inner strategy, the record and the evaluation see it."""
+    inner = FedAvg(fraction_evaluate=0.0)
+    seen = []
+    original = inner.aggregate_train
+    inner.aggregate_train = lambda rnd, replies: (seen.append(rnd), original(rnd, replies))[1]
+    strategy, records = _strategy(inner, min_accepted=1, round_offset=4)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    strategy.aggregate_train(1, [identity(1, _update("factory_000", 1.0, 10))])
+    assert seen == [5] and list(records) == [5]
+    assert strategy.true_round(0) == 4  # the evaluation of the model resumed from
+
+
+def test_malformed_replies_are_rejected_with_the_protocol_reason(identity):
+    strategy, records = _strategy(FedAvg(fraction_evaluate=0.0), min_accepted=1)
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    two_metrics = _update("factory_001", 1.0, 10)
+    two_metrics["extra"] = MetricRecord({"x": 1.0})
+    strategy.aggregate_train(
+        1,
+        [
+            identity(1, _update("factory_000", 1.0, 10, status="paid-twice")),
+            identity(2, two_metrics),
+            identity(3, _update("factory_002", 2.0, 10)),
+        ],
+    )
+    outcomes = records[1].report.outcomes
+    assert outcomes["factory_000"].status == "rejected"
+    assert outcomes["factory_000"].reason == "unknown status 'paid-twice'"
+    assert outcomes["factory_001"].reason == "reply must hold one ArrayRecord and one MetricRecord"
+    assert records[1].aggregated == ("factory_002",)

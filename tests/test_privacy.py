@@ -17,11 +17,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from round_helpers import run_round
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 import fl_client.factory as factory_module
-from fl_client.factory import run_factory_round
 from fl_client.privacy import (
     BudgetExhausted,
     LedgerError,
@@ -101,20 +101,11 @@ def factory_round(
     carried: list | None = None,
     factory_id: str = "f0",
 ) -> factory_module.FactoryRoundResult:
-    return run_factory_round(
-        task=TASK,
-        data_path=data,
-        ledger_path=ledger,
-        factory_id=factory_id,
-        run_id=run_id,
-        server_round=rnd,
-        planned_rounds=planned,
-        global_state=global_state(),
-        train_cfg=cfg,
-        epsilon_budget=budget,
-        delta=DELTA,
-        carried_history=carried,
-    )
+    return run_round(
+        TASK, cfg, data, ledger, global_state(), budget, DELTA,
+        run_id=run_id, server_round=rnd, planned_rounds=planned, factory_id=factory_id,
+        carried=carried,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------ epsilon and planning
@@ -397,22 +388,21 @@ def test_run_with_too_little_budget_left_declines_instead_of_training_noise(
     ledger = tmp_path / "ledger.json"
     kwargs = dict(
         task=TASK,
+        cfg=LocalTrainConfig(batch_size=20),
         data_path=data,
         ledger_path=ledger,
-        factory_id="f0",
-        planned_rounds=2,
         global_state=global_state(),
-        train_cfg=LocalTrainConfig(batch_size=20),
         epsilon_budget=2.0,
         delta=DELTA,
+        planned_rounds=2,
         min_run_epsilon=0.1,
     )
     for rnd in (1, 2):
-        run_factory_round(run_id="first", server_round=rnd, **kwargs)
+        run_round(run_id="first", server_round=rnd, **kwargs)
     spent = PrivacyLedger.open(ledger, "f0", 2.0, DELTA, "rdp").spent_epsilon()
     assert 1.9 < spent <= 2.0
     with pytest.raises(BudgetExhausted, match="worth starting a run"):
-        run_factory_round(run_id="second", server_round=1, **kwargs)
+        run_round(run_id="second", server_round=1, **kwargs)
     assert PrivacyLedger.open(ledger, "f0", 2.0, DELTA, "rdp").spent_epsilon() == spent
 
 
@@ -422,18 +412,15 @@ def test_non_private_config_trains(tmp_path: Path) -> None:
 
     p = compose_config(["privacy=none"]).privacy
     data = write_frame(tmp_path, 60)
-    result = run_factory_round(
-        task=TASK,
-        data_path=data,
-        ledger_path=tmp_path / "l.json",
-        factory_id="f0",
-        run_id="r",
-        server_round=1,
-        planned_rounds=1,
-        global_state=global_state(),
-        train_cfg=LocalTrainConfig(batch_size=16, dp=bool(p.enabled)),
+    result = run_round(
+        TASK,
+        LocalTrainConfig(batch_size=16, dp=bool(p.enabled)),
+        data,
+        tmp_path / "l.json",
+        global_state(),
         epsilon_budget=0.0,
         delta=float(p.delta),
+        run_id="r",
         accountant=str(p.accountant),
     )
     assert result.metrics["dp"] == 0 and result.metrics["epsilon"] == 0.0

@@ -1,9 +1,8 @@
-"""Update validation and per-factory reports: pure logic, no Flower runtime."""
+"""Update validation: pure logic, no Flower runtime."""
 
 import numpy as np
 import pytest
 
-from strategies.reports import ACCEPTED, DECLINED, REJECTED, FactoryOutcome, RoundReport
 from strategies.validation import ValidationRules, validate_update
 
 
@@ -58,31 +57,6 @@ def test_norm_bound(reference):
     )
     reason = validate_update(update, reference, 5, ValidationRules(max_update_norm=expected * 0.99))
     assert reason is not None and "norm" in reason
-
-
-def test_report_metrics_name_every_known_factory():
-    report = RoundReport(3)
-    report.add(FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10, "epsilon": 1.5}))
-    report.add(FactoryOutcome("f1", DECLINED, "budget", metrics={"epsilon": 8.0}))
-    report.add(FactoryOutcome("f2", REJECTED, "NaN"))
-    out = report.mlflow_metrics({"f0", "f1", "f2", "f3"})
-    assert out["factory/f0/participated"] == 1.0
-    assert out["factory/f0/num_examples"] == 10.0
-    assert out["factory/f0/epsilon"] == 1.5
-    assert out["factory/f1/declined"] == 1.0 and out["factory/f1/participated"] == 0.0
-    assert out["factory/f1/epsilon"] == 8.0
-    assert out["factory/f2/rejected"] == 1.0
-    assert out["factory/f3/participated"] == 0.0  # absent this round, still visible
-    assert report.accepted == ["f0"]
-    assert "1/3 accepted" in report.summary_line()
-
-
-def test_first_answer_of_a_factory_wins():
-    report = RoundReport(1)
-    first = FactoryOutcome("f0", ACCEPTED)
-    report.add(first)
-    report.add(FactoryOutcome("f0", REJECTED, "dup"))
-    assert report.outcomes["f0"] is first
 
 
 def test_an_update_equal_to_the_global_model_is_a_free_rider(reference):

@@ -164,19 +164,22 @@ def coalition_aggregator(
     server_round: int,
     replies: Sequence[Message],
     fallback: Mapping[str, np.ndarray],
+    updates: Sequence[State] | None = None,
 ) -> CoalitionAggregator:
     """The fastest aggregator that reproduces ``strategy``'s rule exactly.
 
     FedAvg and FedProx (the exact classes, not subclasses that may override aggregation) get the
     batched weighted mean; every other strategy aggregates coalitions through its own code.
+    ``updates``: the replies' arrays already converted to numpy (in reply order), if the caller
+    has them; otherwise they are read from the replies.
     """
     if type(strategy) in WEIGHTED_MEAN_STRATEGIES:
         key = strategy.weighted_by_key
-        updates, weights = [], []
-        for msg in replies:
-            arrays = next(iter(msg.content.array_records.values()))
-            metrics = next(iter(msg.content.metric_records.values()))
-            updates.append({k: v.numpy() for k, v in arrays.items()})
-            weights.append(float(metrics[key]))
+        weights = [float(next(iter(msg.content.metric_records.values()))[key]) for msg in replies]
+        if updates is None:
+            updates = [
+                {k: v.numpy() for k, v in next(iter(msg.content.array_records.values())).items()}
+                for msg in replies
+            ]
         return WeightedMeanAggregator(updates, weights)
     return StrategyAggregator(strategy, server_round, replies, fallback)

@@ -3,6 +3,8 @@
 :class:`ContributionScorer` is what the strategy wrapper calls once a round's updates have been
 validated and before they are aggregated for real. It is independent of Flower's runtime: the
 coalition aggregator and the evaluator are passed in, so tests drive it with plain arrays.
+:func:`build_scorer` builds the server's scorer from the ``contribution`` config group, scoring
+coalition models on the server's validation set.
 """
 
 from __future__ import annotations
@@ -11,9 +13,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from standard_models.base import StandardTask
 from strategies.contribution.coalitions import CoalitionAggregator, State
 from strategies.contribution.estimators import estimate
-from strategies.contribution.utility import CoalitionUtility
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 
 #: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off.
 METHODS = ("none", "exact", "gtg", "loo")
@@ -32,17 +38,6 @@ class RoundContribution:
     permutations: int = 0
     truncated: bool = False
     extra: dict[str, float] = field(default_factory=dict)
-
-    def mlflow_metrics(self) -> dict[str, float]:
-        """``factory/<id>/contribution`` and the round's cost as ``server/contribution_*``."""
-        out = {f"factory/{fid}/contribution": float(v) for fid, v in self.scores.items()}
-        out["server/contribution_evaluations"] = float(self.evaluations)
-        out["server/contribution_seconds"] = float(self.seconds)
-        out["server/contribution_grand_utility"] = float(self.grand_utility)
-        if self.method == "gtg":
-            out["server/contribution_permutations"] = float(self.permutations)
-            out["server/contribution_truncated"] = 1.0 if self.truncated else 0.0
-        return out
 
 
 class ContributionScorer:
@@ -101,3 +96,18 @@ class ContributionScorer:
             permutations=int(result.permutations),
             truncated=bool(result.truncated),
         )
+
+
+def build_scorer(
+    cfg: DictConfig, task: StandardTask, validation: Dataset
+) -> ContributionScorer | None:
+    """The round scorer described by ``cfg.contribution``; ``None`` for ``method: none``."""
+    options = OmegaConf.to_container(cfg.contribution, resolve=True)
+    assert isinstance(options, dict)
+    method = str(options.pop("method", "none"))
+    if method == "none":
+        return None
+    evaluator = BatchedEvaluator(task, task.build_model(), validation)
+    return ContributionScorer(
+        method, evaluator.scores, evaluator.sign, params=options, seed=int(cfg.seed)
+    )

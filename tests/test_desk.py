@@ -3,8 +3,9 @@
 import pytest
 
 from fl_server.config import compose_config
-from fl_server.payouts import PayoutDesk, build_scorer, reward_policy
+from fl_server.recorder import payout_metrics
 from fl_server.rewards.allocation import RewardPolicy
+from fl_server.rewards.desk import PayoutDesk, reward_policy
 from fl_server.rewards.ledger import verify_ledger
 from strategies.contribution.scorer import RoundContribution
 
@@ -27,7 +28,8 @@ def test_a_restarted_desk_never_pays_a_round_twice(tmp_path):
     assert [e.payout for e in again] == [0, 250]  # the recorded payouts, not new ones
     assert restarted.ledger.head() == head
     third = restarted.settle(3, _round(3, {"a": 0.25}), {})
-    metrics = restarted.metrics(third)
+    book = restarted.book
+    metrics = payout_metrics(third, sum(book.cumulative_payout.values()), book.carry)
     assert metrics["factory/a/contribution_cumulative"] == pytest.approx(0.25)
     assert [e.payout for e in third] == [83, 167]
     assert metrics["server/payout_total"] == 750
@@ -43,10 +45,8 @@ def test_an_unscored_round_carries_its_pool(tmp_path):
     assert [(e.factory_id, e.payout, e.epsilon) for e in entries] == [("a", 200, 2.0)]
 
 
-def test_config_groups_build_the_scorer_and_policy():
+def test_the_rewards_group_builds_the_policy():
     cfg = compose_config(["contribution=loo", "rewards=per_round", "rewards.amount=500"])
     assert reward_policy(cfg) == RewardPolicy(500, "per_round", int(cfg.federation.num_rounds))
     with pytest.raises(ValueError, match="rewards.schedule"):
         reward_policy(compose_config(["rewards.schedule=weekly"]))
-    none = compose_config(["contribution=none"])
-    assert build_scorer(none, None, None) is None

@@ -1,0 +1,266 @@
+"""The round recorder: turns each round's record and central evaluation into the run's records.
+
+Per round the strategy hands the server one :class:`~strategies.reports.RoundRecord` (every
+factory's outcome, the contribution scores, the factories aggregated, their reported epsilons)
+and the server evaluates the new global model on its validation set. :class:`RoundRecorder`
+receives both and owns everything written about the round:
+
+* the MLflow metrics, in one batch per round; every ``server/*`` and ``factory/<id>/*`` name
+  is built by the functions of this module;
+* the payout: the round is settled once through the :class:`~fl_server.rewards.desk.PayoutDesk`
+  and the ledger is logged as an artifact with its head as the ``ledger_head`` tag;
+* ``failures.json`` (every failed or refused reply of the run so far), re-logged whenever a
+  round adds one;
+* the checkpoint of the global model and the run state a restarted server resumes from;
+* the progress line in the server log.
+
+MLflow is reached through the tracker's methods only (``log_metrics``, ``log_dict``,
+``log_artifact``, ``set_tags``), so tests pass a recording tracker and no MLflow server.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.common import log
+
+from fl_common.protocol import ACCEPTED, DATA_ERROR, DECLINED, ERROR, NUM_EXAMPLES, REJECTED
+from fl_server.checkpoint import save_checkpoint, save_run_state
+from fl_server.rewards.desk import PayoutDesk
+from fl_server.rewards.ledger import LedgerEntry
+from strategies.contribution.scorer import RoundContribution
+from strategies.reports import RoundRecord, RoundReport
+
+#: Reply metric names that MLflow shows under another name (Flower's dashed convention).
+_RENAMES = {NUM_EXAMPLES: "num_examples"}
+FAILURES_ARTIFACT = "failures.json"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class Tracker(Protocol):
+    """What the recorder needs from :class:`fl_server.tracking.MlflowTracker`."""
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_dict(self, data: Any, artifact_file: str) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
+class EpsilonSchedule(Protocol):
+    """The client-level DP budget (:class:`strategies.client_dp.ClientDPBudget`)."""
+
+    def epsilon(self, server_round: int) -> float: ...
+
+
+# -- MLflow names ------------------------------------------------------------------------------
+def server_metrics(scores: Mapping[str, float]) -> dict[str, float]:
+    """The central evaluation as ``server/<metric>``."""
+    return {f"server/{k}": float(v) for k, v in scores.items()}
+
+
+def final_test_metrics(scores: Mapping[str, float]) -> dict[str, float]:
+    """The final model's scores on the server's test set as ``test/<metric>``."""
+    return {f"test/{k}": float(v) for k, v in scores.items()}
+
+
+def factory_metrics(report: RoundReport, known_factories: Iterable[str]) -> dict[str, float]:
+    """Per-factory metrics named ``factory/<id>/<metric>`` for every known factory.
+
+    A factory that did not answer this round still gets ``participated = 0`` so gaps are
+    visible on the operator's charts rather than silently missing.
+    """
+    out: dict[str, float] = {}
+    for factory_id in sorted(set(known_factories) | set(report.outcomes)):
+        prefix = f"factory/{factory_id}/"
+        outcome = report.outcomes.get(factory_id)
+        status = outcome.status if outcome else "absent"
+        out[prefix + "participated"] = 1.0 if status == ACCEPTED else 0.0
+        out[prefix + "rejected"] = 1.0 if status == REJECTED else 0.0
+        out[prefix + "declined"] = 1.0 if status == DECLINED else 0.0
+        out[prefix + "failed"] = 1.0 if status in (DATA_ERROR, ERROR) else 0.0
+        if outcome:
+            for name, value in outcome.metrics.items():
+                out[prefix + _RENAMES.get(name, name)] = float(value)
+    return out
+
+
+def round_metrics(
+    record: RoundRecord, known_factories: Iterable[str], round_seconds: float
+) -> dict[str, float]:
+    """The training round's own metrics: per factory, accepted count, duration, epsilon max."""
+    out = factory_metrics(record.report, known_factories)
+    out["server/accepted"] = float(len(record.report.accepted))
+    out["server/round_seconds"] = float(round_seconds)
+    if record.epsilons:
+        out["server/epsilon_max"] = max(record.epsilons.values())
+    return out
+
+
+def contribution_metrics(contribution: RoundContribution) -> dict[str, float]:
+    """``factory/<id>/contribution`` and the round's cost as ``server/contribution_*``."""
+    out = {f"factory/{fid}/contribution": float(v) for fid, v in contribution.scores.items()}
+    out["server/contribution_evaluations"] = float(contribution.evaluations)
+    out["server/contribution_seconds"] = float(contribution.seconds)
+    out["server/contribution_grand_utility"] = float(contribution.grand_utility)
+    if contribution.method == "gtg":
+        out["server/contribution_permutations"] = float(contribution.permutations)
+        out["server/contribution_truncated"] = 1.0 if contribution.truncated else 0.0
+    return out
+
+
+def payout_metrics(
+    entries: Iterable[LedgerEntry], total_paid: float, carry: float
+) -> dict[str, float]:
+    """``factory/<id>/{contribution_cumulative,payout,payout_cumulative}`` and the totals."""
+    entries = list(entries)
+    out: dict[str, float] = {}
+    for e in entries:
+        prefix = f"factory/{e.factory_id}/"
+        out[prefix + "contribution_cumulative"] = e.cumulative_score
+        out[prefix + "payout"] = float(e.payout)
+        out[prefix + "payout_cumulative"] = float(e.cumulative_payout)
+    out["server/payout_round"] = float(sum(e.payout for e in entries))
+    out["server/payout_total"] = float(total_paid)
+    out["server/reward_carry"] = float(carry)
+    return out
+
+
+# -- the recorder ------------------------------------------------------------------------------
+class RoundRecorder:
+    """Records every round of one federation run (see the module docstring).
+
+    Parameters
+    ----------
+    tracker : the run's MLflow tracker.
+    out_dir : the run's output folder (checkpoints, run state).
+    run_id : the MLflow run id, kept in the run state.
+    num_rounds : the rounds the run will have (for the progress line).
+    main_metric : the task's main metric (for the progress line).
+    desk : pays each scored round; None when contribution scoring is off.
+    client_dp_budget : the client-level DP budget, whose epsilon is logged each round.
+    history, failures : what a resumed run had recorded before (empty for a new run).
+    resumed_round : the round of the checkpoint a resumed run starts from; its evaluation was
+        recorded before the restart and is not recorded again.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        out_dir: Path,
+        run_id: str,
+        num_rounds: int,
+        main_metric: str,
+        desk: PayoutDesk | None = None,
+        client_dp_budget: EpsilonSchedule | None = None,
+        history: list[dict] | None = None,
+        failures: list[dict] | None = None,
+        resumed_round: int | None = None,
+    ) -> None:
+        self.tracker = tracker
+        self.out_dir = Path(out_dir)
+        self.run_id = run_id
+        self.num_rounds = int(num_rounds)
+        self.main_metric = main_metric
+        self.desk = desk
+        self.budget = client_dp_budget
+        self.history: list[dict] = list(history or [])
+        self.failures: list[dict] = list(failures or [])
+        self.resumed_round = resumed_round
+        #: Every factory seen in this process, so each round names all of them in MLflow.
+        self.known_factories: set[str] = set()
+        #: Each factory's last reported cumulative epsilon (the summary's ``factory_epsilon``).
+        self.factory_epsilon: dict[str, float] = {}
+        self._pending: RoundRecord | None = None
+        self._round_start = time.monotonic()
+
+    def receive(self, record: RoundRecord) -> None:
+        """Take a training round's record from the strategy (its ``on_round`` callback).
+
+        It is written together with the round's central evaluation in :meth:`record`.
+        """
+        self._pending = record
+        self.known_factories |= set(record.report.outcomes)
+        self.factory_epsilon.update(record.epsilons)
+
+    def record(
+        self,
+        server_round: int,
+        scores: Mapping[str, float],
+        state_dict: Mapping[str, torch.Tensor],
+    ) -> None:
+        """Write round ``server_round``: its central ``scores`` on the validation set, the
+        pending record of its training (none for the initial model), the payout, the global
+        model ``state_dict`` as checkpoint and the run state."""
+        if server_round == self.resumed_round:
+            return
+        record, self._pending = self._pending, None
+        if record is not None and record.server_round != server_round:
+            raise RuntimeError(
+                f"round {server_round} evaluated with the record of round {record.server_round}"
+            )
+        metrics = server_metrics(scores)
+        if self.budget is not None:
+            metrics["server/epsilon_client_level"] = self.budget.epsilon(server_round)
+        if record is not None:
+            seconds = time.monotonic() - self._round_start
+            metrics.update(round_metrics(record, self.known_factories, seconds))
+            self._record_failures(record.report)
+            if record.contribution is not None:
+                metrics.update(contribution_metrics(record.contribution))
+            if self.desk is not None:
+                metrics.update(self._settle(record))
+        self.tracker.log_metrics(server_round, metrics)
+        save_checkpoint(
+            self.out_dir / CHECKPOINTS_DIR,
+            server_round,
+            {k: v.detach().clone() for k, v in state_dict.items()},
+            dict(scores),
+        )
+        self.history.append({"round": server_round, **scores})
+        self.save_state()
+        log(
+            INFO,
+            "[factoryfed] round %d/%d  %s=%.4f  loss=%.4f  (%s)",
+            server_round,
+            self.num_rounds,
+            self.main_metric,
+            scores[self.main_metric],
+            scores["loss"],
+            record.report.summary_line() if record else "initial model",
+        )
+        self._round_start = time.monotonic()
+
+    def save_state(self) -> None:
+        """Write the run state a restarted server resumes from."""
+        save_run_state(
+            self.out_dir,
+            {"mlflow_run_id": self.run_id, "history": self.history, "failures": self.failures},
+        )
+
+    def _record_failures(self, report: RoundReport) -> None:
+        """Add the round's failed or refused replies; re-log ``failures.json`` if there were."""
+        for o in report.failures:
+            self.failures.append(
+                {
+                    "round": report.server_round,
+                    "factory": o.factory_id,
+                    "status": o.status,
+                    "reason": o.reason,
+                }
+            )
+        if report.failures:
+            self.tracker.log_dict(self.failures, FAILURES_ARTIFACT)
+
+    def _settle(self, record: RoundRecord) -> dict[str, float]:
+        """Pay the round once (a round already in the ledger is reported, not paid again)."""
+        assert self.desk is not None
+        entries = self.desk.settle(record.server_round, record.contribution, record.epsilons)
+        self.tracker.log_artifact(self.desk.path, "rewards")
+        self.tracker.set_tags({"ledger_head": self.desk.ledger.head()})
+        book = self.desk.book
+        return payout_metrics(entries, sum(book.cumulative_payout.values()), book.carry)
