@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from experiments.flower_sim import SimulationSuperLink
 from fl_server.config import finalize, quote_choices
 from fl_server.data import ensure_data
+from fl_server.launch.simulation import SimulationSuperLink
 from fl_server.server_app import resumable_state
 
 APP_DIR = Path(__file__).resolve().parent.parent

@@ -1,0 +1,1 @@
+"""Code shared by the factory and the operator: the wire protocol and small helpers."""
