@@ -38,16 +38,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fl_server.launch.flower_config import DEFAULT_CONNECTION, write_connection, write_toml
-from fl_server.launch.process import (
-    Handle,
-    answers,
-    child_env,
-    connect_host,
-    free_port,
-    hostport,
-    spawn,
-    wait_ready,
-)
+from fl_server.launch.process import Handle, bind_port, child_env, spawn, spawn_healthy, wait_ready
 from fl_server.launch.warm_clientapp import (
     CLIENTAPP_PRELOAD,
     WARM_SOCKET_ENV,
@@ -119,8 +110,7 @@ def start_superlink(
     home = Path(home).resolve()
     flwr_home = home / "flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    port = int(port) if port else free_port()
-    address = hostport(connect_host(host), port)
+    port, address = bind_port(host, port)
     env = _flower_process_env(
         flwr_home,
         task_poll_interval,
@@ -159,12 +149,17 @@ def start_superlink(
     if node_auth:
         cmd.append("--enable-supernode-auth")
     write_connection(flwr_home, address, connection, root_certificates=ca_cert, insecure=insecure)
-    handle = spawn(
+    url = f"{'http' if insecure else 'https'}://{address}/health"
+    return spawn_healthy(
         "superlink",
         cmd,
         env,
         home,
         home / "superlink.log",
+        url,
+        ca_cert=ca_cert,
+        timeout=ready_timeout,
+        what=f"flower-superlink ({url})",
         info={
             "address": address,
             "connection": connection,
@@ -172,9 +167,6 @@ def start_superlink(
             "ca_cert": str(ca_cert or ""),
         },
     )
-    url = f"{'http' if insecure else 'https'}://{address}/health"
-    wait_ready(handle, lambda: answers(url, ca_cert), ready_timeout, f"flower-superlink ({url})")
-    return handle
 
 
 def start_supernode(
@@ -245,7 +237,7 @@ def start_supernode(
     ledger = Path(str(values.get("ledger-path", "")))
     ledger.parent.mkdir(parents=True, exist_ok=True)
     nc_file = write_toml(home / "node-config.toml", values)
-    port = int(port) if port else free_port()
+    port, runtime_address = bind_port(host, port)
     env = _flower_process_env(flwr_home, task_poll_interval, extra_env)
     warm_socket: Path | None = None
     if warm_clientapp:
@@ -283,7 +275,7 @@ def start_supernode(
         home / "supernode.log",
         info={
             "factory_id": str(values.get("factory-id", bundle["factory-id"])),
-            "runtime_address": hostport(connect_host(host), port),
+            "runtime_address": runtime_address,
             "node_config": str(nc_file),
         },
     )

@@ -5,17 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fl_server.launch.process import (
-    Handle,
-    LaunchError,
-    answers,
-    child_env,
-    connect_host,
-    free_port,
-    hostport,
-    spawn,
-    wait_ready,
-)
+from fl_server.launch.process import Handle, LaunchError, bind_port, child_env, spawn_healthy
 
 DEFAULT_MLFLOW_PORT = 5000
 
@@ -48,7 +38,7 @@ def start_mlflow(
     """
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    port = int(port) if port else free_port()
+    port, address = bind_port(host, port)
     backend = backend_store_uri or f"sqlite:///{home / 'mlflow.db'}"
     artifacts = artifacts_destination or str(home / "artifacts")
     env = child_env()
@@ -72,9 +62,18 @@ def start_mlflow(
     ]
     if allowed_hosts:
         cmd += ["--allowed-hosts", ",".join(allowed_hosts)]
-    uri = f"http://{hostport(connect_host(host), port)}"
-    handle = spawn("mlflow", cmd, env, home, home / "mlflow.log", info={"uri": uri})
-    wait_ready(handle, lambda: answers(f"{uri}/health"), ready_timeout, f"mlflow server ({uri})")
+    uri = f"http://{address}"
+    handle = spawn_healthy(
+        "mlflow",
+        cmd,
+        env,
+        home,
+        home / "mlflow.log",
+        f"{uri}/health",
+        timeout=ready_timeout,
+        what=f"mlflow server ({uri})",
+        info={"uri": uri},
+    )
     if experiment:
         try:
             ensure_experiment(uri, experiment)

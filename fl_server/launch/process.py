@@ -246,6 +246,27 @@ def wait_ready(handle: Handle, probe: Callable[[], bool], timeout: float, what: 
         raise
 
 
+def spawn_healthy(
+    name: str,
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Path,
+    log_path: Path,
+    health_url: str,
+    *,
+    ca_cert: str | Path | None = None,
+    timeout: float = 60.0,
+    what: str | None = None,
+    info: Mapping[str, str] | None = None,
+) -> Handle:
+    """:func:`spawn` a server, then :func:`wait_ready` until ``health_url`` answers 200
+    (verified against ``ca_cert`` over https); ``what`` names it in errors."""
+    handle = spawn(name, cmd, env, cwd, log_path, info)
+    what = what or f"{name} ({health_url})"
+    wait_ready(handle, lambda: answers(health_url, ca_cert), timeout, what)
+    return handle
+
+
 def serve_forever(handles: Sequence[Handle]) -> int:
     """Wait on launched processes in the foreground (the CLI and the containers).
 
@@ -282,6 +303,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def bind_port(host: str, port: int | None) -> tuple[int, str]:
+    """The port to bind (``None`` or 0: a free one) and the ``host:port`` to dial it at."""
+    port = int(port) if port else free_port()
+    return port, hostport(connect_host(host), port)
 
 
 def connect_host(host: str) -> str:

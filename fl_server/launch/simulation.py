@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fl_server.launch.flower_config import config_args, write_connection
 from fl_server.launch.flwr_run import run_app
-from fl_server.launch.process import Handle, answers, child_env, free_port, spawn, wait_ready
+from fl_server.launch.process import Handle, child_env, free_port, spawn_healthy
 
 
 class SimulationSuperLink:
@@ -73,9 +73,16 @@ class SimulationSuperLink:
             # dependencies into a fresh one (that pulls a multi-GB CUDA torch).
             "--disable-runtime-dependency-installation",
         ]
-        self.handle = spawn("superlink", cmd, self.env, self.home, self.home / "superlink.log")
-        url = f"http://{address}/health"
-        wait_ready(self.handle, lambda: answers(url, timeout=1), timeout, "flower-superlink")
+        self.handle = spawn_healthy(
+            "superlink",
+            cmd,
+            self.env,
+            self.home,
+            self.home / "superlink.log",
+            f"http://{address}/health",
+            timeout=timeout,
+            what="flower-superlink",
+        )
 
     def stop(self, grace: float = 15.0) -> None:
         """Stop the SuperLink and everything it started (Ray starts some of its daemons in
