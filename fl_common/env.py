@@ -1,8 +1,9 @@
 """The quiet environment: no telemetry and no update checks, defined once for every process.
 
-:data:`QUIET_ENV` is what every process of the project sets (the command line, the tests, the
-benchmarks); :data:`CHILD_ENV` adds what a launched Flower process also needs (Ray's log lines
-unmerged and its accelerator variable left alone, unbuffered output so a log follows the run).
+:data:`QUIET_ENV` is what the tests and the benchmarks set for themselves (:func:`set_quiet`);
+:data:`CHILD_ENV` is what every process launched by :mod:`fl_server.launch` gets: the same, plus
+Ray's log lines unmerged, its accelerator variable left alone and unbuffered output, so that a
+log follows the run.
 """
 
 from __future__ import annotations
