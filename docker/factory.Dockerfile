@@ -23,6 +23,7 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN pip install --index-url "$TORCH_INDEX_URL" \
         "torch==$(sed -n 's/^torch==//p' constraints.txt)"
 COPY conf conf
+COPY fl_common fl_common
 COPY fl_server fl_server
 COPY fl_client fl_client
 COPY fl_common fl_common

@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The operator's image: SuperLink (which runs the ServerApp), MLflow server, data tooling.
 # Build from the repository root:  docker build -f docker/operator.Dockerfile -t factoryfed-operator .
-# Every command is a `factoryfed deploy ...` launcher (fl_server/deploy.py), the same code an
+# Every command is a `factoryfed deploy ...` launcher (fl_server/launch/), the same code an
 # operator runs outside containers; bundles (TLS certificate and key) are mounted read-only.
 FROM python:3.11-slim-bookworm
 
@@ -28,6 +28,7 @@ COPY pyproject.toml constraints.txt README.md ./
 RUN pip install --index-url "$TORCH_INDEX_URL" \
         "torch==$(sed -n 's/^torch==//p' constraints.txt)"
 COPY conf conf
+COPY fl_common fl_common
 COPY fl_server fl_server
 COPY fl_client fl_client
 COPY fl_common fl_common

@@ -11,8 +11,8 @@ The same config (``molding_quality``, 3 factories, DP-SGD at epsilon 8, a few ro
   ``flwr-clientapp`` process per message that imports torch & co., the SuperExec polling for
   tasks every second (``warm_clientapp=False``);
 * ``deploy-poll``: the same with ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=--poll``;
-* ``deploy``: what :mod:`fl_server.deploy` starts by default: a warm ClientApp launcher per
-  SuperNode (see its docstring);
+* ``deploy``: what :mod:`fl_server.launch.flower` starts by default: a warm ClientApp launcher
+  per SuperNode (:mod:`fl_server.launch.warm_clientapp`);
 * ``deploy-warm-poll``: the warm launcher and ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=--poll``.
 
 A round's wall time is the ServerApp's MLflow metric ``server/round_seconds`` (from the end of
@@ -32,17 +32,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from experiments.flower_sim import QUIET_ENV, flower_env
+from fl_common.env import set_quiet
+from fl_server.launch.process import child_env
 
-for _k, _v in QUIET_ENV.items():
-    os.environ.setdefault(_k, _v)
+set_quiet()
 
 REPO = Path(__file__).resolve().parent.parent
 IDS = ["factory_000", "factory_001", "factory_002"]
@@ -101,18 +100,20 @@ def run_simulation(rounds: int, root: Path) -> dict:
 
 def run_deployed(rounds: int, root: Path, warm: bool, poll: float | None) -> dict:
     """Provision, start SuperLink and SuperNodes, ``flwr run``, stop everything."""
-    from fl_server import deploy
     from fl_server.config import compose_config, finalize
     from fl_server.data import ensure_data
+    from fl_server.launch.flower import start_superlink, start_supernode, wait_connected
+    from fl_server.launch.flwr_run import run_app
+    from fl_server.launch.process import Handle
     from fl_server.provision import provision, register_factories
 
     t0 = time.monotonic()
     bundles = provision(root / "bundles", IDS)
     cfg = finalize(compose_config(overrides(rounds, root)), base=REPO, output_dir=root / "out")
     data_dir, _ = ensure_data(cfg)
-    handles: list[deploy.Handle] = []
+    handles: list[Handle] = []
     try:
-        link = deploy.start_superlink(
+        link = start_superlink(
             bundles.operator_dir,
             root / "operator",
             port=None,
@@ -124,7 +125,7 @@ def run_deployed(rounds: int, root: Path, warm: bool, poll: float | None) -> dic
         assert all(r.ok for r in regs), regs
         for i, fid in enumerate(IDS):
             handles.append(
-                deploy.start_supernode(
+                start_supernode(
                     bundles.factories[fid].path,
                     root / fid,
                     data_dir / f"factory_{i:03d}.parquet",
@@ -137,17 +138,17 @@ def run_deployed(rounds: int, root: Path, warm: bool, poll: float | None) -> dic
                 )
             )
         for node in handles[1:]:
-            deploy.wait_connected(node, 120)
+            wait_connected(node, 120)
         ready = time.monotonic() - t0
         run_config = {
             "overrides": " ".join(overrides(rounds, root)),
             "output-dir": str(root / "out"),
             "data-dir": str(data_dir),
         }
-        env = flower_env(root / "operator" / "flwr")
+        env = child_env(root / "operator" / "flwr")
         env.update(ONE_THREAD)
         with open(root / "flwr-run.log", "w") as log:
-            code = deploy.run_app(
+            code = run_app(
                 root / "operator" / "flwr",
                 REPO,
                 run_config,
@@ -171,13 +172,13 @@ LABELS = {
     "simulation": "simulation (Ray, flwr run)",
     "deploy-flower": "deployment, Flower defaults",
     "deploy-poll": "deployment, task poll {poll} s",
-    "deploy": "deployment, warm ClientApp (deploy.py)",
+    "deploy": "deployment, warm ClientApp (fl_server.launch)",
     "deploy-warm-poll": "deployment, warm + task poll {poll} s",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fl_server.deploy import DEFAULT_TASK_POLL_INTERVAL
+    from fl_server.launch.flower import DEFAULT_TASK_POLL_INTERVAL
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=4)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -18,13 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from experiments.inprocess import APP_DIR, BenchRunner, unchanged_rounds
-
-#: Set in every benchmark process (and inherited by anything it starts).
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}
+from fl_common.env import set_quiet
 
 
 def prepare_process() -> None:
@@ -32,8 +25,7 @@ def prepare_process() -> None:
     import torch
 
     torch.set_num_threads(1)
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    set_quiet()
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_rounds: dict[str, int]) -> None:

@@ -1,7 +1,7 @@
 """A whole federation in one process: the real ServerApp logic and the real ClientApp, no engine.
 
 Benchmarks need hundreds of federation runs. Flower's simulation engine costs about 15-20 s of
-start-up per run through ``flwr run`` (:mod:`experiments.flower_sim`), and Flower 1.42's own
+start-up per run through ``flwr run`` (:mod:`fl_server.launch.simulation`), and Flower 1.42's own
 in-process engine (``flwr.simulation.run_simulation``, Ray backend) measured about 25 s per run
 on this project's 2-core machine, nearly all of it spent starting Ray actors and importing torch
 and Opacus in them, for rounds whose training takes under a second. So this module runs

@@ -5,7 +5,7 @@
     python -m experiments.run --multirun privacy.epsilon=1,3,8
 
 The federation runs on Flower's simulation engine (``flwr run`` against a simulation-mode
-SuperLink, see :mod:`experiments.flower_sim`); the ServerApp receives this job's resolved config,
+SuperLink, see :mod:`fl_server.launch.simulation`); the ServerApp receives this job's resolved config,
 so the same tree in ``conf/`` drives simulation and deployment.
 """
 
@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from experiments.flower_sim import SimulationSuperLink
 from fl_server.config import finalize, quote_choices
 from fl_server.data import ensure_data
+from fl_server.launch.simulation import SimulationSuperLink
 from fl_server.server_app import resumable_state
 
 APP_DIR = Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ for new factories, so bundles already handed out stay valid.
 Registering the factories with a running SuperLink (:func:`register_factories`) runs
 ``flwr supernode register <factory-keys/id.pub> <connection> --name <id>`` per factory, the
 Flower 1.42 CLI route; ``<connection>`` is a ``[superlink.<name>]`` entry of
-``$FLWR_HOME/config.toml`` (see :func:`fl_server.deploy.write_connection`).
+``$FLWR_HOME/config.toml`` (see :func:`fl_server.launch.flower_config.write_connection`).
 """
 
 from __future__ import annotations
@@ -541,7 +541,7 @@ def register_factories(
     """``flwr supernode register <key> <connection> --name <id>`` for each listed factory.
 
     ``env`` must hold the ``FLWR_HOME`` whose ``config.toml`` defines ``connection`` (see
-    :func:`fl_server.deploy.write_connection`) and a PATH with Flower's CLI. A key the SuperLink
+    :func:`fl_server.launch.flower_config.write_connection`) and a PATH with Flower's CLI. A key the SuperLink
     already knows counts as registered (``ok``, message ``already registered``), so running it
     again is harmless; any other failure is reported with Flower's message, never raised.
     """

@@ -1,10 +1,8 @@
 """Test-wide settings (no telemetry, one torch thread) and a builder for Flower replies."""
 
-import os
+from fl_common.env import set_quiet
 
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+set_quiet()
 
 import torch  # noqa: E402
 

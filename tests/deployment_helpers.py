@@ -3,7 +3,7 @@
 Everything binds 127.0.0.1 and every process is started in a session of its own and stopped by
 PID / process group. :class:`LoopbackFederation` is the operator and the factories of a small
 deployment on one machine (TLS SuperLink with SuperNode authentication, MLflow over HTTP, one
-SuperNode per factory) built from :mod:`fl_server.deploy`'s launchers; :class:`FlwrRun` is a
+SuperNode per factory) built from :mod:`fl_server.launch`'s launchers; :class:`FlwrRun` is a
 ``flwr run --stream`` in the background whose output lines are kept with their arrival time.
 """
 
@@ -20,10 +20,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from experiments.flower_sim import descendants, flower_env, start_flwr_run
-from fl_server import deploy
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
+from fl_server.launch import flower
+from fl_server.launch.flower_config import DEFAULT_CONNECTION
+from fl_server.launch.flwr_run import start_flwr_run
+from fl_server.launch.mlflow_server import start_mlflow
+from fl_server.launch.process import Handle, LaunchError, child_env, descendants, stop_tree
 from fl_server.provision import Provisioned, provision, register_factories
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,7 +80,7 @@ def kill_tree(pid: int) -> list[int]:
     return tree
 
 
-def crash(handle: deploy.Handle) -> list[int]:
+def crash(handle: Handle) -> list[int]:
     """SIGKILL a launched process with its whole tree and its companions' (a SuperNode's warm
     ClientApp launcher and the ClientApps it forked): the machine it runs on died."""
     hit = []
@@ -95,14 +98,6 @@ def count_log_lines(text: str, message: str) -> int:
     """
     rx = re.compile(r"^(?:INFO|DEBUG|WARNING|ERROR)\s*(?:\S+ \S+)?:\s+" + re.escape(message), re.M)
     return len(rx.findall(ANSI.sub("", text)))
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def plain_http_fails(address: str) -> str:
@@ -134,7 +129,7 @@ class FlwrRun:
         run_config: Mapping[str, object],
         env: Mapping[str, str],
         app_dir: Path = REPO,
-        connection: str = deploy.DEFAULT_CONNECTION,
+        connection: str = DEFAULT_CONNECTION,
         rc_name: str = "run_config.toml",
     ) -> None:
         self.lines: list[str] = []
@@ -178,15 +173,7 @@ class FlwrRun:
         return code
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            tree = descendants(self.process.pid)
-            kill(self.process.pid)
-            for pid in tree:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.process.wait(timeout=10)
+        stop_tree(self.process, grace=0)
         self._reader.join(timeout=10)
 
 
@@ -209,7 +196,7 @@ class Site:
         self.ids = list(ids)
         self.overrides = list(overrides)
         self.env = dict(ONE_THREAD if env is None else env)
-        self.mlflow: deploy.Handle | None = None
+        self.mlflow: Handle | None = None
         self.bundles: Provisioned = provision(self.root / "bundles", self.ids)
         cfg = finalize(
             compose_config(self.overrides), base=self.root, output_dir=self.root / "unused-out"
@@ -218,7 +205,7 @@ class Site:
         self.data_dir, _ = ensure_data(cfg)
 
     def start_mlflow(self) -> str:
-        self.mlflow = deploy.start_mlflow(self.root / "mlflow", port=None, extra_env=self.env)
+        self.mlflow = start_mlflow(self.root / "mlflow", port=None, extra_env=self.env)
         return self.mlflow.info["uri"]
 
     @property
@@ -261,13 +248,13 @@ class LoopbackFederation:
         self.ids = site.ids
         self.env = dict(site.env)
         self.home = self.root / "operator"
-        self.handles: list[deploy.Handle] = []
-        self.nodes: dict[str, deploy.Handle] = {}
-        self.superlink: deploy.Handle | None = None
+        self.handles: list[Handle] = []
+        self.nodes: dict[str, Handle] = {}
+        self.superlink: Handle | None = None
         self.runs: list[FlwrRun] = []
 
     # -- operator ----------------------------------------------------------------------------
-    def start_superlink(self, port: int | None = None, register: bool = True) -> deploy.Handle:
+    def start_superlink(self, port: int | None = None, register: bool = True) -> Handle:
         """The SuperLink (TLS, SuperNode auth) with its state in ``operator/superlink.db``.
 
         A restart keeps the previous port (the factories dial it). ``register`` registers every
@@ -275,7 +262,7 @@ class LoopbackFederation:
         """
         if port is None and self.superlink is not None:
             port = int(self.superlink.info["address"].rsplit(":", 1)[1])
-        self.superlink = deploy.start_superlink(
+        self.superlink = flower.start_superlink(
             self.site.bundles.operator_dir, self.home, port=port, extra_env=self.env
         )
         self.handles.append(self.superlink)
@@ -305,9 +292,9 @@ class LoopbackFederation:
         extra_env: Mapping[str, str] | None = None,
         connect_timeout: float | None = 90,
         **kwargs,
-    ) -> deploy.Handle:
+    ) -> Handle:
         """A factory's SuperNode from its bundle (same home and ledger path on every start)."""
-        node = deploy.start_supernode(
+        node = flower.start_supernode(
             self.site.bundles.factories[fid].path,
             self.root / fid,
             data_path or self.site.data_path(fid),
@@ -320,7 +307,7 @@ class LoopbackFederation:
         self.handles.append(node)
         self.nodes[fid] = node
         if connect_timeout:
-            deploy.wait_connected(node, connect_timeout)
+            flower.wait_connected(node, connect_timeout)
         return node
 
     def flwr_json(self, *command: str) -> dict | None:
@@ -346,13 +333,13 @@ class LoopbackFederation:
         return next((n["status"] for n in nodes if int(n["node-id"]) == node_id), None)
 
     @staticmethod
-    def node_id(handle: deploy.Handle) -> int:
+    def node_id(handle: Handle) -> int:
         """The node id a SuperNode's log reports."""
         return int(re.findall(r"SuperNode ID: (\d+)", handle.log_text())[-1])
 
     def restart_node(
         self, fid: str, timeout: float = 120, node_id: int | None = None, **kwargs
-    ) -> tuple[deploy.Handle, int]:
+    ) -> tuple[Handle, int]:
         """Start a factory's SuperNode again until the SuperLink accepts it.
 
         After a crash the SuperLink keeps the node ``online`` until its heartbeats have been
@@ -374,9 +361,9 @@ class LoopbackFederation:
             attempt += 1
             node = self.start_node(fid, connect_timeout=None, **kwargs)
             try:
-                deploy.wait_connected(node, max(5.0, deadline - time.monotonic()))
+                flower.wait_connected(node, max(5.0, deadline - time.monotonic()))
                 return node, attempt
-            except deploy.LaunchError:
+            except LaunchError:
                 if (
                     "Failed to activate SuperNode" not in node.log_text()
                     or time.monotonic() > deadline
@@ -388,7 +375,7 @@ class LoopbackFederation:
         for fid in self.ids:
             self.start_node(fid, connect_timeout=None, **kwargs)
         for fid in self.ids:
-            deploy.wait_connected(self.nodes[fid], 90)
+            flower.wait_connected(self.nodes[fid], 90)
 
     # -- runs --------------------------------------------------------------------------------
     def run_config(self, output_dir: Path, overrides: Sequence[str]) -> dict:
@@ -400,7 +387,7 @@ class LoopbackFederation:
 
     def start_run(self, output_dir: Path, overrides: Sequence[str]) -> FlwrRun:
         """``flwr run`` of the project app on this SuperLink, in the background."""
-        env = flower_env(self.home / "flwr")
+        env = child_env(self.home / "flwr")
         env.update(self.env)
         run = FlwrRun(
             self.home / "flwr",

@@ -1,14 +1,12 @@
-"""Data generation, partitioning, schema checks, data files and the ``factoryfed data`` CLI."""
+"""Data generation, partitioning, schema checks and data files (the ``factoryfed data`` command:
+``test_cli.py``)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from fl_server import cli
 from standard_models import DataValidationError, PartitionConfig, get_task, task_names
 from standard_models.datafiles import (
     data_matches,
@@ -426,43 +424,6 @@ def test_regenerating_fewer_factories_removes_stale_files(tmp_path) -> None:
         "factory_000.parquet", "factory_001.parquet"
     ]
     assert data_matches(tmp_path, "molding_quality", 2, 0, p)
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def test_cli_data_make(tmp_path, capsys) -> None:
-    out = tmp_path / "tep"
-    argv = ["data", "make", "--task", "tep_fault", "--num-factories", "6", "--seed", "3",
-            "--out", str(out), "--feature-shift", "0.2"]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    manifest = json.loads((out / "manifest.json").read_text())
-    for entry in manifest["files"]:
-        assert (out / entry["name"]).is_file()
-        assert entry["name"] in printed and str(entry["rows"]) in printed
-    assert "written" in printed
-    partition = PartitionConfig(feature_shift=0.2)
-    assert data_matches(out, "tep_fault", 6, 3, partition)
-    assert cli.main(argv) == 0
-    assert "up to date" in capsys.readouterr().out
-    assert cli.main([*argv, "--force"]) == 0
-    assert "written" in capsys.readouterr().out
-
-
-def test_cli_errors_and_defaults(tmp_path, capsys) -> None:
-    argv = ["data", "make", "--task", "nope", "--num-factories", "2", "--seed", "0",
-            "--out", str(tmp_path)]
-    assert cli.main(argv) == 1
-    assert "valid names" in capsys.readouterr().err
-    assert cli.main(["data"]) == 2
-    args = cli.build_parser().parse_args(argv)
-    default = PartitionConfig()
-    assert (args.scheme, args.alpha, args.quantity_skew, args.feature_shift) == (
-        default.scheme, default.alpha, default.quantity_skew, default.feature_shift
-    )
-    with pytest.raises(SystemExit):
-        cli.main(["data", "make", "--task", "rul"])
 
 
 def test_an_operator_data_dir_needs_only_the_holdout_files(tmp_path):

@@ -36,15 +36,16 @@ from pathlib import Path
 
 import pytest
 from deployment_helpers import IDS, ONE_THREAD, REPO
-from deployment_helpers import alive as _alive
 from deployment_helpers import kill as _kill
 from deployment_helpers import plain_http_fails as _plain_http_fails
 from deployment_helpers import wait_for as _wait_for
 
-from experiments.flower_sim import flower_env, free_port
-from fl_server import deploy
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
+from fl_server.launch.flower import READY_FILE, start_supernode, wait_connected
+from fl_server.launch.flwr_run import run_app
+from fl_server.launch.mlflow_server import start_mlflow
+from fl_server.launch.process import Handle, child_env, free_port, https_get, pid_alive
 from fl_server.provision import provision
 from fl_server.rewards.ledger import verify_ledger
 
@@ -64,9 +65,9 @@ OVERRIDES = [
 
 def test_tls_federation_with_node_auth(tmp_path):
     t_start = time.monotonic()
-    env = flower_env(tmp_path / "unused-flwr-home")
+    env = child_env(tmp_path / "unused-flwr-home")
     env.update(ONE_THREAD)
-    handles: list[deploy.Handle] = []
+    handles: list[Handle] = []
     cli_proc: subprocess.Popen | None = None
     superlink_pid: int | None = None
     timings: dict[str, float] = {}
@@ -78,7 +79,7 @@ def test_tls_federation_with_node_auth(tmp_path):
         data_dir, _ = ensure_data(cfg)
 
         # -- operator: MLflow server and SuperLink (the container's command) -------------------
-        mlflow_handle = deploy.start_mlflow(tmp_path / "mlflow", port=None, extra_env=ONE_THREAD)
+        mlflow_handle = start_mlflow(tmp_path / "mlflow", port=None, extra_env=ONE_THREAD)
         handles.append(mlflow_handle)
         uri = mlflow_handle.info["uri"]
         port = free_port()
@@ -117,14 +118,14 @@ def test_tls_federation_with_node_auth(tmp_path):
         for fid in IDS:
             assert f"registered {fid}: node " in cli_text, cli_text
         address = f"127.0.0.1:{port}"
-        assert (home / deploy.READY_FILE).read_text().strip() == address
+        assert (home / READY_FILE).read_text().strip() == address
         ca = bundles.operator_dir / "ca.crt"
         superlink_log = home / "superlink.log"
         timings["operator up"] = time.monotonic() - t_start
 
         # -- refusals ----------------------------------------------------------------------------
         # A client that trusts the CA gets through; plain HTTP and an untrusting client do not.
-        assert deploy.https_get(f"https://{address}/health", ca) == 200
+        assert https_get(f"https://{address}/health", ca) == 200
         plain = _plain_http_fails(address)
         with pytest.raises(urllib.error.URLError) as refused:
             urllib.request.urlopen(
@@ -134,7 +135,7 @@ def test_tls_federation_with_node_auth(tmp_path):
         # A factory provisioned after the SuperLink registered the others: same CA, valid
         # key, never registered.
         provision(tmp_path / "bundles", [*IDS, "factory_999"])
-        intruder = deploy.start_supernode(
+        intruder = start_supernode(
             tmp_path / "bundles" / "factories" / "factory_999",
             tmp_path / "factory_999",
             data_dir / "factory_000.parquet",
@@ -145,7 +146,7 @@ def test_tls_federation_with_node_auth(tmp_path):
             extra_env=ONE_THREAD,
         )
         handles.append(intruder)
-        insecure = deploy.start_supernode(
+        insecure = start_supernode(
             bundles.factories["factory_000"].path,
             tmp_path / "insecure",
             data_dir / "factory_000.parquet",
@@ -163,7 +164,7 @@ def test_tls_federation_with_node_auth(tmp_path):
         # -- factories ---------------------------------------------------------------------------
         nodes = []
         for i, fid in enumerate(IDS):
-            node = deploy.start_supernode(
+            node = start_supernode(
                 bundles.factories[fid].path,
                 tmp_path / fid,
                 data_dir / f"factory_{i:03d}.parquet",
@@ -175,7 +176,7 @@ def test_tls_federation_with_node_auth(tmp_path):
             handles.append(node)
             nodes.append(node)
         for node in nodes:
-            deploy.wait_connected(node, 90)
+            wait_connected(node, 90)
         timings["factories connected"] = time.monotonic() - t_start
 
         _wait_for(lambda: intruder.poll() is not None, 60, "the unregistered SuperNode to exit")
@@ -195,10 +196,10 @@ def test_tls_federation_with_node_auth(tmp_path):
             "output-dir": str(tmp_path / "out"),
             "data-dir": str(data_dir),
         }
-        run_env = flower_env(home / "flwr")
+        run_env = child_env(home / "flwr")
         run_env.update(ONE_THREAD)
         t_run = time.monotonic()
-        code = deploy.run_app(
+        code = run_app(
             home / "flwr", REPO, run_config, on_line=lines.append, timeout=420, env=run_env
         )
         timings["flwr run"] = time.monotonic() - t_run
@@ -253,8 +254,8 @@ def test_tls_federation_with_node_auth(tmp_path):
         # -- stopping the operator's command stops its SuperLink ----------------------------
         cli_proc.send_signal(signal.SIGTERM)
         assert cli_proc.wait(timeout=30) == 0
-        _wait_for(lambda: not _alive(superlink_pid), 15, "the SuperLink to stop")
-        assert not (home / deploy.READY_FILE).exists()
+        _wait_for(lambda: not pid_alive(superlink_pid), 15, "the SuperLink to stop")
+        assert not (home / READY_FILE).exists()
         timings["total"] = time.monotonic() - t_start
 
         train = {}  # slowest factory's local training (DP-SGD) per round, for comparison
@@ -284,5 +285,5 @@ def test_tls_federation_with_node_auth(tmp_path):
             except subprocess.TimeoutExpired:
                 _kill(cli_proc.pid)
                 cli_proc.wait(timeout=10)
-        if superlink_pid is not None and _alive(superlink_pid):
+        if superlink_pid is not None and pid_alive(superlink_pid):
             _kill(superlink_pid)

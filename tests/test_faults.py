@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -35,9 +34,9 @@ from deployment_helpers import (
     wait_for,
 )
 
-from experiments.flower_sim import descendants
-from fl_server import deploy
 from fl_server.checkpoint import load_latest, load_run_state
+from fl_server.launch.flower import wait_connected
+from fl_server.launch.process import descendants
 from fl_server.rewards.ledger import RewardLedger, verify_ledger
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -51,9 +50,9 @@ OVERRIDES = [
     "seed=0",
 ]
 #: Seconds a round waits for replies. An honest deployed round of this config takes 7-15 s
-#: here with deploy.py's warm ClientApp launchers and 20-30 s with Flower's cold
-#: ``flwr-clientapp`` (what a factory whose launcher died falls back to), for under 1 s of
-#: training (the tests print their round times).
+#: here with the warm ClientApp launchers (fl_server.launch.warm_clientapp) and 20-30 s with
+#: Flower's cold ``flwr-clientapp`` (what a factory whose launcher died falls back to), for
+#: under 1 s of training (the tests print their round times).
 ROUND_TIMEOUT = 45
 #: How long the SuperLink keeps a silent SuperNode online: 2 missed heartbeats of 30 s (Flower
 #: 1.42 constants HEARTBEAT_PATIENCE, HEARTBEAT_DEFAULT_INTERVAL, not configurable).
@@ -381,7 +380,7 @@ def test_corrupt_data_file_is_reported_and_federation_continues(federation, site
     for fid in fed.ids:
         fed.start_node(fid, data_path=corrupt if fid == bad else None, connect_timeout=None)
     for node in fed.nodes.values():
-        deploy.wait_connected(node, 90)
+        wait_connected(node, 90)
     out = fed.root / "out"
     overrides = _overrides(rounds, "contribution=none")
     run = fed.start_run(out, overrides)
@@ -415,44 +414,3 @@ def test_corrupt_data_file_is_reported_and_federation_continues(federation, site
         f"{', '.join(f'{k}: {v:.1f} s' for k, v in _round_times(run, rounds).items())}; "
         f"test {time.monotonic() - t0:.0f} s"
     )
-
-
-# ----------------------------------------------------------------------------- 4. launcher
-
-
-@pytest.mark.timeout(120)
-def test_clientapp_shim_survives_a_dead_warm_launcher(tmp_path):
-    """The ``flwr-clientapp`` shim a SuperNode finds first on its PATH hands a launch to the
-    warm launcher while it listens; with none, or after the launcher was SIGKILLed (its socket
-    file left behind), it runs Flower's own ``flwr-clientapp``: a factory whose launcher died
-    keeps answering, only without the warm start."""
-    from experiments.flower_sim import flower_env
-
-    home = tmp_path / "node"
-    home.mkdir()
-    socket_path = deploy._warm_socket_path(home)
-    shim = deploy.write_clientapp_shim(home / "bin") / "flwr-clientapp"
-    env = flower_env(home / "flwr")
-    env[deploy.WARM_SOCKET_ENV] = str(socket_path)
-
-    def launch() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(shim), "--help"], env=env, capture_output=True, text=True, timeout=60
-        )
-
-    cold = launch()  # no launcher yet
-    assert cold.returncode == 0 and "Run a Flower ClientApp" in cold.stdout, cold.stderr
-    launcher = deploy.start_warm_clientapp(
-        socket_path, home, env, watch_pid=os.getpid(), preload=["flwr.supernode.cli.flwr_clientapp"]
-    )
-    try:
-        wait_for(socket_path.exists, 60, "the warm launcher to listen")
-        warm = launch()
-        assert warm.returncode == 0 and "Run a Flower ClientApp" in warm.stdout, warm.stderr
-        kill_tree(launcher.pid)
-        wait_for(lambda: launcher.poll() is not None, 10, "the launcher to die")
-        assert socket_path.exists()  # what a crash leaves behind
-        after = launch()
-        assert after.returncode == 0 and "Run a Flower ClientApp" in after.stdout, after.stderr
-    finally:
-        launcher.stop(grace=2)

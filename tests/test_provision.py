@@ -19,8 +19,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.common.config import parse_config_args
 
-from fl_server import cli
-from fl_server.deploy import write_connection, write_node_config
 from fl_server.provision import (
     ProvisionError,
     provision,
@@ -242,28 +240,6 @@ def test_bad_input_is_refused(tmp_path, kwargs):
         provision(tmp_path / "b", **kwargs)
 
 
-def test_cli_never_prints_a_private_key(tmp_path, capsys):
-    out = tmp_path / "bundles"
-    code = cli.main(["provision", "--out", str(out), "--num-factories", "2", "--dns", "superlink"])
-    assert code == 0
-    printed = capsys.readouterr()
-    text = printed.out + printed.err
-    assert "PRIVATE KEY" not in text
-    for key in out.rglob("*.key"):
-        body = [
-            line for line in key.read_text().splitlines() if line and not line.startswith("-----")
-        ]
-        assert body and not any(line in text for line in body), key
-    assert "factory_001" in text and "SHA256:" in text
-    assert (out / "factories" / "factory_001" / "supernode.key").is_file()
-    dns, _ = _sans(_cert(out / "operator" / "server.crt"))
-    assert dns == {"localhost", "superlink"}
-
-
-def test_cli_needs_factories(tmp_path, capsys):
-    assert cli.main(["provision", "--out", str(tmp_path / "b")]) == 2
-
-
 def _fake_flwr(folder: Path, script: str) -> dict[str, str]:
     """A stand-in ``flwr`` on PATH that answers like ``flwr supernode register --format json``."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -311,25 +287,3 @@ print(json.dumps({{"success": True, "node-id": 1234}}, indent=2))
     assert argv[0][3] == "factoryfed"
     with pytest.raises(ProvisionError):
         register_factories(bundles.operator_dir, "factoryfed", env, ["factory_999"])
-
-
-def test_connection_and_node_config_files_are_what_flower_reads(tmp_path, monkeypatch, bundles):
-    from flwr.cli.flower_config import read_superlink_connection
-
-    ca = bundles.operator_dir / "ca.crt"
-    write_connection(tmp_path / "home", "127.0.0.1:9093", "fed", root_certificates=ca)
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    conn = read_superlink_connection("fed")
-    assert conn.address == "127.0.0.1:9093"
-    assert conn.root_certificates == str(ca.resolve())
-    assert not conn.insecure
-    nc = write_node_config(
-        tmp_path / "nc.toml",
-        {"factory-id": "f1", "data-path": '/a "quoted" path/x.parquet', "epsilon-budget": 3.0},
-    )
-    parsed = parse_config_args([str(nc)])
-    assert parsed == {
-        "factory-id": "f1",
-        "data-path": '/a "quoted" path/x.parquet',
-        "epsilon-budget": 3.0,
-    }

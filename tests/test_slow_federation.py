@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from experiments.run import run_simulation
+from fl_common.env import QUIET_ENV
 from fl_server.config import compose_config, finalize
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -73,12 +74,7 @@ def test_budget_spent_in_an_earlier_run_counts(tmp_path):
 @pytest.mark.timeout(600)
 def test_hydra_multirun_sweep(tmp_path):
     """`python -m experiments.run --multirun privacy.epsilon=1,8` runs one federation each."""
-    env = dict(
-        os.environ,
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-    )
+    env = {**os.environ, **QUIET_ENV}
     cmd = [
         sys.executable,
         "-m",
