@@ -5,8 +5,8 @@
     python -m experiments.run --multirun privacy.epsilon=1,3,8
 
 The federation runs on Flower's simulation engine (``flwr run`` against a simulation-mode
-SuperLink, see :mod:`fl_server.launch.simulation`); the ServerApp receives this job's resolved config,
-so the same tree in ``conf/`` drives simulation and deployment.
+SuperLink, see :mod:`fl_server.launch.simulation`); the ServerApp receives this job's resolved
+config, so the same tree in ``conf/`` drives simulation and deployment.
 """
 
 from __future__ import annotations

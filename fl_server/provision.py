@@ -541,9 +541,10 @@ def register_factories(
     """``flwr supernode register <key> <connection> --name <id>`` for each listed factory.
 
     ``env`` must hold the ``FLWR_HOME`` whose ``config.toml`` defines ``connection`` (see
-    :func:`fl_server.launch.flower_config.write_connection`) and a PATH with Flower's CLI. A key the SuperLink
-    already knows counts as registered (``ok``, message ``already registered``), so running it
-    again is harmless; any other failure is reported with Flower's message, never raised.
+    :func:`fl_server.launch.flower_config.write_connection`) and a PATH with Flower's CLI. A
+    key the SuperLink already knows counts as registered (``ok``, message ``already
+    registered``), so running it again is harmless; any other failure is reported with
+    Flower's message, never raised.
     """
     entries = read_factories(operator_dir)
     if factory_ids is not None:
