@@ -49,17 +49,22 @@ class FederationFailed(RuntimeError):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a user can fix from the message alone: shown as one line, without a traceback."""
-    from standard_models.base import DataValidationError
+    """Errors a user can fix from the message alone: shown as one line, without a traceback.
 
-    return (
+    A data file's error class is included once its module is loaded (it is, whenever such an
+    error was raised), so refusing a folder in use never waits for torch to import.
+    """
+    errors: list[type[BaseException]] = [
         ConfigError,
         TrackingUnavailable,
         RunDirInUse,
-        DataValidationError,
         FileNotFoundError,
         FederationFailed,
-    )
+    ]
+    base = sys.modules.get("standard_models.base")
+    if base is not None:
+        errors.append(base.DataValidationError)
+    return tuple(errors)
 
 
 def end_mlflow_run(out: Path, uri: str, status: str) -> str | None:

@@ -165,3 +165,57 @@ def test_a_corrupt_file_of_ones_own_is_named_in_one_line(tmp_path):
     line = _one_line(result)
     assert str(own / "validation.parquet") in line and "unreadable Parquet" in line
     assert not (tmp_path / "mlflow.db").exists()
+
+
+# --- the MLflow run is never left RUNNING ----------------------------------------------------
+
+
+def _crashed_run(tmp_path: Path, data_dir: Path):
+    """A folder holding the state of a crashed run whose MLflow run is still RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from fl_server.checkpoint import save_run_state
+    from fl_server.config import compose_config, finalize
+    from fl_server.tracking import MlflowTracker
+
+    cfg = finalize(
+        compose_config(
+            [
+                "task=molding_quality",
+                "federation.num_factories=3",
+                f"data_dir={data_dir}",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            ]
+        ),
+        base=tmp_path,
+        output_dir=tmp_path / "out",
+    )
+    tracker = MlflowTracker(cfg.tracking.uri, "factoryfed", str(tmp_path / "art"))
+    run_id = tracker.start("crashed", {}, {})
+    (tmp_path / "out").mkdir()
+    save_run_state(tmp_path / "out", {"mlflow_run_id": run_id, "history": [], "failures": []})
+    return cfg, run_id, MlflowClient(tracking_uri=cfg.tracking.uri)
+
+
+def test_a_failing_restart_ends_the_mlflow_run_failed(tmp_path):
+    from experiments.run import run_simulation
+
+    cfg, run_id, client = _crashed_run(tmp_path, tmp_path / "missing-data")
+    with pytest.raises(FileNotFoundError, match="missing-data"):
+        run_simulation(cfg)
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_an_interrupted_run_ends_the_mlflow_run_killed(tmp_path, monkeypatch):
+    import fl_server.data
+    from experiments.run import run_simulation
+
+    cfg, run_id, client = _crashed_run(tmp_path, tmp_path / "data")
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt  # Ctrl-C while the run prepares its data
+
+    monkeypatch.setattr(fl_server.data, "ensure_data", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_simulation(cfg)
+    assert client.get_run(run_id).info.status == "KILLED"
