@@ -3,9 +3,11 @@ validation and test files in deployment (where each factory's file stays at the 
 
 Three sources, one check: generated data (made under ``data_root`` unless identical data is
 there), the user's own files (``data_dir=PATH``: never generated into, only checked), and an
-operator's folder holding the server's files only (``holdout_only``). Every file the run will
-read is checked against the task's schema before the federation starts, so a missing, corrupt
-or wrongly shaped file stops the run with one line naming it.
+operator's folder holding the server's files only (``holdout_only``). The server's files, and
+all of a user's own files, are checked against the task's schema before the federation starts,
+so a missing, corrupt or wrongly shaped file stops the run with one line naming it. A damaged
+file of generated data that a factory reads stays that factory's data error (reported for it
+every round while the others train), as it would be in a deployment.
 """
 
 from __future__ import annotations
@@ -97,7 +99,9 @@ def ensure_data(cfg: DictConfig) -> tuple[Path, bool]:
         return data_dir, False
     args = (task, n, int(cfg.seed), partition_of(cfg))
     if data_matches(data_dir, *args):
-        check_data_files(task, data_dir, n)
+        # The server's own files; a damaged factory file stays that factory's data error,
+        # reported for it each round while the others train (as in a deployment).
+        check_data_files(task, data_dir, None)
         return data_dir, False
     make_federated_data(*args, out_dir=data_dir)
     return data_dir, True
