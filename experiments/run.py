@@ -26,9 +26,12 @@ from rich.console import Console
 from rich.table import Table
 
 from fl_server.config import finalize, quote_choices
-from fl_server.data import ensure_data
-from fl_server.launch.simulation import SimulationSuperLink
-from fl_server.server_app import resumable_state
+from fl_server.config_schema import ConfigError
+from fl_server.rundir import RunDirInUse, run_dir_lock
+from fl_server.tracking import TrackingUnavailable, check_tracking, mark_run_ended
+
+# torch, Flower and MLflow are imported only once the config and the tracking store passed their
+# checks (see `main`): a bad config is refused in about a second, not after those imports.
 
 APP_DIR = Path(__file__).resolve().parent.parent
 console = Console()
@@ -40,13 +43,76 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PREFIX = re.compile(r"^(\d+/\d+/\d+ \d+:\d+:\d+(:[A-Z]+:|\W)|[A-Z]+\s+:)\s*")
 
 
+class FederationFailed(RuntimeError):
+    """The federation ran but did not finish; the message points at its log."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a user can fix from the message alone: shown as one line, without a traceback.
+
+    A data file's error class is included once its module is loaded (it is, whenever such an
+    error was raised), so refusing a folder in use never waits for torch to import.
+    """
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        TrackingUnavailable,
+        RunDirInUse,
+        FileNotFoundError,
+        FederationFailed,
+    ]
+    base = sys.modules.get("standard_models.base")
+    if base is not None:
+        errors.append(base.DataValidationError)
+    return tuple(errors)
+
+
+def end_mlflow_run(out: Path, uri: str, status: str) -> str | None:
+    """Mark the MLflow run recorded in ``out`` as ``status`` if it is still RUNNING.
+
+    The ServerApp ends its run itself when it fails; this covers a ServerApp that never got
+    there (killed with its SuperLink, or interrupted). Returns the run id it ended, if any.
+    """
+    from fl_server.checkpoint import load_run_state
+
+    try:
+        state = load_run_state(out)
+    except (OSError, ValueError):
+        return None
+    run_id = (state or {}).get("mlflow_run_id")
+    if run_id and mark_run_ended(uri, str(run_id), status):
+        return str(run_id)
+    return None
+
+
 def run_simulation(cfg: DictConfig, verbose: bool = False) -> dict:
-    """Run one federation for a finalised config; returns the ServerApp's summary."""
+    """Run one federation for a finalised config; returns the ServerApp's summary.
+
+    The output folder is locked for the whole run (a second process targeting it is refused),
+    and an MLflow run the federation leaves RUNNING is ended FAILED (KILLED on an interrupt).
+    """
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_dir_lock(out, for_config=out / "config.yaml"):
+        try:
+            return _run_locked(cfg, out, verbose)
+        except BaseException as exc:
+            stopped = isinstance(exc, KeyboardInterrupt | SystemExit)
+            ended = end_mlflow_run(out, str(cfg.tracking.uri), "KILLED" if stopped else "FAILED")
+            if ended:
+                console.print(f"MLflow run {ended} ended {'KILLED' if stopped else 'FAILED'}")
+            raise
+
+
+def _run_locked(cfg: DictConfig, out: Path, verbose: bool) -> dict:
+    from fl_server.data import ensure_data
+    from fl_server.launch.simulation import SimulationSuperLink
+    from fl_server.server_app import resumable_state
+
     # Refuse a folder holding a finished run here, before its summary is cleared below: the
     # ServerApp would otherwise take it for an interrupted run and "resume" it.
-    resumable_state(out)
+    try:
+        resumable_state(out)
+    except RuntimeError as exc:
+        raise RunDirInUse(str(exc)) from None
     t0 = time.monotonic()
     data_dir, made = ensure_data(cfg)
     console.print(
@@ -95,7 +161,7 @@ def run_simulation(cfg: DictConfig, verbose: bool = False) -> dict:
             timeout=float(cfg.federation.round_timeout) * (int(cfg.federation.num_rounds) + 2),
         )
     if code != 0 or not summary_path.exists():
-        raise RuntimeError(f"the federation did not finish (flwr exit {code}); see {log_path}")
+        raise FederationFailed(f"the federation did not finish (flwr exit {code}); see {log_path}")
     summary = json.loads(summary_path.read_text())
     summary["wall_seconds"] = time.monotonic() - t0
     summary_path.write_text(json.dumps(summary, indent=2))
@@ -163,13 +229,33 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def prepare(cfg: DictConfig, base: Path, out: Path) -> DictConfig:
+    """Everything that must hold before anything expensive starts (data, Ray, Flower, MLflow):
+    the whole config is valid and the tracking store is reachable and writable."""
+    cfg = finalize(cfg, base=base, output_dir=out)
+    check_tracking(str(cfg.tracking.uri))
+    return cfg
+
+
+def fail(exc: BaseException) -> None:
+    """One line on stderr and a non-zero exit: 2 for a bad config, 1 for anything else."""
+    print(f"factoryfed: error: {exc}", file=sys.stderr, flush=True)
+    raise SystemExit(2 if isinstance(exc, ConfigError) else 1)
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final validation main metric (for sweepers)."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     out = Path(HydraConfig.get().runtime.output_dir)
-    cfg = finalize(cfg, base=Path(get_original_cwd()), output_dir=out)
-    summary = run_simulation(cfg)
+    try:
+        cfg = prepare(cfg, Path(get_original_cwd()), out)
+    except (ConfigError, TrackingUnavailable) as exc:
+        fail(exc)
+    try:
+        summary = run_simulation(cfg)
+    except user_errors() as exc:
+        fail(exc)
     print_summary(summary, cfg)
     return float(summary["rounds"][-1][summary["main_metric"]])
 

@@ -17,6 +17,8 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from fl_server.config_schema import validate_config
+
 #: The Hydra config tree, shipped next to the packages (and inside the Flower app bundle).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -62,11 +64,23 @@ def resolve_tracking_uri(uri: str, base: Path) -> str:
 
 
 def finalize(cfg: DictConfig, base: Path, output_dir: Path) -> DictConfig:
-    """Fill the run-specific absolute paths (data, output, tracking) into a composed config."""
+    """Check a composed config, then fill in its run-specific absolute paths.
+
+    The whole config is validated first (:func:`fl_server.config_schema.validate_config`), so a
+    bad value stops here, before any data, Flower process or MLflow run exists. ``data_dir``
+    set by the user names a folder of the user's own factory files (``data_given``: checked,
+    never generated into); otherwise the generated data's folder under ``data_root`` is used.
+    """
+    validate_config(cfg)
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
-    root = Path(cfg.data_root)
-    cfg.data_dir = str(data_dir_for(cfg, root if root.is_absolute() else base / root))
+    if cfg.get("data_dir") is not None and not cfg.get("data_given"):
+        given = Path(str(cfg.data_dir)).expanduser()
+        cfg.data_dir = str((given if given.is_absolute() else base / given).resolve())
+        cfg.data_given = True
+    else:
+        root = Path(cfg.data_root)
+        cfg.data_dir = str(data_dir_for(cfg, root if root.is_absolute() else base / root))
     cfg.output_dir = str(output_dir.resolve())
     cfg.tracking.uri = resolve_tracking_uri(str(cfg.tracking.uri), base)
     art_root = str(cfg.tracking.artifact_root)
@@ -77,24 +91,7 @@ def finalize(cfg: DictConfig, base: Path, output_dir: Path) -> DictConfig:
         eps = cfg.privacy.epsilon if cfg.privacy.enabled else "none"
         cfg.run_name = f"{cfg.task.name}-{cfg.strategy.name}-eps{eps}-s{cfg.seed}"
     OmegaConf.resolve(cfg)
-    check_federation(cfg)
     return cfg
-
-
-def check_federation(cfg: DictConfig) -> None:
-    """Refuse federation sizes that could never run: a round needing more factories than exist
-    would wait for them forever (Flower's node sampling has no timeout)."""
-    fed = cfg.federation
-    n = int(fed.num_factories)
-    if n < 1:
-        raise ValueError(f"federation.num_factories must be at least 1, got {n}")
-    for field in ("min_factories", "min_available"):
-        value = fed.get(field)
-        if value is not None and not 1 <= int(value) <= n:
-            raise ValueError(
-                f"federation.{field} must be between 1 and federation.num_factories ({n}), "
-                f"got {value}"
-            )
 
 
 def load_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
@@ -102,26 +99,33 @@ def load_from_run_config(run_config: Mapping[str, Any]) -> DictConfig:
 
     ``config-file`` (a resolved config written by the runner) wins; otherwise ``conf/`` is
     composed with the Hydra ``overrides``, and relative paths resolve against the working
-    directory, with ``data-dir``/``output-dir`` from the run config when given.
+    directory, with ``data-dir``/``output-dir`` from the run config when given. Either way the
+    config is validated before it is returned (a ``ConfigError`` names the bad key).
     """
     config_file = str(run_config.get("config-file", "") or "")
     if config_file:
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"run config 'config-file': {path} does not exist")
-        return OmegaConf.load(path)  # type: ignore[return-value]
+        loaded = OmegaConf.load(path)
+        assert isinstance(loaded, DictConfig)
+        validate_config(loaded)
+        return loaded
     overrides = shlex.split(str(run_config.get("overrides", "") or ""))
     cfg = compose_config(overrides)
     base = Path.cwd()
     out = str(run_config.get("output-dir", "") or "")
     output_dir = (
-        Path(out) if out else base / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-flwr")
+        Path(out)
+        if out
+        else base / "outputs" / datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f-flwr")
     )
     cfg = finalize(cfg, base, output_dir)
     data = str(run_config.get("data-dir", "") or "")
     if data:
         # An operator's own folder: it holds the server's validation and test files only.
         cfg.data_dir = str(Path(data).resolve())
+        cfg.data_given = False
         cfg.holdout_only = True
     return cfg
 

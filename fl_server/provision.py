@@ -435,6 +435,7 @@ def provision(
     cert_days: int = 825,
     data_placeholder: str = DATA_PLACEHOLDER,
     ledger_placeholder: str = LEDGER_PLACEHOLDER,
+    rotate_ca: bool = False,
 ) -> Provisioned:
     """Create (or extend) the CA, the SuperLink certificate and the factories' bundles.
 
@@ -452,6 +453,9 @@ def provision(
         Validity of a new CA and of the server certificate.
     data_placeholder, ledger_placeholder : str
         Node-config placeholders (``{factory_id}`` is filled in).
+    rotate_ca : bool
+        Replace a CA whose ``ca.key`` is missing with a new one. Every bundle issued under the
+        old CA stops verifying the SuperLink, so this is refused unless asked for explicitly.
     """
     ids = [check_factory_id(str(f)) for f in factory_ids]
     if not ids:
@@ -464,8 +468,16 @@ def provision(
     op_dir = _mkdir(root / OPERATOR_DIR, 0o700)
     keys_dir = _mkdir(op_dir / FACTORY_KEYS_DIR)
 
-    ca_key, new_ca = _load_or_create_key(ca_dir / CA_KEY, openssh=False)
     ca_cert_path = ca_dir / CA_CERT
+    if ca_cert_path.exists() and not (ca_dir / CA_KEY).exists():
+        if not rotate_ca:
+            raise ProvisionError(
+                f"{ca_cert_path} exists but its key {ca_dir / CA_KEY} is missing: put the key "
+                "back to extend this CA, or pass --rotate-ca to replace it with a new CA (every "
+                "factory bundle issued so far must then be handed out again)"
+            )
+        ca_cert_path.unlink()
+    ca_key, new_ca = _load_or_create_key(ca_dir / CA_KEY, openssh=False)
     if new_ca or not ca_cert_path.exists():
         ca_cert = make_ca_certificate(ca_key, ca_days)
         write_public(ca_cert_path, _pem(ca_cert))

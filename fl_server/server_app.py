@@ -31,6 +31,7 @@ from fl_server.config import flat_params, load_from_run_config, malicious_factor
 from fl_server.data import ensure_data
 from fl_server.recorder import RoundRecorder, final_test_metrics
 from fl_server.rewards.desk import LEDGER_FILE, PayoutDesk, reward_policy
+from fl_server.rundir import server_run_dir_lock
 from fl_server.tracking import MlflowTracker
 from standard_models.base import StandardTask
 from standard_models.registry import get_task
@@ -297,4 +298,8 @@ def finish(
 def main(grid: Grid, context: Context) -> None:
     """Flower entry point: config from the run config, then the federation."""
     cfg = load_from_run_config(context.run_config)
-    run_federation(grid, cfg)
+    # Started by experiments.run, the runner already holds the folder's lock for this config
+    # file; started directly by `flwr run`, the ServerApp takes it so no other run shares it.
+    config_file = str(context.run_config.get("config-file", "") or "") or None
+    with server_run_dir_lock(Path(cfg.output_dir), config_file):
+        run_federation(grid, cfg)

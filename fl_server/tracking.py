@@ -3,21 +3,112 @@
 One MLflow run per federation run. Metrics are sent with ``MlflowClient.log_batch`` once per
 round (one call instead of hundreds), named ``server/<metric>`` for central evaluation and
 ``factory/<id>/<metric>`` for per-factory values, with step = round number.
+
+MLflow is imported where it is used, so :func:`check_tracking` can run before a run starts
+without paying for MLflow's import.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-import mlflow
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.tracking import MlflowClient
 
 _BATCH_METRICS = 1000
 _BATCH_PARAMS = 100
 _PARAM_MAX_LEN = 6000
+#: Seconds the reachability check waits for a tracking server (MLflow's own client would retry
+#: for minutes: MLFLOW_HTTP_REQUEST_MAX_RETRIES x MLFLOW_HTTP_REQUEST_TIMEOUT).
+CHECK_TIMEOUT = 5.0
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be used; the message is one line naming the URI."""
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file or folder a local tracking URI writes to (None for remote stores)."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///relative.db and sqlite:////absolute.db (SQLAlchemy's spelling)
+        return Path(uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else parsed.path)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "" and uri:
+        return Path(uri)
+    return None
+
+
+def check_tracking(uri: str, timeout: float = CHECK_TIMEOUT) -> None:
+    """Refuse a tracking URI that a run could not write to, in seconds rather than minutes.
+
+    ``http(s)://``: the server must answer its ``/health`` endpoint within ``timeout``
+    seconds, without MLflow's retries. ``sqlite:///`` and local folders: the folder must exist
+    and be writable (and the database file, if present). Other schemes are left to MLflow.
+
+    Raises:
+        TrackingUnavailable: one line naming the URI and what is wrong.
+    """
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is not reachable ({reason}); start it or set "
+                "tracking.uri to a running server or to sqlite:///mlflow.db"
+            ) from None
+        if status in (401, 403):
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} refuses access (HTTP {status}); set "
+                "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+            )
+        if status >= 500:
+            raise TrackingUnavailable(
+                f"MLflow tracking server {uri} is not healthy (HTTP {status} from {url})"
+            )
+        return
+    path = _local_path(uri)
+    if path is None:
+        return
+    folder = path.parent if parsed.scheme == "sqlite" else path
+    if parsed.scheme != "sqlite" and not folder.exists():
+        folder = folder.parent  # MLflow creates a file store's own folder
+    if not folder.is_dir():
+        raise TrackingUnavailable(f"tracking.uri {uri}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        parsed.scheme == "sqlite" and path.exists() and not os.access(path, os.W_OK)
+    ):
+        raise TrackingUnavailable(f"tracking.uri {uri}: {path} is not writable")
+
+
+def mark_run_ended(uri: str, run_id: str, status: str = "FAILED") -> bool:
+    """End MLflow run ``run_id`` as ``status`` if it is still RUNNING; True if it was changed.
+
+    For a process that outlives the one that created the run (the runner of a federation whose
+    ServerApp died): a run is never left RUNNING. Does nothing when the store is unreachable.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        check_tracking(uri)
+        client = MlflowClient(tracking_uri=uri)
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+        client.set_terminated(run_id, status=status)
+    except (TrackingUnavailable, MlflowException):
+        return False
+    return True
 
 
 class MlflowTracker:
@@ -34,6 +125,10 @@ class MlflowTracker:
     """
 
     def __init__(self, uri: str, experiment: str, artifact_root: str) -> None:
+        check_tracking(uri)  # seconds, not MLflow's minutes of retries, for a dead server
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
@@ -57,6 +152,8 @@ class MlflowTracker:
 
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
         """Create the run and log every param in batches; returns the MLflow run id."""
+        from mlflow.entities import Param
+
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:_PARAM_MAX_LEN]) for k, v in sorted(params.items())]
@@ -73,6 +170,8 @@ class MlflowTracker:
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Log a round's metrics in as few calls as possible (step = round number)."""
+        from mlflow.entities import Metric
+
         assert self.run_id is not None
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in sorted(metrics.items())]
@@ -80,6 +179,8 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH_METRICS])
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         assert self.run_id is not None
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
 
@@ -102,6 +203,7 @@ class MlflowTracker:
         signature. Returns the registered model version, or None when not registered.
         Requirements are given explicitly so MLflow does not spend seconds inferring them.
         """
+        import mlflow
         import torch
 
         with mlflow.start_run(run_id=self.run_id):

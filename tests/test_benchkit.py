@@ -1,6 +1,7 @@
 """Resuming an interrupted benchmark grid keeps exactly the finished runs of the same grid."""
 
 import json
+from types import SimpleNamespace
 
 from experiments.benchkit import finished_runs
 
@@ -47,7 +48,8 @@ class _Runner:
         return self.summary, {"name": name}
 
 
-def test_a_grid_cell_records_the_common_fields_or_its_error():
+def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
+    from experiments import benchkit
     from experiments.benchkit import run_recorded
 
     summary = {
@@ -65,7 +67,10 @@ def test_a_grid_cell_records_the_common_fields_or_its_error():
     assert record["unchanged_rounds"] == []  # round 1 moved the model
     assert "error" not in record
 
+    # A failed cell records how long it ran before failing: the clock read around the run.
+    clock = iter([100.0, 103.25])
+    monkeypatch.setattr(benchkit, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     failed = {"task": "tep"}
     assert run_recorded(_Runner(), ["task=tep"], "cell", failed) is None
     assert failed["error"] == "RuntimeError: Krum needs more replies"
-    assert failed["seconds"] >= 0 and "test" not in failed
+    assert failed["seconds"] == 3.25 and "test" not in failed

@@ -130,6 +130,21 @@ def test_provision_takes_repeated_factory_ids(tmp_path, capsys):
 # ------------------------------------------------------------------------------ deployment
 
 
+def test_provision_rotates_a_keyless_ca_only_when_told(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert cli.main(["provision", "--out", str(out), "--num-factories", "1"]) == 0
+    ca_crt = next(out.rglob("ca.key")).with_name("ca.crt")
+    old = ca_crt.read_bytes()
+    ca_crt.with_name("ca.key").unlink()
+    capsys.readouterr()
+    assert cli.main(["provision", "--out", str(out), "--num-factories", "1"]) == 1
+    assert "--rotate-ca" in capsys.readouterr().err
+    assert ca_crt.read_bytes() == old
+    argv = ["provision", "--out", str(out), "--num-factories", "1", "--rotate-ca"]
+    assert cli.main(argv) == 0
+    assert ca_crt.read_bytes() != old
+
+
 def test_deploy_register_needs_a_connection(tmp_path, capsys):
     argv = ["deploy", "register", "--home", str(tmp_path / "operator")]
     assert cli.main(argv) == 2

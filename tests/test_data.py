@@ -99,13 +99,14 @@ def test_same_seed_gives_identical_frames(task: str, scheme: str) -> None:
     kwargs = {"scheme": scheme, "feature_shift": 0.3}
     a, b = _gen(task, 3, 7, **kwargs), _gen(task, 3, 7, **kwargs)
     assert len(a.factories) == len(b.factories) == 3
-    for x, y in zip([*a.factories, a.validation, a.test], [*b.factories, b.validation, b.test],
-                    strict=True):
+    for x, y in zip(
+        [*a.factories, a.validation, a.test], [*b.factories, b.validation, b.test], strict=True
+    ):
         pd.testing.assert_frame_equal(x, y)
     c = _gen(task, 3, 8, **kwargs)
-    assert any(
-        not x.equals(y) for x, y in zip(a.factories, c.factories, strict=True)
-    ), "a different seed should change the factories"
+    assert any(not x.equals(y) for x, y in zip(a.factories, c.factories, strict=True)), (
+        "a different seed should change the factories"
+    )
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -174,9 +175,7 @@ def test_tep_rows_are_the_real_samples_without_shift() -> None:
     data = _gen("tep_fault", 3, 0, scheme="iid", feature_shift=0.0)
     runs = tep_source.train_runs()
     for df in data.factories:
-        expected = np.stack(
-            [runs[f][t] for f, t in zip(df["fault"], df["t"], strict=True)]
-        )
+        expected = np.stack([runs[f][t] for f, t in zip(df["fault"], df["t"], strict=True)])
         np.testing.assert_array_equal(df[list(tep_source.FEATURES)].to_numpy(), expected)
 
 
@@ -195,10 +194,14 @@ def _label_skew(frames: list[pd.DataFrame], label: str) -> float:
 @pytest.mark.parametrize("task", ["tep_fault", "molding_quality"])
 def test_dirichlet_small_alpha_concentrates_labels(task: str) -> None:
     label = LABELS[task]
-    small = [_label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=0.05).factories, label)
-             for s in range(3)]
-    large = [_label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=100.0).factories, label)
-             for s in range(3)]
+    small = [
+        _label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=0.05).factories, label)
+        for s in range(3)
+    ]
+    large = [
+        _label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=100.0).factories, label)
+        for s in range(3)
+    ]
     assert np.mean(small) > 3 * np.mean(large), (small, large)
     assert np.mean(small) > np.mean(large) + 0.02, (small, large)
 
@@ -373,12 +376,18 @@ def test_make_federated_data_writes_files_and_manifest(tmp_path) -> None:
     assert manifest["task"] == "molding_quality" and manifest["seed"] == 5
     assert manifest["num_factories"] == 3 and manifest["format_version"] == 1
     assert manifest["partition"] == {
-        "scheme": "dirichlet", "alpha": 0.3, "quantity_skew": 0.2, "feature_shift": 0.0
+        "scheme": "dirichlet",
+        "alpha": 0.3,
+        "quantity_skew": 0.2,
+        "feature_shift": 0.0,
     }
     names = [f["name"] for f in manifest["files"]]
     assert names == [
-        "factory_000.parquet", "factory_001.parquet", "factory_002.parquet",
-        "validation.parquet", "test.parquet",
+        "factory_000.parquet",
+        "factory_001.parquet",
+        "factory_002.parquet",
+        "validation.parquet",
+        "test.parquet",
     ]
     task = get_task("molding_quality")
     for entry in manifest["files"]:
@@ -421,7 +430,8 @@ def test_regenerating_fewer_factories_removes_stale_files(tmp_path) -> None:
     make_federated_data("molding_quality", 4, 0, p, tmp_path)
     make_federated_data("molding_quality", 2, 0, p, tmp_path)
     assert sorted(x.name for x in tmp_path.glob("factory_*")) == [
-        "factory_000.parquet", "factory_001.parquet"
+        "factory_000.parquet",
+        "factory_001.parquet",
     ]
     assert data_matches(tmp_path, "molding_quality", 2, 0, p)
 
@@ -437,5 +447,115 @@ def test_an_operator_data_dir_needs_only_the_holdout_files(tmp_path):
         ensure_data(cfg)
     for name in ("validation.parquet", "test.parquet"):
         (tmp_path / name).write_bytes(b"")
+    # The operator's files are checked against the task's schema before the run starts.
+    with pytest.raises(DataValidationError, match=r"validation\.parquet: unreadable Parquet"):
+        ensure_data(cfg)
+    made = make_federated_data("molding_quality", 2, 0, PartitionConfig(), tmp_path / "made")
+    for name in ("validation.parquet", "test.parquet"):
+        (tmp_path / name).write_bytes((made / name).read_bytes())
     assert ensure_data(cfg) == (tmp_path.resolve(), False)
     assert not list(tmp_path.glob("factory_*.parquet"))
+
+
+# --- the data a run reads, checked before it starts (fl_server.data) --------------------------
+
+
+def _run_cfg(data_dir, n=3, **extra):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create(
+        {
+            "task": {"name": "molding_quality"},
+            "federation": {"num_factories": n},
+            "seed": 0,
+            "partition": {
+                "scheme": "iid",
+                "alpha": 0.5,
+                "quantity_skew": 0.0,
+                "feature_shift": 0.0,
+            },
+            "data_dir": str(data_dir),
+            **extra,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def own_files(tmp_path_factory):
+    """Factory files made by the data tools, as a user would bring them (no manifest needed)."""
+    out = tmp_path_factory.mktemp("own")
+    make_federated_data("molding_quality", 3, 1, PartitionConfig(scheme="iid"), out)
+    (out / "manifest.json").unlink()
+    return out
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_own_files_are_used_as_they_are(own_files):
+    from fl_server.data import ensure_data
+
+    before = {p.name: sha256_file(p) for p in own_files.iterdir()}
+    assert ensure_data(_run_cfg(own_files, data_given=True)) == (own_files, False)
+    assert {p.name: sha256_file(p) for p in own_files.iterdir()} == before  # nothing generated
+
+
+def test_own_files_must_match_the_federation_size(own_files):
+    from fl_server.data import ensure_data
+
+    with pytest.raises(DataValidationError, match=r"holds 3 factory files .*num_factories=4"):
+        ensure_data(_run_cfg(own_files, n=4, data_given=True))
+
+
+def test_a_truncated_validation_file_is_named(own_files, tmp_path):
+    from fl_server.data import ensure_data
+
+    folder = _copy(own_files, tmp_path / "d")
+    path = folder / "validation.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataValidationError, match=r"validation\.parquet: unreadable Parquet"):
+        ensure_data(_run_cfg(folder, data_given=True))
+
+
+def test_a_factory_file_with_a_missing_column_is_named(own_files, tmp_path):
+    from fl_server.data import ensure_data
+
+    folder = _copy(own_files, tmp_path / "d")
+    path = folder / "factory_001.parquet"
+    df = pd.read_parquet(path)
+    df.drop(columns=[df.columns[0]]).to_parquet(path)
+    with pytest.raises(DataValidationError, match=r"factory_001\.parquet"):
+        ensure_data(_run_cfg(folder, data_given=True))
+
+
+def test_reused_generated_data_is_checked_too(tmp_path):
+    """A generated folder whose validation file was truncated used to pass the manifest check
+    and fail later inside the ServerApp."""
+    from fl_server.data import ensure_data
+
+    cfg = _run_cfg(tmp_path / "gen")
+    assert ensure_data(cfg)[1] is True
+    assert ensure_data(cfg)[1] is False
+    path = tmp_path / "gen" / "validation.parquet"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataValidationError, match=r"validation\.parquet"):
+        ensure_data(cfg)
+
+
+def test_data_dir_in_the_config_means_own_files(own_files, tmp_path):
+    from fl_server.config import compose_config, finalize
+
+    cfg = finalize(
+        compose_config(
+            [f"data_dir={own_files}", "task=molding_quality", "federation.num_factories=3"]
+        ),
+        base=tmp_path,
+        output_dir=tmp_path / "out",
+    )
+    assert cfg.data_dir == str(own_files) and cfg.data_given is True
+    generated = finalize(compose_config(), base=tmp_path, output_dir=tmp_path / "out")
+    assert not generated.get("data_given") and str(tmp_path / "data") in generated.data_dir

@@ -224,6 +224,31 @@ def test_reprovisioning_keeps_keys_and_adds_factories(tmp_path):
     server.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_crt))
 
 
+def test_a_ca_certificate_without_its_key_is_not_silently_replaced(tmp_path):
+    first = provision(tmp_path / "b", IDS[:2])
+    ca_crt = (first.ca_dir / "ca.crt").read_bytes()
+    (first.ca_dir / "ca.key").rename(tmp_path / "ca.key.offline")
+    with pytest.raises(ProvisionError, match=r"ca\.key is missing.*--rotate-ca"):
+        provision(tmp_path / "b", IDS)
+    # Nothing was replaced: the CA certificate and the issued bundles are as they were.
+    assert (first.ca_dir / "ca.crt").read_bytes() == ca_crt
+    assert not (first.ca_dir / "ca.key").exists()
+    assert (first.factories[IDS[0]].ca_cert_path).read_bytes() == ca_crt
+
+
+def test_rotating_the_ca_is_explicit_and_reissues_everything(tmp_path):
+    first = provision(tmp_path / "b", IDS[:2])
+    old_crt = (first.ca_dir / "ca.crt").read_bytes()
+    (first.ca_dir / "ca.key").unlink()
+    second = provision(tmp_path / "b", IDS[:2], rotate_ca=True)
+    new_crt = (second.ca_dir / "ca.crt").read_bytes()
+    assert new_crt != old_crt
+    new_ca = x509.load_pem_x509_certificate(new_crt)
+    _cert(second.operator_dir / "server.crt").verify_directly_issued_by(new_ca)
+    for b in second.factories.values():
+        assert b.ca_cert_path.read_bytes() == new_crt
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [

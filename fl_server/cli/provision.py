@@ -31,6 +31,11 @@ import click
     help="another IP address of the SuperLink for the certificate (127.0.0.1 is always in)",
 )
 @click.option("--cert-days", type=int, default=825, help="server certificate validity (days)")
+@click.option(
+    "--rotate-ca",
+    is_flag=True,
+    help="replace a CA whose ca.key is missing with a new one (every bundle must be re-issued)",
+)
 def provision(
     out: str,
     num_factories: int | None,
@@ -39,6 +44,7 @@ def provision(
     dns: tuple[str, ...],
     ip: tuple[str, ...],
     cert_days: int,
+    rotate_ca: bool,
 ) -> int:
     """Provision and print the public facts (paths, fingerprints), never a private key."""
     from fl_server.provision import ProvisionError
@@ -59,6 +65,7 @@ def provision(
             dns_names=["localhost", *dns],
             ip_addresses=["127.0.0.1", *ip],
             cert_days=cert_days,
+            rotate_ca=rotate_ca,
         )
     except (ProvisionError, OSError, ValueError) as exc:
         click.echo(f"factoryfed provision: {exc}", err=True)
