@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch.utils.data import Dataset, TensorDataset
@@ -68,6 +69,46 @@ def subset(dataset: Dataset, units: np.ndarray) -> Dataset:
         idx = torch.as_tensor(units, dtype=torch.long)
         return TensorDataset(*(t[idx] for t in dataset.tensors))
     raise TypeError(f"cannot audit a training set of type {type(dataset).__name__}")
+
+
+def pool_units(
+    task: StandardTask,
+    frames: Sequence[pd.DataFrame],
+    first: int,
+    unit: str | None,
+    wanted: int,
+) -> tuple[Dataset, list[int]]:
+    """Privacy units of factory ``first``, then of the next factories until ``wanted`` are held.
+
+    Each factory's units are built from its own frame, so no unit spans two factories.
+    Returns the pooled training set and the factories used.
+    """
+    order = [first, *(i for i in range(len(frames)) if i != first)]
+    parts: list[Dataset] = []
+    used: list[int] = []
+    for i in order:
+        parts.append(task.to_train_dataset(frames[i], unit))
+        used.append(i)
+        if sum(len(p) for p in parts) >= wanted:  # type: ignore[arg-type]
+            break
+    if isinstance(parts[0], UnitDataset):
+        units = [p for p in parts if isinstance(p, UnitDataset)]
+        offset = 0
+        groups = []
+        for p in units:
+            groups.append(torch.repeat_interleave(torch.arange(len(p)), p.counts) + offset)
+            offset += len(p)
+        return (
+            UnitDataset(
+                torch.cat([p.x for p in units]),
+                torch.cat([p.y for p in units]),
+                torch.cat(groups),
+                unit=units[0].unit,
+            ),
+            used,
+        )
+    tensors = [p.tensors for p in parts if isinstance(p, TensorDataset)]
+    return TensorDataset(*(torch.cat(ts) for ts in zip(*tensors, strict=True))), used
 
 
 @torch.no_grad()
@@ -169,13 +210,14 @@ def audit_task(
     """Rows ``(task, attack, epsilon label, AUCs, TPRs@1%FPR)`` of one task's audit."""
     cfg = compose_config([f"task={task_name}"])
     task = get_task(task_name)
-    frame = task.generate(NUM_FACTORIES, DATA_SEED, PartitionConfig()).factories[factory]
-    pool = task.to_train_dataset(frame, unit)
+    data = task.generate(NUM_FACTORIES, DATA_SEED, PartitionConfig())
+    pool, used = pool_units(task, data.factories, factory, unit, 2 * members)
     n_units = len(pool)  # type: ignore[arg-type]
-    if n_units < 2 * members:
+    members = min(members, n_units // 2)
+    if members < 20:
         raise SystemExit(
-            f"{task_name}: factory {factory} has {n_units} privacy units "
-            f"({task.get_privacy_unit(unit).name}); --members {members} needs {2 * members}"
+            f"{task_name}: the generated factories hold only {n_units} privacy units "
+            f"({task.get_privacy_unit(unit).name}); an audit needs at least 40"
         )
     train = cfg.task.train
     plan = AuditPlan(
@@ -217,8 +259,15 @@ def audit_task(
                 aucs.append(auc)
                 tprs.append(tpr)
     unit_name = task.get_privacy_unit(unit).name
+    factories = ",".join(str(i) for i in used)
     return [
-        (f"{task_name} ({unit_name})", attack, label, aucs, tprs)
+        (
+            f"{task_name} ({unit_name}; factories {factories}; {members}+{members})",
+            attack,
+            label,
+            aucs,
+            tprs,
+        )
         for (attack, label), (aucs, tprs) in results.items()
     ]
 
@@ -238,7 +287,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=100, help="local epochs per model")
     parser.add_argument("--shadows", type=int, default=0, help="LiRA shadow models (0: off)")
     parser.add_argument("--unit", default=None, help="privacy unit (default: the task's)")
-    parser.add_argument("--factory", type=int, default=0, help="generated factory to audit")
+    parser.add_argument(
+        "--factory",
+        type=int,
+        default=0,
+        help="generated factory to audit (the next ones are added when it holds too few units)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     started = time.perf_counter()
@@ -255,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.factory,
         )
     print(
-        f"Membership inference, {args.members} member vs {args.members} non-member units, "
-        f"{args.epochs} local epochs, {args.repeats} repeats (mean ± sd), delta {DELTA:g}"
+        f"Membership inference on privacy units (members+non-members), {args.epochs} local "
+        f"epochs, {args.repeats} repeats (mean ± sd), delta {DELTA:g}"
     )
     print("| task (unit) | attack | epsilon | ROC AUC | TPR @ 1% FPR |")
     print("|---|---|---|---|---|")
