@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -243,6 +244,11 @@ def audit_task(
             aucs, tprs = results.setdefault(("loss", label), ([], []))
             aucs.append(auc)
             tprs.append(tpr)
+            print(
+                f"{task_name} repeat {r + 1}/{repeats} epsilon {label}: loss AUC {auc:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
             if shadows > 0:
                 shadow_losses = np.zeros((shadows, 2 * members))
                 shadow_in = np.zeros((shadows, 2 * members), dtype=bool)
