@@ -16,6 +16,13 @@ parameter gradient is formed), the norms and the clipping factors
 gives the clipped sum: the book-keeping technique of Z. Bu, Y.-X. Wang, S. Zha and G. Karypis,
 "Differentially private optimization on large model at small cost", ICML 2023.
 
+Unit-level DP-SGD clips the summed gradient of each *group* of samples (all examples of one
+privacy unit) instead of each sample's. The clipped sum keeps the same form with ``c_i`` the
+factor of sample ``i``'s group; the group's squared weight-gradient norm is
+``|sum_{i in u} g_i a_i^T|^2 = sum_{i,j in u} (g_i . g_j)(a_i . a_j)``, computed from the
+group's Gram matrices or, when a group is larger than the layer, from its materialised
+gradient ``G_u^T A_u``, whichever is cheaper (the trick of ghost clipping, applied per group).
+
 Only the clipping is computed here. Poisson sampling, the Gaussian noise, the scaling by the
 expected batch size and the privacy accounting stay with Opacus (its ``DPDataLoader``,
 ``DPOptimizerFastGradientClipping`` and accountant), exactly as in its ghost clipping mode.
@@ -89,11 +96,16 @@ class BookKeepingClipper:
         """Forget what the last forward pass recorded (call before each forward pass)."""
         self._records.clear()
 
-    def backward(self, per_sample_loss: torch.Tensor) -> torch.Tensor:
+    def backward(
+        self, per_sample_loss: torch.Tensor, groups: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Set ``.grad`` of every trainable parameter to the clipped sum; return the norms.
 
         ``per_sample_loss`` has shape ``(batch,)``: one loss per sample of the forward pass just
-        recorded. The returned tensor holds each sample's unclipped gradient norm.
+        recorded. Without ``groups`` each sample's gradient is clipped and the returned tensor
+        holds each sample's unclipped gradient norm. With ``groups`` (shape ``(batch,)``, values
+        ``0..k-1``, every value present) the gradient of each group's summed loss is clipped
+        as one, and the ``k`` unclipped group norms are returned.
         """
         records, self._records = self._records, {}
         if per_sample_loss.dim() != 1:
@@ -110,13 +122,30 @@ class BookKeepingClipper:
             grads = torch.autograd.grad(
                 per_sample_loss.sum(), [records[layer][1] for layer in ran], allow_unused=True
             )
+        layout: _GroupLayout | None = None
+        if groups is not None:
+            groups = torch.as_tensor(groups, dtype=torch.long, device=per_sample_loss.device)
+            if groups.shape != (batch,):
+                raise ValueError(
+                    f"groups needs one entry per sample, got shape {tuple(groups.shape)}"
+                )
+            if batch:
+                layout = _GroupLayout(groups)
         outputs: dict[nn.Module, torch.Tensor] = {}
-        squared = per_sample_loss.new_zeros(batch)
+        squared = per_sample_loss.new_zeros(batch if groups is None else layout_size(groups))
         for layer, g in zip(ran, grads, strict=True):
             if g is None:
                 continue
             g = g.detach()
             outputs[layer] = g
+            if groups is not None:
+                if layout is None:
+                    continue
+                if layer.weight.requires_grad:
+                    squared += layout.weight_sq_norms(g, records[layer][0])
+                if layer.bias is not None and layer.bias.requires_grad:
+                    squared += layout.bias_sq_norms(g)
+                continue
             g_sq = (g * g).sum(dim=1)
             if layer.weight.requires_grad:
                 a = records[layer][0]
@@ -125,6 +154,8 @@ class BookKeepingClipper:
                 squared += g_sq
         norms = squared.sqrt()
         coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        if groups is not None:
+            coef = coef[groups]
         for layer in self.layers:
             g = outputs.get(layer)
             weight, bias = layer.weight, layer.bias
@@ -148,3 +179,51 @@ class BookKeepingClipper:
             handle.remove()
         self._handles = []
         self._records.clear()
+
+
+def layout_size(groups: torch.Tensor) -> int:
+    """Number of groups ``k`` in a group index vector with values ``0..k-1`` (0 when empty)."""
+    return int(groups.max()) + 1 if groups.numel() else 0
+
+
+class _GroupLayout:
+    """Per-group squared gradient norms of ``Linear`` layers for one batch's grouping.
+
+    Samples are scattered into a zero-padded ``(k, m, .)`` layout (``m`` = largest group); the
+    padding rows are zero and contribute nothing to either norm formula.
+    """
+
+    def __init__(self, groups: torch.Tensor) -> None:
+        counts = torch.bincount(groups)
+        if bool((counts == 0).any()):
+            raise ValueError("groups must use every index 0..k-1")
+        self.groups = groups
+        self.k = len(counts)
+        self.m = int(counts.max())
+        order = torch.argsort(groups, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        self.rows = torch.empty_like(groups)
+        self.rows[order] = torch.arange(len(groups), device=groups.device) - starts[groups[order]]
+
+    def _padded(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(self.k, self.m, t.shape[1])
+        out[self.groups, self.rows] = t
+        return out
+
+    def weight_sq_norms(self, g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``|sum_{i in u} g_i a_i^T|^2`` for every group ``u``."""
+        a = a.to(g.dtype)
+        if self.m == 1:
+            return self._padded((g * g).sum(1, keepdim=True) * (a * a).sum(1, keepdim=True))[
+                :, 0, 0
+            ]
+        gp, ap = self._padded(g), self._padded(a)
+        if self.m * self.m <= g.shape[1] * a.shape[1]:
+            return ((gp @ gp.transpose(1, 2)) * (ap @ ap.transpose(1, 2))).sum(dim=(1, 2))
+        w = gp.transpose(1, 2) @ ap
+        return (w * w).sum(dim=(1, 2))
+
+    def bias_sq_norms(self, g: torch.Tensor) -> torch.Tensor:
+        """``|sum_{i in u} g_i|^2`` for every group ``u``."""
+        summed = g.new_zeros(self.k, g.shape[1]).index_add_(0, self.groups, g)
+        return (summed * summed).sum(dim=1)

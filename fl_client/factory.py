@@ -167,8 +167,12 @@ def run_factory_round(
     carried_history: list[Any] | None = None,
     attack: AttackConfig | None = None,
     reproducible_dp: bool = False,
+    privacy_unit: str | None = None,
 ) -> FactoryRoundResult:
     """Train one federated round at one factory and account its privacy spend.
+
+    Epsilon, sample rate and steps count the task's privacy unit (``privacy_unit``, default
+    the unit the task declares; see ``StandardTask.to_train_dataset``).
 
     With ``instruction.dp`` the run's noise multiplier is planned once, from the budget left in
     the ledger, for ``planned_rounds * local_epochs * steps_per_epoch`` steps; each round then
@@ -205,7 +209,7 @@ def run_factory_round(
     factory_id, run_id = site.factory_id, instruction.run_id
     delta, accountant = site.delta, instruction.accountant
     frame = task.load_frame(site.data_path)
-    dataset = task.to_dataset(frame)
+    dataset = task.to_train_dataset(frame, privacy_unit)
     malicious = attack is not None and attack.is_malicious(factory_id)
     if malicious and attack is not None and attack.name in DATA_ATTACKS:
         dataset = poison_dataset(task, dataset, attack.fraction, attack.label_generator(factory_id))

@@ -5,6 +5,12 @@ trains with. :func:`sample_rate_for` and :func:`steps_per_epoch` reproduce Opacu
 definitions for ``make_private(poisson_sampling=True)``, and :func:`train_local` checks the
 Opacus accountant's record against them after training, so the ledger (which reserves the
 spend beforehand from these helpers) always matches what was trained.
+
+Everything counts privacy units. A plain dataset is one unit per example; a
+:class:`~standard_models.base.UnitDataset` (a privacy unit holding several examples, such as a
+machine's windows) has one item per unit, so Poisson sampling draws whole units, the sample
+rate and steps are over units, and book-keeping clipping bounds each drawn unit's summed
+gradient (unit-level DP-SGD). The epsilon of the accounting is then per unit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
 
 from fl_client.clipping import BookKeepingClipper, bk_supported
+from standard_models.base import UnitDataset
 
 GRAD_SAMPLE_MODES = ("bk", "ghost", "hooks", "functorch")
 
@@ -249,12 +256,22 @@ def train_local(
 
     Without DP it is ordinary shuffled mini-batch SGD over the same loop.
 
+    A :class:`~standard_models.base.UnitDataset` is trained with unit-level DP-SGD: Poisson
+    sampling over units (``cfg.batch_size`` is then the expected number of units a batch
+    draws), each unit's loss the mean over its examples, and the gradient of each unit's loss
+    clipped as one by book-keeping clipping (so every other ``grad_sample_mode`` is refused).
+    ``num_examples``, ``sample_rate`` and ``steps`` of the result count units. Without DP its
+    examples are trained one by one as usual.
+
     ``global_state`` with ``cfg.proximal_mu > 0`` adds FedProx's proximal term as a decoupled
     step after each optimizer step (see :func:`_proximal_step`).
     """
     num_examples = len(dataset)  # type: ignore[arg-type]
     if num_examples < 1:
         raise ValueError("the training set is empty")
+    units = dataset if isinstance(dataset, UnitDataset) and cfg.dp else None
+    if isinstance(dataset, UnitDataset) and not cfg.dp:
+        dataset = dataset.examples()
     if cfg.dp and (
         noise_multiplier is None or not (noise_multiplier >= 0 and math.isfinite(noise_multiplier))
     ):
@@ -280,7 +297,9 @@ def train_local(
     dp_seed = cfg.seed if cfg.reproducible_dp else None
     tensors = _in_memory_tensors(dataset)
     batch_options: dict[str, Any] = {}
-    if tensors is not None:
+    if units is not None:
+        batch_options = {"collate_fn": _as_batch}
+    elif tensors is not None:
         batch_options = {"collate_fn": _as_batch}
         dataset = _BatchIndexed(tensors)
     loader = DataLoader(
@@ -306,6 +325,12 @@ def train_local(
         mode = "ghost"
     if mode == "ghost" and not (supports_ghost and hasattr(loss_fn, "reduction")):
         mode = "hooks"
+    if units is not None and mode != "bk":
+        raise ValueError(
+            f"unit-level DP-SGD (privacy unit {units.unit!r}) clips per unit with book-keeping "
+            f"clipping, which needs grad_sample_mode 'bk' and a model whose trainable layers "
+            f"are all nn.Linear; got grad_sample_mode {cfg.grad_sample_mode!r}"
+        )
     setup_started = time.perf_counter()
     if cfg.dp and mode == "bk":
         assert noise_multiplier is not None
@@ -376,9 +401,19 @@ def train_local(
             torch.manual_seed(cfg.seed)
             for _ in range(cfg.local_epochs):
                 epoch_started = time.perf_counter()
-                for x, y in loader:
+                for x, y, *rest in loader:
                     optimizer.zero_grad(set_to_none=True)
-                    if clipper is not None:
+                    batch = len(y)
+                    if clipper is not None and rest:
+                        # Unit-level: each unit's loss is the mean over its examples.
+                        (group,) = rest
+                        clipper.reset()
+                        counts = torch.bincount(group)
+                        losses = per_sample_loss(train_module(x), y) / counts[group]
+                        clipper.backward(losses, groups=group)
+                        batch = len(counts)
+                        loss = losses.detach().sum() / max(batch, 1)
+                    elif clipper is not None:
                         clipper.reset()
                         losses = per_sample_loss(train_module(x), y)
                         clipper.backward(losses)
@@ -390,7 +425,6 @@ def train_local(
                     if use_prox:
                         _proximal_step(params, anchors, cfg.lr, cfg.proximal_mu)
                     steps += 1
-                    batch = len(y)
                     if batch:
                         loss_sum += float(loss.item()) * batch
                         seen += batch

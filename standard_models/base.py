@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 class DataValidationError(ValueError):
@@ -114,6 +114,82 @@ class PartitionConfig:
     feature_shift: float = 0.0
 
 
+@dataclass(frozen=True)
+class PrivacyUnit:
+    """What one record is for a task's differential privacy: the unit its epsilon protects.
+
+    ``name`` is what a firm would call one record of its production (a shot, a 15-minute
+    window of a process, a machine's whole life); ``why`` says in one sentence why that is the
+    right unit. DP-SGD on a task protects exactly this unit: every raw row of a unit reaches
+    the training only through that unit, so the reported epsilon bounds what an observer can
+    learn about any one unit (and, a fortiori, about any single row inside it).
+    """
+
+    name: str
+    why: str
+
+
+class UnitDataset(Dataset):
+    """Training examples grouped by privacy unit; one item is one whole unit.
+
+    For units that hold several overlapping examples (all windows of one machine, of one run),
+    differentially private training must sample and clip whole units: ``len()`` is the number
+    of units, so Opacus's Poisson sampler draws units, and an item is all examples of that
+    unit. A batch fetched with :meth:`__getitems__` is ``(x, y, group)``: the examples of the
+    drawn units, concatenated, and for each example the position of its unit in the batch
+    (``0..k-1``), which per-unit clipping groups by.
+
+    Args:
+        x, y: the examples, sorted so that every unit's examples are contiguous.
+        unit_of: for every example, the index of its unit (non-decreasing, ``0..n_units-1``,
+            every unit present).
+        unit: the unit's name, e.g. ``"machine"``.
+    """
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, unit_of: torch.Tensor, unit: str
+    ) -> None:
+        unit_of = torch.as_tensor(unit_of, dtype=torch.long)
+        if not (len(x) == len(y) == len(unit_of)) or len(x) == 0:
+            raise ValueError(
+                f"x, y and unit_of need the same non-zero length, got "
+                f"{len(x)}, {len(y)}, {len(unit_of)}"
+            )
+        counts = torch.bincount(unit_of)
+        if bool((torch.diff(unit_of) < 0).any()) or bool((counts == 0).any()):
+            raise ValueError("unit_of must be non-decreasing and cover every unit index")
+        self.x, self.y, self.unit = x, y, unit
+        self.counts = counts
+        self.offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples over all units."""
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.x[start:end], self.y[start:end], torch.zeros(end - start, dtype=torch.long)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        units = torch.as_tensor(indices, dtype=torch.long)
+        counts = self.counts[units]
+        group = torch.repeat_interleave(torch.arange(len(units)), counts)
+        starts = self.offsets[units]
+        within = torch.arange(int(counts.sum())) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        rows = torch.repeat_interleave(starts, counts) + within
+        return self.x[rows], self.y[rows], group
+
+    def examples(self) -> TensorDataset:
+        """All examples as a plain dataset (for training without DP, or evaluation)."""
+        return TensorDataset(self.x, self.y)
+
+
 @dataclass
 class FederatedData:
     """Everything ``factoryfed data make`` writes: one frame per factory plus server sets."""
@@ -133,6 +209,13 @@ class StandardTask(ABC):
         main_metric: the metric used for model selection, contribution utility and reports.
         greater_is_better: direction of ``main_metric``.
         supports_ghost: whether Opacus ghost clipping handles every layer of the model.
+        privacy_unit: the unit a factory's epsilon protects by default (one record of a
+            firm's production for this task); :meth:`to_train_dataset` builds the training
+            examples so that DP-SGD protects exactly it. The base default, ``row``, fits
+            tasks whose :meth:`to_dataset` turns each row into one example; every standard
+            model states its own.
+        coarser_units: further units a factory may choose instead (each covering whole
+            default units), trained with unit-level DP-SGD.
     """
 
     name: str
@@ -140,6 +223,53 @@ class StandardTask(ABC):
     main_metric: str
     greater_is_better: bool = True
     supports_ghost: bool = True
+    privacy_unit: PrivacyUnit = PrivacyUnit(
+        "row",
+        "Each row of the factory's file is one training example, so per-example DP-SGD "
+        "protects each row.",
+    )
+    coarser_units: tuple[PrivacyUnit, ...] = ()
+
+    def unit_names(self) -> list[str]:
+        """The privacy units a factory may choose, the declared default first."""
+        return [self.privacy_unit.name, *(u.name for u in self.coarser_units)]
+
+    def get_privacy_unit(self, name: str | None = None) -> PrivacyUnit:
+        """The unit called ``name`` (``None``: the declared default).
+
+        Raises ``ValueError`` naming the value and the units this task allows.
+        """
+        if name is None or name == self.privacy_unit.name:
+            return self.privacy_unit
+        for unit in self.coarser_units:
+            if unit.name == name:
+                return unit
+        raise ValueError(
+            f"privacy unit {name!r} is not one of task {self.name!r}'s units "
+            f"{self.unit_names()}"
+        )
+
+    def to_train_dataset(self, df: pd.DataFrame, unit: str | None = None) -> Dataset:
+        """Training examples whose DP-SGD protects privacy unit ``unit`` (default: declared).
+
+        The declared unit gives a plain dataset in which every raw row is in exactly one
+        example (so per-example DP-SGD is per-unit DP-SGD); a coarser unit gives a
+        :class:`UnitDataset` whose items are whole units, which
+        :func:`fl_client.training.train_local` samples and clips as one. ``len()`` of the
+        result is the number of units, the ``n`` of the privacy accounting. Evaluation keeps
+        using :meth:`to_dataset`. Raises ``ValueError`` for a unit the task does not offer.
+        """
+        return self._unit_dataset(df, self.get_privacy_unit(unit).name)
+
+    def _unit_dataset(self, df: pd.DataFrame, unit: str) -> Dataset:
+        """Build :meth:`to_train_dataset`'s examples for a known unit name.
+
+        The default suits tasks whose rows are independent examples and whose only unit is
+        one row; tasks with windows or coarser units override it.
+        """
+        if unit != self.privacy_unit.name:
+            raise NotImplementedError(f"task {self.name!r} builds no dataset for unit {unit!r}")
+        return self.to_dataset(df)
 
     @abstractmethod
     def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:

@@ -51,6 +51,29 @@ def windowed_arrays(
     scale: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Standardised windows ``(n, window, features)`` and the target at each window's last row."""
+    x, y, _ = grouped_windows(
+        df, group_col, order_col, feature_cols, target_col, window, stride, center, scale
+    )
+    return x, y
+
+
+def grouped_windows(
+    df: pd.DataFrame,
+    group_col: str,
+    order_col: str,
+    feature_cols: Sequence[str],
+    target_col: str,
+    window: int,
+    stride: int,
+    center: np.ndarray,
+    scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`windowed_arrays` plus, per window, the index of its group (sorted order, 0..g-1).
+
+    Windows come out sorted by group, so each group's windows are contiguous: the layout
+    :class:`~standard_models.base.UnitDataset` needs when a group (a run, a machine) is the
+    privacy unit. Groups too short for one window get no index.
+    """
     ordered = df.sort_values([group_col, order_col], kind="stable")
     codes, _ = pd.factorize(ordered[group_col])
     order = ordered[order_col].to_numpy(dtype=np.int64)
@@ -60,7 +83,8 @@ def windowed_arrays(
     steps = ends[:, None] - (window - 1) + np.arange(window)[None, :]
     x = values[steps] if len(ends) else np.zeros((0, window, len(feature_cols)), np.float32)
     y = ordered[target_col].to_numpy()[ends].copy()
-    return x, y
+    _, groups = np.unique(codes[ends], return_inverse=True)
+    return x, y, groups.astype(np.int64).reshape(-1)
 
 
 class MLP(nn.Module):

@@ -119,3 +119,68 @@ def test_unsupported_models_are_refused() -> None:
     with pytest.raises(RuntimeError, match="2-D"):
         seq(torch.randn(2, 3, 4))
     clipper.remove()
+
+
+def _explicit_grouped(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, max_norm: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each group's summed-loss gradient by autograd, one group at a time: norms, clipped sum."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_group = []
+    for u in range(int(groups.max()) + 1):
+        rows = groups == u
+        loss = nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum")
+        per_group.append(torch.autograd.grad(loss, params))
+    norms = torch.stack([torch.sqrt(sum((g * g).sum() for g in grads)) for grads in per_group])
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    summed = {
+        name: sum(c * grads[k] for c, grads in zip(coef, per_group, strict=True))
+        for k, name in enumerate(names)
+    }
+    return norms, summed
+
+
+@pytest.mark.parametrize(
+    ("sizes", "max_norm"),
+    [
+        ((3, 1, 5, 2), 0.5),  # small groups: Gram-matrix path
+        ((40, 1, 25), 1.0),  # groups larger than a layer: materialised-gradient path
+        ((1, 1, 1, 1), 0.05),  # groups of one equal per-sample clipping
+    ],
+)
+def test_grouped_clipping_clips_each_groups_summed_gradient(
+    sizes: tuple[int, ...], max_norm: float
+) -> None:
+    model = _net(3)
+    gen = torch.Generator().manual_seed(4)
+    n = sum(sizes)
+    x = torch.randn(n, 7, generator=gen) * 2
+    y = torch.randint(0, 3, (n,), generator=gen)
+    # Groups interleaved rather than contiguous: the clipper must not rely on the order.
+    groups = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    perm = torch.randperm(n, generator=gen)
+    x, y, groups = x[perm], y[perm], groups[perm]
+    expected_norms, expected = _explicit_grouped(model, x, y, groups, max_norm)
+
+    clipper = BookKeepingClipper(model, max_norm)
+    clipper.reset()
+    losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+    norms = clipper.backward(losses, groups=groups)
+    clipper.remove()
+    assert norms.shape == (len(sizes),)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_grouped_clipping_rejects_a_missing_group_index() -> None:
+    model = _net()
+    clipper = BookKeepingClipper(model, 1.0)
+    clipper.reset()
+    x = torch.randn(4, 7)
+    target = torch.zeros(4, dtype=torch.long)
+    losses = nn.functional.cross_entropy(model(x), target, reduction="none")
+    with pytest.raises(ValueError, match="every index"):
+        clipper.backward(losses, groups=torch.tensor([0, 0, 2, 2]))
+    clipper.remove()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..base import FederatedData, PartitionConfig, StandardTask
+from ..base import FederatedData, PartitionConfig, PrivacyUnit, StandardTask
 from . import source
 from .dataset import SCHEMA, to_tensors
 from .loss import DEFAULT_POS_WEIGHT, build_loss
@@ -20,6 +20,8 @@ class MoldingQualityTask(StandardTask):
 
     Args:
         pos_weight: weight of defective shots in the loss.
+
+    Privacy unit: ``shot``; each row is one shot and one training example.
     """
 
     name = "molding_quality"
@@ -27,6 +29,12 @@ class MoldingQualityTask(StandardTask):
     main_metric = "pr_auc"
     greater_is_better = True
     supports_ghost = True
+    privacy_unit = PrivacyUnit(
+        "shot",
+        "Each row is one injection cycle that produced one part, the record a moulding shop "
+        "keeps per part, and shots are independent training examples, so per-example DP-SGD "
+        "protects each shot.",
+    )
 
     def __init__(self, pos_weight: float = DEFAULT_POS_WEIGHT) -> None:
         self.pos_weight = float(pos_weight)

@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from ..base import Column, Schema
-from ..common import windowed_arrays
+from ..base import Column, Schema, UnitDataset
+from ..common import grouped_windows, windowed_arrays
 from .source import CYCLE, FEATURE_CENTER, FEATURE_SCALE, FEATURES, LABEL, RUL_CAP, UNIT
 
 SCHEMA = Schema(
@@ -46,4 +46,24 @@ def to_windows(
     target = np.minimum(y.astype(np.float64), RUL_CAP) / RUL_CAP
     return TensorDataset(
         torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(target.astype(np.float32))
+    )
+
+
+def to_machine_units(df: pd.DataFrame, window: int = DEFAULT_WINDOW) -> UnitDataset:
+    """Every stride-1 window of :func:`to_windows`, grouped by ``unit_id`` (one unit per machine).
+
+    For unit-level DP-SGD with a machine's whole run-to-failure history as the privacy unit.
+    Raises ``ValueError`` when no machine is long enough for one window.
+    """
+    x, y, machines = grouped_windows(
+        df, UNIT, CYCLE, FEATURES, LABEL, window, 1, FEATURE_CENTER, FEATURE_SCALE
+    )
+    if len(x) == 0:
+        raise ValueError(f"no unit_id holds {window} consecutive cycles; no window to build")
+    target = np.minimum(y.astype(np.float64), RUL_CAP) / RUL_CAP
+    return UnitDataset(
+        torch.from_numpy(x.reshape(len(x), -1)),
+        torch.from_numpy(target.astype(np.float32)),
+        torch.from_numpy(machines),
+        unit="machine",
     )

@@ -12,8 +12,8 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from ..base import Column, Schema
-from ..common import windowed_arrays
+from ..base import Column, Schema, UnitDataset
+from ..common import grouped_windows, windowed_arrays
 from .source import FEATURES, LABEL, NUM_CLASSES, RUN, TIME, reference_stats
 
 SCHEMA = Schema(
@@ -44,4 +44,24 @@ def to_windows(
         )
     return TensorDataset(
         torch.from_numpy(x.reshape(len(x), -1)), torch.from_numpy(y.astype("int64"))
+    )
+
+
+def to_run_units(df: pd.DataFrame, window: int = DEFAULT_WINDOW) -> UnitDataset:
+    """Every stride-1 window of :func:`to_windows`, grouped by ``run_id`` (one unit per run).
+
+    For unit-level DP-SGD with a whole recording as the privacy unit. Raises ``ValueError``
+    when no run is long enough for one window.
+    """
+    mean, std = reference_stats()
+    x, y, runs = grouped_windows(df, RUN, TIME, FEATURES, LABEL, window, 1, mean, std)
+    if len(x) == 0:
+        raise ValueError(
+            f"no run_id holds {window} consecutive samples; the frame yields no window"
+        )
+    return UnitDataset(
+        torch.from_numpy(x.reshape(len(x), -1)),
+        torch.from_numpy(y.astype("int64")),
+        torch.from_numpy(runs),
+        unit="run",
     )

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from ..base import FederatedData, PartitionConfig, StandardTask
+from ..base import FederatedData, PartitionConfig, PrivacyUnit, StandardTask
 from . import source
-from .dataset import DEFAULT_WINDOW, SCHEMA, to_windows
+from .dataset import DEFAULT_WINDOW, SCHEMA, to_run_units, to_windows
 from .loss import build_loss
 from .metrics import classification_metrics, macro_f1
 from .model import build_model
@@ -20,7 +20,12 @@ class TEPFaultTask(StandardTask):
 
     Args:
         window: consecutive samples per input window (3 minutes apart).
-        stride: step between window starts when building datasets.
+        stride: step between window starts in :meth:`to_dataset` (evaluation sets); training
+            sets follow the privacy unit (:meth:`to_train_dataset`).
+
+    Privacy unit: ``window`` by default (``window`` consecutive samples of one run, training
+    windows not overlapping, so each raw sample is in exactly one training example), or
+    ``run`` (a whole recording, trained with unit-level DP-SGD).
     """
 
     name = "tep_fault"
@@ -29,6 +34,20 @@ class TEPFaultTask(StandardTask):
     greater_is_better = True
     supports_ghost = True
     num_classes = source.NUM_CLASSES
+    privacy_unit = PrivacyUnit(
+        "window",
+        "A plant logs its process as consecutive 3-minute samples and what it would not want "
+        "told is what the process did over a stretch of time, so the unit is one "
+        "non-overlapping window of consecutive samples (15 minutes by default), which also "
+        "covers every single sample in it.",
+    )
+    coarser_units = (
+        PrivacyUnit(
+            "run",
+            "A run is one whole recording of the process (a campaign, a shift sequence); a "
+            "firm that treats a run as one record hides whether any run took part.",
+        ),
+    )
 
     def __init__(self, window: int = DEFAULT_WINDOW, stride: int = 1) -> None:
         self.window = int(window)
@@ -41,6 +60,12 @@ class TEPFaultTask(StandardTask):
     def to_dataset(self, df: pd.DataFrame) -> TensorDataset:
         """Flattened, standardised windows and the fault label of each window's last sample."""
         return to_windows(df, self.window, self.stride)
+
+    def _unit_dataset(self, df: pd.DataFrame, unit: str) -> Dataset:
+        """Non-overlapping windows (``window``) or every window grouped by run (``run``)."""
+        if unit == "run":
+            return to_run_units(df, self.window)
+        return to_windows(df, self.window, stride=self.window)
 
     def build_model(self) -> nn.Module:
         """A fresh MLP over one window."""
