@@ -1,11 +1,13 @@
 """What federation buys a solar-cell plant: test PR-AUC of the ``cell_defect`` model trained
 federated (with and without DP), centralised, and by each factory alone.
 
-    python -m experiments.bench_cell_defect [--rounds R] [--epsilons 3 8] [--central-epochs E]
+    python -m experiments.bench_cell_defect [--rounds R] [--epsilons 3 8] [--engine inprocess]
 
 Federated runs go through the real route (Flower's simulation engine, the ServerApp, MLflow in
-a temporary sqlite file) with the config tree's training defaults (``conf/task/cell_defect``)
-and ``--rounds`` rounds; each reports its final global model, with no model selection.
+a temporary sqlite file; ``--engine inprocess`` runs the same ServerApp and ClientApp through
+:mod:`experiments.inprocess` instead, for machines too busy to start Ray) with the config
+tree's training defaults (``conf/task/cell_defect``) and ``--rounds`` rounds; each reports
+its final global model, with no model selection.
 The centralised and factory-alone baselines are those of :mod:`experiments.bench_tep`
 (:func:`~experiments.bench_tep.train_baseline`: non-private SGD, the best validation PR-AUC
 over learning rates and epochs), so the comparison favours the baselines.
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from experiments.bench_tep import train_baseline
+from experiments.inprocess import run_inprocess
 from experiments.run import run_simulation
 from fl_client.training import LocalTrainConfig, train_local
 from fl_server.checkpoint import load_latest
@@ -89,8 +92,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--central-momentum", type=float, default=0.9)
     parser.add_argument("--eval-every", type=int, default=2)
     parser.add_argument("--no-federated", action="store_true", help="baselines only")
+    parser.add_argument("--engine", choices=["flower", "inprocess"], default="flower")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads of this process (in-process runs)"
+    )
+    parser.add_argument(
+        "--overrides", nargs="*", default=[], help="extra Hydra overrides for the federated runs"
+    )
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     task = get_task(TASK)
     rows: list[tuple[str, tuple[float, float, float], str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -103,27 +114,14 @@ def main(argv: list[str] | None = None) -> None:
             f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
             f"tracking.artifact_root={tmp / 'artifacts'}",
             "tracking.register_model=false",
+            *args.overrides,
         ]
-        variants = [(f"federated, DP eps={e:g}", [f"privacy.epsilon={e}"]) for e in args.epsilons]
-        variants.append(("federated, no DP", ["privacy=none"]))
+        variants = [("federated, no DP", ["privacy=none"])]
+        variants += [(f"federated, DP eps={e:g}", [f"privacy.epsilon={e}"]) for e in args.epsilons]
         cfg = finalize(compose_config(common), base=Path.cwd(), output_dir=tmp / "data-only")
         data_dir, _ = ensure_data(cfg)
         validation = task.to_dataset(task.load_frame(data_dir / "validation.parquet"))
         test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
-        for i, (label, extra) in enumerate([] if args.no_federated else variants):
-            out = tmp / str(i)
-            run_cfg = finalize(compose_config(common + extra), base=Path.cwd(), output_dir=out)
-            t0 = time.monotonic()
-            summary = run_simulation(run_cfg)
-            model = task.build_model()
-            model.load_state_dict(load_latest(out / "checkpoints")["state_dict"])
-            spent = summary.get("factory_epsilon") or {}
-            t = run_cfg.task.train
-            how = f"final model; batch {t.batch_size}, lr {t.lr:g}, {t.local_epochs} ep/round"
-            eps = f"{max(spent.values()):.2f}" if run_cfg.privacy.enabled and spent else "-"
-            scores = threshold_scores(task, model, validation, test)
-            rows.append((label, scores, eps, how, time.monotonic() - t0))
-
         factories = [
             task.to_dataset(task.load_frame(factory_path(data_dir, i)))
             for i in range(args.factories)
@@ -149,6 +147,25 @@ def main(argv: list[str] | None = None) -> None:
             scores = threshold_scores(task, model, validation, test)
             how = f"best val: lr {b.lr:g}, epoch {b.epoch}/{args.central_epochs}"
             rows.append((label, scores, "-", how, time.monotonic() - t0))
+            console.print(f"{rows[-1]}")
+
+        for i, (label, extra) in enumerate([] if args.no_federated else variants):
+            out = tmp / str(i)
+            run_cfg = finalize(compose_config(common + extra), base=Path.cwd(), output_dir=out)
+            t0 = time.monotonic()
+            if args.engine == "flower":
+                summary = run_simulation(run_cfg)
+            else:
+                summary = run_inprocess(run_cfg, quiet=True)
+            model = task.build_model()
+            model.load_state_dict(load_latest(out / "checkpoints")["state_dict"])
+            spent = summary.get("factory_epsilon") or {}
+            t = run_cfg.task.train
+            how = f"final model; batch {t.batch_size}, lr {t.lr:g}, {t.local_epochs} ep/round"
+            eps = f"{max(spent.values()):.2f}" if run_cfg.privacy.enabled and spent else "-"
+            scores = threshold_scores(task, model, validation, test)
+            rows.append((label, scores, eps, how, time.monotonic() - t0))
+            console.print(f"{rows[-1]}")
 
     central = next(r[1][0] for r in rows if r[0].startswith("centralised"))
     table = Table(

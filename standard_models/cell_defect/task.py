@@ -44,7 +44,9 @@ class CellDefectTask(StandardTask):
     # pass (DP epoch 2.35x the non-private one, against 1.49x with per-sample hooks, in
     # experiments.bench_dp). False makes training fall back to "hooks".
     supports_ghost = False
-    # One inspected cell image is one factory record; a module's cells are separate records.
+    # One inspected cell's image is one record of the factory's file, so epsilon bounds what
+    # the model reveals about any single image; a module's up to 60 cells are separate records
+    # and are covered only by group privacy.
     privacy_unit = "image"
 
     def __init__(
