@@ -25,7 +25,7 @@ class CellCNN(nn.Module):
 
     Global max pooling rather than averaging: a defect (a crack, an inactive area) is a local
     finding, and its strongest response anywhere on the cell should decide; it was also the
-    more accurate of the two in the measurements in this folder's notes.
+    more accurate of the two in the image-size measurements in the README.
 
     Args:
         image_size: side of the square grayscale input (for the shape check only).
