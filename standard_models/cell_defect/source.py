@@ -21,12 +21,12 @@ authors' permission); the package's code is Apache-2.0. Please cite:
 Label: ``defect = 1`` when the defect probability is at least 0.5 (2/3 or 1), 821 of 2,624
 cells (31%); the probability itself is kept in column ``defect_probability``.
 
-Modules: the package gives no module ids, but cells are stored module by module (the cell type
-changes only at multiples of whole modules, and at most every 60 cells, the size of a 6x10
-module). :func:`module_blocks` cuts every run of consecutive same-type cells into
-``ceil(length / 60)`` contiguous, near-equal blocks: 45 blocks of 36-60 cells, our stand-in for
-the 44 modules. All splits keep a block in one place, so cells of one module (same production
-lot, same camera session) never sit on both sides of a split.
+Modules: the package gives no module ids, but the cells appear to be stored module by module:
+the ten runs of one cell type are 60, 300, 180, 360, 714, 530, 72, 180, 48 and 180 cells long,
+mostly whole modules of 60 cells (6x10). :func:`module_blocks` cuts every run of consecutive
+same-type cells into ``ceil(length / 60)`` contiguous, near-equal blocks: 45 blocks of 36-60
+cells, our stand-in for the 44 modules. All splits keep a block in one place, so cells of one
+module (same production lot, same camera session) never sit on both sides of a split.
 
 Server sets: within each cell type the blocks are ranked by defect rate and every third block
 (ranks 1, 4, 7, ...) is held out, alternately for validation and for test: 15 blocks, about
