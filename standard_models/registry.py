@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .base import StandardTask
+from .cell_defect import CellDefectTask
 from .molding_quality import MoldingQualityTask
 from .rul import RULTask
 from .tep_fault import TEPFaultTask
@@ -18,6 +19,7 @@ TASKS: dict[str, Callable[..., StandardTask]] = {
     TEPFaultTask.name: TEPFaultTask,
     MoldingQualityTask.name: MoldingQualityTask,
     RULTask.name: RULTask,
+    CellDefectTask.name: CellDefectTask,
 }
 
 
