@@ -23,19 +23,17 @@ import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants import create_accountant
 from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+
+from fl_common.accounting import rdp_epsilon
+from fl_common.storage import atomic_write_json
 
 try:  # advisory locking where the platform offers it (not on Windows)
     import fcntl
@@ -125,34 +123,6 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
-@lru_cache(maxsize=4096)
-def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    """Opacus's RDP curve of one DP-SGD step at ``RDPAccountant.DEFAULT_ALPHAS`` (memoized).
-
-    ``compute_rdp`` is its one-step value times ``steps``, so reusing the curve is exact; it
-    saves recomputing earlier runs' entries on every budget check and planning step.
-    """
-    curve = rdp_analysis.compute_rdp(
-        q=sample_rate,
-        noise_multiplier=noise_multiplier,
-        steps=1,
-        orders=RDPAccountant.DEFAULT_ALPHAS,
-    )
-    curve.setflags(write=False)
-    return curve
-
-
-def _rdp_epsilon(history: list[HistoryEntry], delta: float) -> float:
-    """``RDPAccountant.get_epsilon`` of ``history``, bit for bit, with memoized RDP curves."""
-    rdp = sum(_rdp_per_step(q, nm) * steps for nm, q, steps in history)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the")
-        eps, _ = rdp_analysis.get_privacy_spent(
-            orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
-        )
-    return float(eps)
-
-
 def epsilon_of(
     history: Iterable[Sequence[Any]] | None, delta: float, accountant: str = "rdp"
 ) -> float:
@@ -176,7 +146,7 @@ def epsilon_of(
             "use rdp or prv"
         )
     if accountant == "rdp":
-        return _rdp_epsilon(merged, delta)
+        return rdp_epsilon(merged, delta)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="GDP accounting is experimental")
         acc = create_accountant(mechanism=accountant)
@@ -456,26 +426,7 @@ class PrivacyLedger:
 
     def save(self) -> None:
         """Write the ledger atomically: temporary file, fsync, ``os.replace``, fsync the folder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
-        )
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.to_dict(), fh, indent=1, allow_nan=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        with contextlib.suppress(OSError):  # not every platform can fsync a directory
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        atomic_write_json(self.path, self.to_dict(), indent=1, allow_nan=False, permissions=0o600)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
