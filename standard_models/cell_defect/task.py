@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ..base import FederatedData, PartitionConfig, StandardTask
+from ..base import FederatedData, PartitionConfig, PrivacyUnit, StandardTask
 from . import source
 from .dataset import make_schema, to_tensors
 from .loss import DEFAULT_POS_WEIGHT, build_loss
@@ -44,10 +44,12 @@ class CellDefectTask(StandardTask):
     # pass (DP epoch 2.35x the non-private one, against 1.49x with per-sample hooks, in
     # experiments.bench_dp). False makes training fall back to "hooks".
     supports_ghost = False
-    # One inspected cell's image is one record of the factory's file, so epsilon bounds what
-    # the model reveals about any single image; a module's up to 60 cells are separate records
-    # and are covered only by group privacy.
-    privacy_unit = "image"
+    privacy_unit = PrivacyUnit(
+        "image",
+        "One inspected cell's electroluminescence image is one record of a plant's inspection "
+        "log and one training example, so per-example DP-SGD protects each image; the up to 60 "
+        "cells of one module are separate records, covered only by group privacy.",
+    )
 
     def __init__(
         self,
