@@ -1,7 +1,10 @@
-"""Sample-level differential-privacy accounting for one factory.
+"""Differential-privacy accounting for one factory: noise planning and the privacy ledger.
 
-Each factory trains with DP-SGD (Opacus) on its own records, so the privacy unit is one row of
-the factory's data and the accounting happens on the factory's side, never on the server. The
+One job, the factory's own accounting, kept in one module so that planning and the ledger that
+enforces the plan cannot drift apart. Each factory trains with DP-SGD (Opacus) on its own
+records; the privacy unit is the one its task declares (``StandardTask.privacy_unit``: a
+window of samples, a shot, an image, or a coarser unit the factory chose), histories count
+those units, and the accounting happens on the factory's side, never on the server. The
 numbers come from Opacus's accountants; what Opacus does not offer, and this module adds, is:
 
 * planning a noise multiplier that respects a budget *after* earlier spend

@@ -1,5 +1,8 @@
 """One round of local training at a factory, with or without DP-SGD (Opacus).
 
+One job (the factory's local training loop); its length is the three per-sample clipping modes
+and the unit-level sampling that feed the same Opacus noise and accountant.
+
 The step count and sample rate used for privacy accounting must be the ones Opacus actually
 trains with. :func:`sample_rate_for` and :func:`steps_per_epoch` reproduce Opacus's own
 definitions for ``make_private(poisson_sampling=True)``, and :func:`train_local` checks the

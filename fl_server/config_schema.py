@@ -1,5 +1,7 @@
 """The whole experiment config checked up front, in one place, before anything expensive starts.
 
+One job (config validation): its length is the schema and one check per config group.
+
 :func:`validate_config` is called by :func:`fl_server.config.finalize` and
 :func:`fl_server.config.load_from_run_config`, so ``python -m experiments.run`` and a ServerApp
 started by ``flwr run`` refuse the same bad configs, before data is generated, before Ray or

@@ -1,5 +1,9 @@
 """Provisioning a deployed federation: a CA, the SuperLink's TLS certificate, factory key pairs.
 
+One job (the federation's identities: certificates, keys and their registration with the
+SuperLink); most of its length is the certificate fields and the refusals that keep an existing
+CA and issued bundles valid.
+
 ``factoryfed provision --out bundles --num-factories 3 --superlink-address link.example:9093``
 writes everything an operator and the factories need to run Flower with TLS and SuperNode
 authentication (Flower 1.42: the SuperLink serves its APIs over HTTPS and accepts only
