@@ -299,7 +299,7 @@ def test_main_score_is_the_main_metric(sliced) -> None:
     torch.manual_seed(0)
     out, target = task.predict(task.build_model(), ds)
     assert task.main_score(out, target) == task.output_metrics(out, target)["pr_auc"]
-    assert task.privacy_unit == "image"
+    assert task.privacy_unit.name == "image"
 
 
 # ------------------------------------------------------------------------------ federation
