@@ -41,7 +41,7 @@ BatchUtility = Callable[[Sequence[Coalition]], Sequence[float]]
 DEFAULT_BATCH_SIZE = 64
 """Coalitions per call to the batch function: bounds the models aggregated at once."""
 
-METHODS: tuple[str, ...] = ("exact", "gtg", "loo")
+METHODS: tuple[str, ...] = ("exact", "gtg", "loo", "kernel")
 """Method names understood by :func:`estimate`."""
 
 _TINY = 1e-12
@@ -348,11 +348,16 @@ def gtg_shapley(
     )
 
 
-_ESTIMATORS: dict[str, Callable[..., ContributionResult]] = {
-    "exact": exact_shapley,
-    "gtg": gtg_shapley,
-    "loo": leave_one_out,
-}
+def _estimators() -> dict[str, Callable[..., ContributionResult]]:
+    # KernelSHAP lives in its own module, which builds on this one's cache and result type.
+    from strategies.contribution.kernel import kernel_shapley
+
+    return {
+        "exact": exact_shapley,
+        "gtg": gtg_shapley,
+        "loo": leave_one_out,
+        "kernel": kernel_shapley,
+    }
 
 
 def estimate(method: str, n: int, utility: BatchUtility, **params: Any) -> ContributionResult:
@@ -361,7 +366,7 @@ def estimate(method: str, n: int, utility: BatchUtility, **params: Any) -> Contr
     The single entry point for configuration-driven callers; an unknown method raises
     ``ValueError`` naming it and the choices, an unknown parameter the estimator's TypeError.
     """
-    estimator = _ESTIMATORS.get(method)
+    estimator = _estimators().get(method)
     if estimator is None:
         raise ValueError(
             f"unknown contribution method {method!r}; choose one of: {', '.join(METHODS)}"
