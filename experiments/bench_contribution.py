@@ -103,7 +103,10 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
     "gtg": shipped("gtg"),
     "loo": shipped("loo"),
     "kernel": shipped("kernel"),
+    "linearised": shipped("linearised"),
 }
+#: Estimators also run on the federation without the copy (for the duplicate pair's gain).
+SOLO_ESTIMATORS = {k: ESTIMATORS[k] for k in ("exact", "linearised")}
 POOL = 100_000  # minor units per run
 
 
@@ -154,8 +157,13 @@ def planted_factories(
     workdir: Path,
     kinds: tuple[str, ...] = KINDS,
     extra_clean: int = 0,
+    rows: int | None = None,
 ) -> tuple[list[Planted], Dataset]:
-    """Write the planted federation's files under ``workdir``; returns it and the validation set."""
+    """Write the planted federation's files under ``workdir``; returns it and the validation set.
+
+    ``rows`` keeps only the first rows of each factory's share (the scaling case, so that a
+    hundred factories train in minutes); ``None`` keeps the task's full shares.
+    """
     n = len(kinds) + extra_clean
     data = task.generate(n, seed, PartitionConfig(scheme="iid", quantity_skew=0.0))
     gen = np.random.default_rng(seed)
@@ -163,12 +171,13 @@ def planted_factories(
     factories = []
     all_kinds = list(kinds) + ["clean"] * extra_clean
     for i, kind in enumerate(all_kinds):
-        df = data.factories[i]
+        df = data.factories[i] if rows is None else data.factories[i].head(rows)
         fid = f"f{i}-{kind}"
         if kind == "feature_noise":
             df = _noisy_features(task, df, gen)
         elif kind == "duplicate":
             df = data.factories[kinds.index("clean_a")]
+            df = df if rows is None else df.head(rows)
         elif kind == "small":
             df = df.head(max(len(df) // 20, 64))  # contiguous rows keep time windows whole
         if kind in FREE_RIDERS:
@@ -276,9 +285,11 @@ def score(
     start = time.perf_counter()
     aggregator = WeightedMeanAggregator(accepted.updates, accepted.weights)
     baseline = evaluator.scores([accepted.global_state])[0]
-    utility = CoalitionUtility(aggregator, evaluator.scores, baseline, evaluator.sign)
+    utility = CoalitionUtility(
+        aggregator, evaluator.scores, baseline, evaluator.sign, evaluator=evaluator
+    )
     options = dict(params)
-    if method in ("gtg", "kernel"):
+    if method in ("gtg", "kernel", "linearised"):
         options["seed"] = seed * 1_000_003 + accepted.round
     result = estimate(method, len(accepted.ids), utility, **options)
     return {
@@ -297,11 +308,12 @@ def federated_run(
     epsilon: float,
     kinds: tuple[str, ...] = KINDS,
     extra_clean: int = 0,
+    rows: int | None = None,
 ) -> dict:
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records."""
     with tempfile.TemporaryDirectory(prefix="bench-contribution-") as tmp:
         workdir = Path(tmp)
-        factories, validation = planted_factories(task, seed, workdir, kinds, extra_clean)
+        factories, validation = planted_factories(task, seed, workdir, kinds, extra_clean, rows)
         torch.manual_seed(seed)
         model = task.build_model()
         global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -492,13 +504,18 @@ def _print_table(title: str, stats: dict) -> None:
 
 
 def scaling(
-    sizes: list[int], seed: int, rounds: int, epsilon: float, reference_per_player: int
+    sizes: list[int],
+    seed: int,
+    rounds: int,
+    epsilon: float,
+    reference_per_player: int,
+    factory_rows: int,
 ) -> list[dict]:
     """Cost and fidelity at larger federations (``molding_quality``, planted + clean factories).
 
     Exact Shapley is out of reach, so each round is also scored by KernelSHAP with
     ``reference_per_player`` coalitions per factory as the reference; GTG runs up to 32
-    factories only (at 100 it takes minutes a round).
+    factories only (at 100 it takes minutes a round). Each factory keeps ``factory_rows`` rows.
     """
     task = get_task("molding_quality")
     rows = []
@@ -513,13 +530,16 @@ def scaling(
     for n in sizes:
         estimators = {
             "reference": kernel_ref,
+            "linearised": ESTIMATORS["linearised"],
             "kernel": ESTIMATORS["kernel"],
             "loo": ESTIMATORS["loo"],
         }
         if n <= 32:
             estimators["gtg"] = ESTIMATORS["gtg"]
         t0 = time.perf_counter()
-        run = federated_run(task, seed, rounds, estimators, epsilon, KINDS, n - len(KINDS))
+        run = federated_run(
+            task, seed, rounds, estimators, epsilon, KINDS, n - len(KINDS), factory_rows
+        )
         stats = summarise([run], [None], reference="reference")
         train = float(np.mean([r["train_seconds"] for r in run["rounds"]]))
         rates = guard_rates([run])
@@ -528,7 +548,7 @@ def scaling(
                 continue
             rows.append({"factories": n, "estimator": est, "train_seconds": train, **s, **rates})
             print(
-                f"  n={n:3d} {est:<6}: {s['seconds_per_round']:6.2f} s/round vs training "
+                f"  n={n:3d} {est:<10}: {s['seconds_per_round']:6.2f} s/round vs training "
                 f"{train:6.1f} s ({s['seconds_per_round'] / train:.2f}x), "
                 f"{s['evaluations']:.0f} evaluations, spearman vs reference {s['spearman']:.3f}, "
                 f"free-rider paid {s['free_paid_guarded_max']} (guarded), "
@@ -544,11 +564,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="*", default=["tep_fault", "molding_quality"])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epsilon", type=float, default=8.0, help="each factory's DP budget")
     parser.add_argument("--scaling", nargs="*", type=int, default=[32, 100])
-    parser.add_argument("--scaling-rounds", type=int, default=2)
-    parser.add_argument("--reference-per-player", type=int, default=24)
+    parser.add_argument("--scaling-rounds", type=int, default=1)
+    parser.add_argument("--scaling-rows", type=int, default=500, help="rows per factory")
+    parser.add_argument("--reference-per-player", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, no scaling")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_contribution.json"))
     args = parser.parse_args(argv)
@@ -564,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(federated_run(task, seed, args.rounds, ESTIMATORS, args.epsilon))
             solo_kinds = tuple(k for k in KINDS if k != "duplicate")
             solos.append(
-                federated_run(task, seed, args.rounds, ESTIMATORS, args.epsilon, solo_kinds)
+                federated_run(task, seed, args.rounds, SOLO_ESTIMATORS, args.epsilon, solo_kinds)
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         stats = summarise(runs, solos)
@@ -575,7 +596,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.scaling:
         print("\nScaling (molding_quality, seed 0; training is all factories in sequence):")
         report["scaling"] = scaling(
-            args.scaling, 0, args.scaling_rounds, args.epsilon, args.reference_per_player
+            args.scaling,
+            0,
+            args.scaling_rounds,
+            args.epsilon,
+            args.reference_per_player,
+            args.scaling_rows,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))

@@ -41,7 +41,7 @@ BatchUtility = Callable[[Sequence[Coalition]], Sequence[float]]
 DEFAULT_BATCH_SIZE = 64
 """Coalitions per call to the batch function: bounds the models aggregated at once."""
 
-METHODS: tuple[str, ...] = ("exact", "gtg", "loo", "kernel")
+METHODS: tuple[str, ...] = ("exact", "gtg", "loo", "kernel", "linearised")
 """Method names understood by :func:`estimate`."""
 
 _TINY = 1e-12
@@ -349,14 +349,16 @@ def gtg_shapley(
 
 
 def _estimators() -> dict[str, Callable[..., ContributionResult]]:
-    # KernelSHAP lives in its own module, which builds on this one's cache and result type.
+    # These live in their own modules, which build on this one's cache and result type.
     from strategies.contribution.kernel import kernel_shapley
+    from strategies.contribution.linearised import linearised_shapley
 
     return {
         "exact": exact_shapley,
         "gtg": gtg_shapley,
         "loo": leave_one_out,
         "kernel": kernel_shapley,
+        "linearised": linearised_shapley,
     }
 
 
