@@ -65,8 +65,11 @@ from strategies.contribution.guards import (
     alignment_statistic,
     duplicate_groups,
     duplicate_pairs,
+    fingerprint_groups,
     flat_deltas,
+    merge_groups,
     noise_test,
+    record_fingerprint,
     split_group_credit,
     withhold_unproven,
 )
@@ -108,6 +111,7 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
 #: Estimators also run on the federation without the copy (for the duplicate pair's gain).
 SOLO_ESTIMATORS = {k: ESTIMATORS[k] for k in ("exact", "linearised")}
 POOL = 100_000  # minor units per run
+FINGERPRINT_KEY = "federation-secret-key"  # shared by the factories, not by the operator
 
 
 def product_train_config(task_name: str, seed: int) -> tuple[LocalTrainConfig, dict]:
@@ -137,6 +141,7 @@ class Planted:
     kind: str
     path: Path | None
     claimed: int
+    fingerprint: np.ndarray | None = None
 
 
 def _noisy_features(task: StandardTask, df: pd.DataFrame, gen: np.random.Generator) -> pd.DataFrame:
@@ -185,7 +190,9 @@ def planted_factories(
             continue
         path = workdir / f"{fid}.parquet"
         df.to_parquet(path)
-        factories.append(Planted(fid, kind, path, len(task.to_dataset(df))))
+        # What the factory would report: a keyed sketch of the records it trains on.
+        sketch = record_fingerprint(task.load_frame(path), FINGERPRINT_KEY)
+        factories.append(Planted(fid, kind, path, len(task.to_dataset(df)), sketch))
     return factories, task.to_dataset(data.validation)
 
 
@@ -330,7 +337,7 @@ def federated_run(
             }
             deltas = flat_deltas(accepted.updates, global_state)
             z = alignment_statistic(deltas, accepted.weights)
-            pairs = duplicate_pairs(deltas, accepted.weights)
+            pairs = duplicate_pairs(deltas)
             aggregator = WeightedMeanAggregator(accepted.updates, accepted.weights)
             global_state = aggregator.aggregate([frozenset(range(len(accepted.ids)))])[0]
             records.append(
@@ -345,11 +352,16 @@ def federated_run(
                     "rejected": accepted.rejected,
                 }
             )
-    return {"ids": [f.fid for f in factories], "rounds": records}
+    sketches = {f.fid: f.fingerprint for f in factories if f.fingerprint is not None}
+    return {
+        "ids": [f.fid for f in factories],
+        "rounds": records,
+        "fingerprint_groups": [sorted(g) for g in fingerprint_groups(sketches)],
+    }
 
 
 def guard_outcome(run: dict) -> tuple[dict, list[frozenset[str]]]:
-    """The run's noise-test verdicts and duplicate groups."""
+    """The run's noise-test verdicts and duplicate groups (by updates or by data sketches)."""
     round_z: dict[str, list[float]] = {f: [] for f in run["ids"]}
     round_pairs = []
     for rec in run["rounds"]:
@@ -357,7 +369,8 @@ def guard_outcome(run: dict) -> tuple[dict, list[frozenset[str]]]:
             round_z[f].append(z)
         index = {f: i for i, f in enumerate(rec["ids"])}
         round_pairs.append((rec["ids"], [(index[a], index[b]) for a, b in rec["duplicate_pairs"]]))
-    return noise_test(round_z), duplicate_groups(round_pairs)
+    by_data = [frozenset(g) for g in run.get("fingerprint_groups", [])]
+    return noise_test(round_z), merge_groups([], duplicate_groups(round_pairs) + by_data)
 
 
 def payouts(run: dict, estimator: str, guarded: bool) -> dict[str, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from strategies.contribution.guards import (
@@ -10,9 +11,14 @@ from strategies.contribution.guards import (
     alignment_statistic,
     duplicate_groups,
     duplicate_pairs,
+    excess_cosines,
+    fingerprint_groups,
+    fingerprint_similarity,
     flat_deltas,
+    merge_groups,
     noise_test,
-    residual_cosines,
+    pairwise_cosines,
+    record_fingerprint,
     split_group_credit,
     withhold_unproven,
 )
@@ -103,15 +109,49 @@ def test_duplicates_are_found_and_iid_siblings_are_not():
     population = rng.normal(size=DIM)
     own = [rng.normal(size=DIM) for _ in range(6)]
     # Same-population factories: shared part + own data part + independent DP noise.
-    rows = [population + 1.5 * own[i] + rng.normal(size=DIM) for i in range(6)]
-    rows.append(population + 1.5 * own[0] + rng.normal(size=DIM))  # copy of factory 0's data
+    rows = [population + 0.8 * own[i] + 2.0 * rng.normal(size=DIM) for i in range(6)]
+    rows.append(population + 0.8 * own[0] + 2.0 * rng.normal(size=DIM))  # factory 0's records
     deltas = np.stack(rows)
-    pairs = duplicate_pairs(deltas, [1.0] * 7)
-    assert pairs == [(0, 6)]
-    cos = residual_cosines(deltas, [1.0] * 7)
-    assert cos.shape == (7, 7)
+    assert duplicate_pairs(deltas) == [(0, 6)]
+    excess = excess_cosines(deltas)
+    assert excess[0, 6] > 0.05
+    assert np.abs(np.delete(excess[1], [1])).max() < 0.05
+    cos = pairwise_cosines(deltas)
     np.testing.assert_allclose(np.diag(cos), 1.0)
-    assert duplicate_pairs(deltas[:2], [1.0, 1.0]) == []
+    assert duplicate_pairs(deltas[:2]) == []
+
+
+def test_pure_noise_updates_are_never_duplicates():
+    rng = np.random.default_rng(4)
+    flagged = sum(len(duplicate_pairs(rng.normal(size=(8, DIM)))) for _ in range(50))
+    assert flagged == 0
+
+
+def test_fingerprints_find_shared_records_only():
+    rng = np.random.default_rng(5)
+    a = pd.DataFrame(rng.normal(size=(2000, 4)), columns=list("wxyz"))
+    b = pd.DataFrame(rng.normal(size=(2000, 4)), columns=list("wxyz"))
+    key = "0123456789abcdef"
+    fa, fb = record_fingerprint(a, key), record_fingerprint(b, key)
+    copy = record_fingerprint(a.sample(frac=1.0, random_state=1).reset_index(drop=True), key)
+    half = record_fingerprint(pd.concat([a.head(1000), b.head(1000)]), key)
+    assert fa.size == 256
+    assert fingerprint_similarity(fa, copy) == 1.0
+    assert fingerprint_similarity(fa, fb) == 0.0
+    assert 0.2 < fingerprint_similarity(fa, half) < 0.5  # Jaccard of the sets: 1/3
+    other_key = record_fingerprint(a, "fedcba9876543210")
+    assert fingerprint_similarity(fa, other_key) == 0.0
+    groups = fingerprint_groups({"a": fa, "b": fb, "copy": copy, "half": half})
+    assert groups == [frozenset({"a", "copy"})]
+    with pytest.raises(ValueError, match="16 to 64 bytes"):
+        record_fingerprint(a, "short")
+
+
+def test_merge_groups_joins_pairs_and_groups():
+    assert merge_groups([("a", "b"), ("c", "d")], [frozenset({"b", "c"})]) == [
+        frozenset({"a", "b", "c", "d"})
+    ]
+    assert merge_groups([]) == []
 
 
 def test_duplicate_groups_need_repeated_flags_and_merge_transitively():

@@ -24,26 +24,30 @@ the price of the rule and is measured in the contribution benchmark. The rule is
 update that copies the previous round's global step (aligned without any data): that is a copy of
 the federation's own work, which :func:`duplicate_groups` does not catch either.
 
-**No gain from copies** (:func:`duplicate_groups`, :func:`split_group_credit`). Two factories
-training on the same records from the same global model send updates whose *data-dependent
-parts* coincide; honest factories with data of the same kind share only the population part.
-Subtracting the round's consensus removes the shared population part, and the residuals'
-cosine between two factories is then small for independent data (their DP noise and sampling
-are independent) and large for copied data. A pair is flagged when the residual cosine is
-both far above the null of independent noise (``t``-statistic as above) and above a floor
-``min_cosine``; pairs flagged in at least ``min_fraction`` of the rounds both took part in
-join one group (connected components). :func:`split_group_credit` then treats each group as one
-factory: its members' summed score is replaced by their mean (what one copy of the shared data is
-worth when both copies are present), split equally among the members.
+**No gain from copies** (:func:`duplicate_pairs` / :func:`duplicate_groups` on the updates,
+:func:`record_fingerprint` / :func:`fingerprint_groups` on the data, :func:`split_group_credit`).
+Two factories training on the same records share their data's own gradient direction on top of
+the population direction every honest factory shares; honest factories with data of the same
+kind share only the latter. So a pair is flagged when its update cosine exceeds what each of the
+two shares with everyone else (:func:`excess_cosines`) by far more than independent DP noise
+allows, in at least half the rounds both took part in. Under heavy DP noise the data's own
+direction is buried (the contribution benchmark finds copies this way on ``tep_fault`` but not
+on ``molding_quality``), so the second rule compares keyed MinHash sketches of the factories'
+records, which a factory computes at home and reports without revealing a record.
+:func:`split_group_credit` then pays each group as one factory: its members' summed score is
+replaced by their mean (what one copy of the shared data is worth when both copies are
+present), split equally among the members.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 State = Mapping[str, np.ndarray]
@@ -170,20 +174,11 @@ def withhold_unproven(
     }
 
 
-def residual_cosines(deltas: np.ndarray, weights: Sequence[float]) -> np.ndarray:
-    """Pairwise cosines of the updates after removing the round's weighted mean update.
-
-    Returns an ``(n, n)`` symmetric matrix with ones on the diagonal (zeros where a residual
-    is zero). Removing the mean removes the part every honest factory shares, so what is left
-    is each factory's own data signal plus its DP noise.
-    """
+def pairwise_cosines(deltas: np.ndarray) -> np.ndarray:
+    """``(n, n)`` cosines between the updates (0 where an update is zero, 1 on the diagonal)."""
     deltas = np.asarray(deltas, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    mean = (w @ deltas) / w.sum()
-    res = deltas - mean
-    norms = np.linalg.norm(res, axis=1)
-    safe = np.where(norms > 0, norms, 1.0)
-    unit = res / safe[:, None]
+    norms = np.linalg.norm(deltas, axis=1)
+    unit = deltas / np.where(norms > 0, norms, 1.0)[:, None]
     cos = unit @ unit.T
     cos[norms == 0, :] = 0.0
     cos[:, norms == 0] = 0.0
@@ -191,30 +186,138 @@ def residual_cosines(deltas: np.ndarray, weights: Sequence[float]) -> np.ndarray
     return cos
 
 
+def excess_cosines(deltas: np.ndarray) -> np.ndarray:
+    """Each pair's cosine above what the two factories share with everyone else.
+
+    ``excess[i, j] = cos(i, j) - median(cos(i, k), cos(j, k) for k not in {i, j})``: honest
+    factories with data of the same kind share the population direction with every other
+    factory, so their excess is about 0, while two copies of the same records also share their
+    data's own direction. With fewer than three updates there is nobody else to compare with and
+    the excess is 0.
+    """
+    cos = pairwise_cosines(deltas)
+    n = cos.shape[0]
+    out = np.zeros((n, n))
+    if n < 3:
+        return out
+    for i in range(n):
+        for j in range(i + 1, n):
+            others = [k for k in range(n) if k not in (i, j)]
+            base = float(np.median(np.concatenate([cos[i, others], cos[j, others]])))
+            out[i, j] = out[j, i] = cos[i, j] - base
+    return out
+
+
 def duplicate_pairs(
     deltas: np.ndarray,
-    weights: Sequence[float],
     *,
-    min_cosine: float = 0.5,
+    min_excess: float = 0.05,
     alpha: float = DEFAULT_ALPHA,
 ) -> list[tuple[int, int]]:
-    """Pairs ``(i, j)``, ``i < j``, of one round whose residual updates are near-duplicates.
+    """Pairs ``(i, j)``, ``i < j``, of one round whose updates are near-duplicates.
 
-    A pair is flagged when its residual cosine (:func:`residual_cosines`) exceeds ``min_cosine``
-    and its t-statistic is significant at ``alpha`` after a Bonferroni correction over the
-    round's pairs, i.e. far above what independent DP noise allows.
+    Independent DP noise makes the cosine of two updates fluctuate by about ``1 / sqrt(d)``
+    around what they share with the population (``d`` parameters). A pair is flagged when its
+    :func:`excess_cosines` is above ``min_excess`` *and* above ``1 / sqrt(d)`` times the
+    ``alpha`` normal quantile, Bonferroni-corrected over the round's pairs: far above what
+    independent noise allows.
     """
     deltas = np.asarray(deltas, dtype=np.float64)
     n, dim = deltas.shape
-    if n < 3 or dim < 2:  # with two players the residuals are opposite by construction
+    if n < 3 or dim < 2:
         return []
-    cos = residual_cosines(deltas, weights)
-    pairs = n * (n - 1) // 2
-    z_needed = float(stats.norm.isf(alpha / pairs))
+    excess = excess_cosines(deltas)
+    needed = float(stats.norm.isf(alpha / (n * (n - 1) / 2))) / math.sqrt(dim)
     iu, ju = np.triu_indices(n, k=1)
-    z = _t_to_z(_cosine_t(cos[iu, ju], dim), dim)
-    hit = (cos[iu, ju] > min_cosine) & (z > z_needed)
+    hit = (excess[iu, ju] > min_excess) & (excess[iu, ju] > needed)
     return [(int(i), int(j)) for i, j in zip(iu[hit], ju[hit], strict=True)]
+
+
+def record_fingerprint(
+    frame: pd.DataFrame, key: str, size: int = 256, decimals: int = 4
+) -> np.ndarray:
+    """A bottom-``size`` MinHash sketch of a factory's records, keyed by a federation secret.
+
+    Each record (row; numbers rounded to ``decimals`` so re-encoding does not change it) is
+    hashed, the hash is hashed again with keyed BLAKE2b (``key``: 16 to 64 bytes, shared by the
+    factories), and the ``size`` smallest keyed hashes are kept. Two factories compare sketches
+    (:func:`fingerprint_similarity`) to estimate how
+    many records they share without revealing any: without the key a hash says nothing about
+    its record, and a sketch holds ``size`` hashes however large the data. A factory computes
+    it at home and reports it; records perturbed beyond the rounding escape it (and are then
+    different, noisier data).
+    """
+    secret = key.encode()
+    if not 16 <= len(secret) <= 64:
+        raise ValueError(f"fingerprint key must be 16 to 64 bytes, got {len(secret)}")
+    if size < 1:
+        raise ValueError(f"fingerprint size must be positive, got {size}")
+    rows = pd.util.hash_pandas_object(frame.round(decimals), index=False).to_numpy(np.uint64)
+    keyed = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, key=secret).digest(), "big")
+            for r in rows
+        ),
+        dtype=np.uint64,
+        count=rows.size,
+    )
+    return np.unique(keyed)[:size]
+
+
+def fingerprint_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Estimated Jaccard similarity of two factories' record sets from bottom-k sketches.
+
+    The standard bottom-k estimator: among the ``k`` smallest hashes of the union of both
+    sketches (``k`` the smaller sketch size), the fraction present in both.
+    """
+    a, b = np.unique(np.asarray(a, np.uint64)), np.unique(np.asarray(b, np.uint64))
+    k = min(a.size, b.size)
+    if k == 0:
+        return 0.0
+    union = np.union1d(a, b)[:k]
+    both = np.intersect1d(a, b)
+    return float(np.isin(union, both).sum() / k)
+
+
+def fingerprint_groups(
+    fingerprints: Mapping[str, np.ndarray], min_similarity: float = 0.5
+) -> list[frozenset[str]]:
+    """Groups of factories whose record sketches overlap by at least ``min_similarity``.
+
+    Returns connected components of the similar pairs (two or more members), sorted by their
+    smallest id; a pair of honest factories shares no records and scores about 0.
+    """
+    if not 0.0 < min_similarity <= 1.0:
+        raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
+    ids = sorted(fingerprints)
+    pairs = [
+        (a, b)
+        for i, a in enumerate(ids)
+        for b in ids[i + 1 :]
+        if fingerprint_similarity(fingerprints[a], fingerprints[b]) >= min_similarity
+    ]
+    return merge_groups(pairs)
+
+
+def merge_groups(
+    pairs: Sequence[tuple[str, str]], groups: Sequence[frozenset[str]] = ()
+) -> list[frozenset[str]]:
+    """Connected components of ``pairs`` and existing ``groups`` (two or more members each)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    links = list(pairs) + [(m, min(g)) for g in groups for m in g]
+    for a, b in links:
+        parent[find(a)] = find(b)
+    out: dict[str, set[str]] = {}
+    for x in list(parent):
+        out.setdefault(find(x), set()).add(x)
+    return sorted((frozenset(g) for g in out.values() if len(g) > 1), key=min)
 
 
 def duplicate_groups(
@@ -246,21 +349,9 @@ def duplicate_groups(
         for i, j in pairs:
             key = tuple(sorted((ids[i], ids[j])))
             flagged[key] = flagged.get(key, 0) + 1  # type: ignore[index]
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent.setdefault(x, x) != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for (a, b), count in flagged.items():
-        if count >= min_fraction * together[(a, b)]:
-            parent[find(a)] = find(b)
-    groups: dict[str, set[str]] = {}
-    for x in list(parent):
-        groups.setdefault(find(x), set()).add(x)
-    return sorted((frozenset(g) for g in groups.values() if len(g) > 1), key=min)
+    return merge_groups(
+        [pair for pair, count in flagged.items() if count >= min_fraction * together[pair]]
+    )
 
 
 def split_group_credit(
