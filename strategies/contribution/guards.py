@@ -3,9 +3,10 @@
 Shapley-family scores answer "how much did the validation metric gain from this update?". Under
 differential privacy every honest update is mostly noise, so a round's score of a factory that
 sent pure noise can be positive by chance, and a factory that copies another's data doubles that
-data's weight in FedAvg and so the pair's pay. The two rules here act on what the server already
-has each round (the accepted updates, the global model, each factory's claimed size and its
-per-round scores); both are pure numpy functions, tested without Flower.
+data's weight in FedAvg and so the pair's pay. The rules here act on what the server already
+has each round (the accepted updates, the global model they were trained from, each factory's
+claimed size and its per-round scores) and, for copies, on a sketch of its records that a
+factory can report; all are pure functions (numpy, pandas), tested without Flower.
 
 **No pay for noise** (:func:`alignment_statistic`, :func:`noise_test`). A pure-noise update
 ``delta_i = w_i - w`` of any norm is, under the DP mechanism the factories run, an isotropic
