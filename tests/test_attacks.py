@@ -469,12 +469,16 @@ def _molding_frame(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     reference = molding_source.REFERENCE
     z = rng.normal(size=(n, len(reference)))
-    df = pd.DataFrame({name: c + h * z[:, i] for i, (name, (c, h)) in enumerate(reference.items())})
+    df = pd.DataFrame(
+        {name: c + h * z[:, i] for i, (name, (c, h)) in enumerate(reference.items())}
+    )
     df[molding_source.LABEL] = (z[:, 0] + z[:, 1] > 1).astype(np.int64)
     return df[[*molding_source.FEATURES, molding_source.LABEL]]
 
 
-def test_client_app_poisons_named_factories_and_marks_every_reply(tmp_path: Path, as_node) -> None:
+def test_client_app_poisons_named_factories_and_marks_every_reply(
+    tmp_path: Path, as_node
+) -> None:
     task = get_task("molding_quality")
     data = tmp_path / "factory_000.parquet"
     _molding_frame(300, 0).to_parquet(data)

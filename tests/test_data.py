@@ -101,14 +101,13 @@ def test_same_seed_gives_identical_frames(task: str, scheme: str) -> None:
     kwargs = {"scheme": scheme, "feature_shift": 0.3}
     a, b = _gen(task, 3, 7, **kwargs), _gen(task, 3, 7, **kwargs)
     assert len(a.factories) == len(b.factories) == 3
-    for x, y in zip(
-        [*a.factories, a.validation, a.test], [*b.factories, b.validation, b.test], strict=True
-    ):
+    for x, y in zip([*a.factories, a.validation, a.test], [*b.factories, b.validation, b.test],
+                    strict=True):
         pd.testing.assert_frame_equal(x, y)
     c = _gen(task, 3, 8, **kwargs)
-    assert any(not x.equals(y) for x, y in zip(a.factories, c.factories, strict=True)), (
-        "a different seed should change the factories"
-    )
+    assert any(
+        not x.equals(y) for x, y in zip(a.factories, c.factories, strict=True)
+    ), "a different seed should change the factories"
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -177,7 +176,9 @@ def test_tep_rows_are_the_real_samples_without_shift() -> None:
     data = _gen("tep_fault", 3, 0, scheme="iid", feature_shift=0.0)
     runs = tep_source.train_runs()
     for df in data.factories:
-        expected = np.stack([runs[f][t] for f, t in zip(df["fault"], df["t"], strict=True)])
+        expected = np.stack(
+            [runs[f][t] for f, t in zip(df["fault"], df["t"], strict=True)]
+        )
         np.testing.assert_array_equal(df[list(tep_source.FEATURES)].to_numpy(), expected)
 
 
@@ -196,14 +197,10 @@ def _label_skew(frames: list[pd.DataFrame], label: str) -> float:
 @pytest.mark.parametrize("task", ["tep_fault", "molding_quality"])
 def test_dirichlet_small_alpha_concentrates_labels(task: str) -> None:
     label = LABELS[task]
-    small = [
-        _label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=0.05).factories, label)
-        for s in range(3)
-    ]
-    large = [
-        _label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=100.0).factories, label)
-        for s in range(3)
-    ]
+    small = [_label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=0.05).factories, label)
+             for s in range(3)]
+    large = [_label_skew(_gen(task, 4, s, scheme="dirichlet", alpha=100.0).factories, label)
+             for s in range(3)]
     assert np.mean(small) > 3 * np.mean(large), (small, large)
     assert np.mean(small) > np.mean(large) + 0.02, (small, large)
 
@@ -378,18 +375,12 @@ def test_make_federated_data_writes_files_and_manifest(tmp_path) -> None:
     assert manifest["task"] == "molding_quality" and manifest["seed"] == 5
     assert manifest["num_factories"] == 3 and manifest["format_version"] == 1
     assert manifest["partition"] == {
-        "scheme": "dirichlet",
-        "alpha": 0.3,
-        "quantity_skew": 0.2,
-        "feature_shift": 0.0,
+        "scheme": "dirichlet", "alpha": 0.3, "quantity_skew": 0.2, "feature_shift": 0.0
     }
     names = [f["name"] for f in manifest["files"]]
     assert names == [
-        "factory_000.parquet",
-        "factory_001.parquet",
-        "factory_002.parquet",
-        "validation.parquet",
-        "test.parquet",
+        "factory_000.parquet", "factory_001.parquet", "factory_002.parquet",
+        "validation.parquet", "test.parquet",
     ]
     task = get_task("molding_quality")
     for entry in manifest["files"]:
@@ -432,8 +423,7 @@ def test_regenerating_fewer_factories_removes_stale_files(tmp_path) -> None:
     make_federated_data("molding_quality", 4, 0, p, tmp_path)
     make_federated_data("molding_quality", 2, 0, p, tmp_path)
     assert sorted(x.name for x in tmp_path.glob("factory_*")) == [
-        "factory_000.parquet",
-        "factory_001.parquet",
+        "factory_000.parquet", "factory_001.parquet"
     ]
     assert data_matches(tmp_path, "molding_quality", 2, 0, p)
 
@@ -443,20 +433,8 @@ def test_regenerating_fewer_factories_removes_stale_files(tmp_path) -> None:
 
 def test_cli_data_make(tmp_path, capsys) -> None:
     out = tmp_path / "tep"
-    argv = [
-        "data",
-        "make",
-        "--task",
-        "tep_fault",
-        "--num-factories",
-        "6",
-        "--seed",
-        "3",
-        "--out",
-        str(out),
-        "--feature-shift",
-        "0.2",
-    ]
+    argv = ["data", "make", "--task", "tep_fault", "--num-factories", "6", "--seed", "3",
+            "--out", str(out), "--feature-shift", "0.2"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -473,28 +451,15 @@ def test_cli_data_make(tmp_path, capsys) -> None:
 
 
 def test_cli_errors_and_defaults(tmp_path, capsys) -> None:
-    argv = [
-        "data",
-        "make",
-        "--task",
-        "nope",
-        "--num-factories",
-        "2",
-        "--seed",
-        "0",
-        "--out",
-        str(tmp_path),
-    ]
+    argv = ["data", "make", "--task", "nope", "--num-factories", "2", "--seed", "0",
+            "--out", str(tmp_path)]
     assert cli.main(argv) == 1
     assert "valid names" in capsys.readouterr().err
     assert cli.main(["data"]) == 2
     args = cli.build_parser().parse_args(argv)
     default = PartitionConfig()
     assert (args.scheme, args.alpha, args.quantity_skew, args.feature_shift) == (
-        default.scheme,
-        default.alpha,
-        default.quantity_skew,
-        default.feature_shift,
+        default.scheme, default.alpha, default.quantity_skew, default.feature_shift
     )
     with pytest.raises(SystemExit):
         cli.main(["data", "make", "--task", "rul"])

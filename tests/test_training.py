@@ -79,13 +79,8 @@ def test_every_mode_trains_identically_with_the_same_randomness() -> None:
     results = {}
     for mode in ("bk", "ghost", "hooks"):
         cfg = LocalTrainConfig(
-            local_epochs=2,
-            batch_size=16,
-            lr=0.2,
-            max_grad_norm=0.5,
-            grad_sample_mode=mode,
-            reproducible_dp=True,
-            seed=3,
+            local_epochs=2, batch_size=16, lr=0.2, max_grad_norm=0.5, grad_sample_mode=mode,
+            reproducible_dp=True, seed=3,
         )
         results[mode] = train_local(
             _mlp(seed=1), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0
@@ -135,12 +130,8 @@ def test_fedprox_keeps_weights_closer_to_the_global_model(dp: bool) -> None:
             local_epochs=2, batch_size=32, lr=0.2, proximal_mu=mu, dp=dp, reproducible_dp=True
         )
         state = train_local(
-            model,
-            ds,
-            nn.CrossEntropyLoss(),
-            cfg,
-            noise_multiplier=0.5 if dp else None,
-            global_state=global_state,
+            model, ds, nn.CrossEntropyLoss(), cfg,
+            noise_multiplier=0.5 if dp else None, global_state=global_state,
         ).state_dict
         return sum(float((state[k] - global_state[k]).pow(2).sum()) for k in state) ** 0.5
 
@@ -183,10 +174,7 @@ def test_non_private_training_reduces_loss_without_noise() -> None:
 def test_dp_requires_a_noise_multiplier() -> None:
     with pytest.raises(ValueError, match="noise_multiplier"):
         train_local(
-            _mlp(),
-            _classification(n=10),
-            nn.CrossEntropyLoss(),
-            LocalTrainConfig(),
+            _mlp(), _classification(n=10), nn.CrossEntropyLoss(), LocalTrainConfig(),
             noise_multiplier=None,
         )
 
@@ -241,9 +229,8 @@ def test_training_reports_setup_and_epoch_times() -> None:
     ds = _classification(n=128)
     for dp in (True, False):
         cfg = LocalTrainConfig(local_epochs=3, batch_size=32, dp=dp, reproducible_dp=True)
-        result = train_local(
-            _mlp(), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0 if dp else None
-        )
+        result = train_local(_mlp(), ds, nn.CrossEntropyLoss(), cfg,
+                             noise_multiplier=1.0 if dp else None)
         assert len(result.epoch_seconds) == 3 and all(t > 0 for t in result.epoch_seconds)
         assert sum(result.epoch_seconds) <= result.train_seconds
         assert (result.setup_seconds > 0) is dp
@@ -264,17 +251,14 @@ def test_batched_fetching_yields_the_same_batches_as_item_fetching() -> None:
             return self.ds[i]
 
     ds = _classification(n=150)
-    halves = ConcatDataset(
-        [TensorDataset(*(t[:70] for t in ds.tensors)), TensorDataset(*(t[70:] for t in ds.tensors))]
-    )
+    halves = ConcatDataset([TensorDataset(*(t[:70] for t in ds.tensors)),
+                            TensorDataset(*(t[70:] for t in ds.tensors))])
     for dp in (True, False):
-        cfg = LocalTrainConfig(
-            local_epochs=2, batch_size=16, lr=0.2, dp=dp, reproducible_dp=True, seed=4
-        )
+        cfg = LocalTrainConfig(local_epochs=2, batch_size=16, lr=0.2, dp=dp,
+                               reproducible_dp=True, seed=4)
         states = [
-            train_local(
-                _mlp(seed=2), data, nn.CrossEntropyLoss(), cfg, noise_multiplier=0.8 if dp else None
-            ).state_dict
+            train_local(_mlp(seed=2), data, nn.CrossEntropyLoss(), cfg,
+                        noise_multiplier=0.8 if dp else None).state_dict
             for data in (ds, halves, ItemsOnly(ds))
         ]
         for other in states[1:]:
