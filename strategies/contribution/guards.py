@@ -201,11 +201,14 @@ def excess_cosines(deltas: np.ndarray) -> np.ndarray:
     out = np.zeros((n, n))
     if n < 3:
         return out
-    for i in range(n):
-        for j in range(i + 1, n):
-            others = [k for k in range(n) if k not in (i, j)]
-            base = float(np.median(np.concatenate([cos[i, others], cos[j, others]])))
-            out[i, j] = out[j, i] = cos[i, j] - base
+    iu, ju = np.triu_indices(n, k=1)
+    rows = np.concatenate([cos[iu], cos[ju]], axis=1)  # (pairs, 2n): both members' cosines
+    cols = np.arange(n)
+    own = (cols == iu[:, None]) | (cols == ju[:, None])  # the pair itself is not "everyone else"
+    rows[np.concatenate([own, own], axis=1)] = np.nan
+    excess = cos[iu, ju] - np.nanmedian(rows, axis=1)
+    out[iu, ju] = excess
+    out[ju, iu] = excess
     return out
 
 
