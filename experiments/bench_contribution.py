@@ -29,12 +29,14 @@ be told from noise; duplicate groups paid as one factory).
 
 Printed: per task and estimator, the Spearman rank correlation of per-round scores with exact
 Shapley, evaluations as a fraction of exact's, seconds per round, the free-riders' pay, the
-duplicate pair's share over the original's share in the same federation without the copy, the
+duplicate pair's share over the original's share in the same federation without the copy
+(scored there by ``linearised`` only), the
 flipped-label factory's rank; then the guards' error rates; then the scaling case (32 and 100
 factories on ``molding_quality``: seconds per round against the round's training, evaluations,
 and Spearman against a high-budget KernelSHAP reference).
 
-    python -m experiments.bench_contribution                 # README table (about 10 min)
+    python -m experiments.bench_contribution                 # everything, 5 seeds (hours)
+    python -m experiments.bench_contribution --tasks molding_quality --seeds 3 --scaling
     python -m experiments.bench_contribution --quick         # 1 seed, 2 rounds, no scaling
 """
 
