@@ -1,56 +1,84 @@
 """How well each contribution estimator finds who helped, what it costs, and who gets paid.
 
-Eight factories with planted behaviour train real federated rounds (the factory's DP-SGD,
-FedAvg aggregation, the server's validation set), in one process so that many seeds fit in a
-few minutes. Each round, exact Shapley, GTG-Shapley and leave-one-out score the same accepted
-updates through the server's own :class:`~strategies.contribution.scorer.ContributionScorer`,
-and each estimator's cumulative scores drive its own reward book.
+Factories with planted behaviour train real federated rounds through the product's factory code
+(:func:`fl_client.factory.run_factory_round`: the factory's Parquet file, its privacy ledger,
+the run's planned noise multiplier, DP-SGD with the product's defaults), the server's
+:func:`~strategies.validation.validate_update` decides which replies are accepted, and FedAvg
+aggregates them. Each round, every estimator scores *the same accepted updates* through the
+server's own coalition models and validation utility
+(:class:`~strategies.contribution.utility.CoalitionUtility`), so the estimators are compared on
+identical games. The rounds run in one process so that many seeds fit in a few minutes.
 
 Planted factories (IID shares of the task's data, so that only the planted behaviour differs):
 
 ========================  ===================================================================
 ``clean_a``, ``clean_b``  honest factories
-``label_flip``            30% of its labels changed to a wrong class
-``feature_noise``         Gaussian noise (std 1 on standardised inputs) on every feature
+``label_flip``            30% of its labels changed to a wrong class (the product's
+                          ``label_flip`` attack, applied inside the factory round)
+``feature_noise``         Gaussian noise (one column standard deviation) on every feature
 ``free_rider_zero``       returns the global model unchanged, claims a normal data size
-``free_rider_noise``      returns the global model plus noise as large as an honest update
-``duplicate``             an exact copy of ``clean_a``'s data
+``free_rider_noise``      returns the global model plus isotropic noise as large as the
+                          median honest update, claims a normal data size
+``duplicate``             an exact copy of ``clean_a``'s file
 ``small``                 5% of a normal factory's data
 ========================  ===================================================================
 
-Printed per task and estimator: Spearman rank correlation of per-round scores with exact
-Shapley, utility evaluations as a fraction of exact's, each planted factory's mean rank, the
-free-riders' payouts, the payout share of the duplicated pair against the original's share in
-the same federation without the duplicate, and time per round. ``--scaling`` adds GTG's time
-per round at 8 to 64 factories next to the round's training time.
+Pay follows the default ``end_of_run`` rule (the pool split by positive cumulative scores), with
+and without the guards of :mod:`strategies.contribution.guards` (no pay for updates that cannot
+be told from noise; duplicate groups paid as one factory).
 
-    python -m experiments.bench_contribution                 # full benchmark (README table)
-    python -m experiments.bench_contribution --quick         # 1 seed, 2 rounds, smoke run
+Printed: per task and estimator, the Spearman rank correlation of per-round scores with exact
+Shapley, evaluations as a fraction of exact's, seconds per round, the free-riders' pay, the
+duplicate pair's share over the original's share in the same federation without the copy
+(scored there by ``linearised`` only), the
+flipped-label factory's rank; then the guards' error rates; then the scaling case (32 and 100
+factories on ``molding_quality``: seconds per round against the round's training, evaluations,
+and Spearman against a high-budget KernelSHAP reference).
+
+    python -m experiments.bench_contribution                 # everything, 5 seeds (hours)
+    python -m experiments.bench_contribution --tasks molding_quality --seeds 3 --scaling
+    python -m experiments.bench_contribution --quick         # 1 seed, 2 rounds, no scaling
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import OmegaConf
 from scipy.stats import spearmanr
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import Dataset
 
-from fl_client.attacks import poison_labels
-from fl_client.privacy import plan_noise_multiplier
-from fl_client.training import LocalTrainConfig, sample_rate_for, steps_per_epoch, train_local
-from fl_server.rewards.allocation import RewardBook, RewardPolicy
+from fl_client.attacks import AttackConfig
+from fl_client.factory import FactorySite, run_factory_round
+from fl_common.protocol import TrainInstruction
+from fl_server.config import compose_config
+from fl_server.rewards.allocation import allocate
+from fl_server.server_app import train_instruction
 from standard_models.base import PartitionConfig, StandardTask
 from standard_models.registry import get_task
 from strategies.contribution.coalitions import WeightedMeanAggregator
-from strategies.contribution.scorer import ContributionScorer
-from strategies.contribution.utility import BatchedEvaluator
+from strategies.contribution.estimators import estimate
+from strategies.contribution.guards import (
+    alignment_statistic,
+    duplicate_groups,
+    duplicate_pairs,
+    fingerprint_groups,
+    flat_deltas,
+    merge_groups,
+    noise_test,
+    record_fingerprint,
+    split_group_credit,
+    withhold_unproven,
+)
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 from strategies.validation import ValidationRules, validate_update
 
 KINDS = (
@@ -64,197 +92,289 @@ KINDS = (
     "small",
 )
 FREE_RIDERS = ("free_rider_zero", "free_rider_noise")
-#: Estimators compared: label -> (method, options). GTG uses the conf/contribution/gtg.yaml values.
+HONEST = ("clean_a", "clean_b", "small", "clean")
 CONF = Path(__file__).resolve().parents[1] / "conf" / "contribution"
+ROOT = Path(__file__).resolve().parents[1] / "conf"
 
 
 def shipped(method: str) -> tuple[str, dict]:
     """``method`` with the options the ``contribution`` config group ships for it."""
     options = OmegaConf.to_container(OmegaConf.load(CONF / f"{method}.yaml"), resolve=True)
     assert isinstance(options, dict)
-    options.pop("method")
-    return method, {k: v for k, v in options.items() if v is not None}
+    name = str(options.pop("method"))
+    return name, {k: v for k, v in options.items() if v is not None}
 
 
 ESTIMATORS: dict[str, tuple[str, dict]] = {
     "exact": shipped("exact"),
     "gtg": shipped("gtg"),
     "loo": shipped("loo"),
+    "kernel": shipped("kernel"),
+    "linearised": shipped("linearised"),
 }
-
-
-def gtg_variants() -> dict[str, tuple[str, dict]]:
-    """GTG settings traded between evaluations and accuracy (``--gtg-sweep``)."""
-    base = shipped("gtg")[1]
-    out = {}
-    for within in (0.05, 0.1, 0.2):
-        for perms in (8, 16):
-            out[f"gtg w{within} p{perms}"] = (
-                "gtg",
-                {**base, "within_tol": within, "max_permutations": perms},
-            )
-    return out
-
-
-TRAIN = {  # per task: the conf/task defaults
-    "tep_fault": dict(local_epochs=5, batch_size=512, lr=0.2, momentum=0.9),
-    "molding_quality": dict(local_epochs=2, batch_size=64, lr=0.05, momentum=0.9),
-    "rul": dict(local_epochs=2, batch_size=64, lr=0.05, momentum=0.9),
-}
+#: Estimators also run on the federation without the copy (for the duplicate pair's gain).
+SOLO_ESTIMATORS = {k: ESTIMATORS[k] for k in ("linearised",)}
 POOL = 100_000  # minor units per run
+FINGERPRINT_KEY = "federation-secret-key"  # shared by the factories, not by the operator
+
+
+def product_instruction(
+    task_name: str, seed: int, rounds: int, epsilon: float, workdir: Path
+) -> TrainInstruction:
+    """The instruction the ServerApp sends for this task and seed, from ``conf/`` as a run
+    composes it (:func:`fl_server.server_app.train_instruction`), at budget ``epsilon``."""
+    cfg = compose_config([f"task={task_name}", f"seed={seed}", f"federation.num_rounds={rounds}"])
+    OmegaConf.set_struct(cfg, False)
+    cfg.data_dir = cfg.output_dir = str(workdir)
+    return replace(train_instruction(cfg, f"bench-{seed}"), epsilon=float(epsilon))
 
 
 @dataclass
-class Factory:
-    """One planted factory: its kind, its private data (None for free-riders), claimed size."""
+class Planted:
+    """One planted factory: its kind, its data file (None for free-riders), claimed size."""
 
     fid: str
     kind: str
-    data: TensorDataset | Subset | None
+    path: Path | None
     claimed: int
+    fingerprint: np.ndarray | None = None
 
 
-def _tensors(ds: TensorDataset) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = ds.tensors
-    return x.clone(), y.clone()
+def _noisy_features(task: StandardTask, df: pd.DataFrame, gen: np.random.Generator) -> pd.DataFrame:
+    out = df.copy()
+    for col in task.schema.columns:
+        if col.dtype == "float":
+            values = out[col.name].to_numpy(dtype=np.float64)
+            noisy = values + gen.normal(scale=float(np.std(values)) or 1.0, size=values.shape)
+            if col.low is not None or col.high is not None:
+                noisy = np.clip(noisy, col.low, col.high)
+            out[col.name] = noisy.astype(df[col.name].dtype)
+    return out
 
 
 def planted_factories(
-    task: StandardTask, seed: int, kinds: tuple[str, ...] = KINDS, extra_clean: int = 0
-) -> tuple[list[Factory], TensorDataset]:
-    """The planted federation of ``kinds`` (plus ``extra_clean`` honest ones) and validation."""
+    task: StandardTask,
+    seed: int,
+    workdir: Path,
+    kinds: tuple[str, ...] = KINDS,
+    extra_clean: int = 0,
+    rows: int | None = None,
+) -> tuple[list[Planted], Dataset]:
+    """Write the planted federation's files under ``workdir``; returns it and the validation set.
+
+    ``rows`` keeps only the first rows of each factory's share (the scaling case, so that a
+    hundred factories train in minutes); ``None`` keeps the task's full shares.
+    """
     n = len(kinds) + extra_clean
     data = task.generate(n, seed, PartitionConfig(scheme="iid", quantity_skew=0.0))
-    sets = [task.to_dataset(df) for df in data.factories]
-    gen = torch.Generator().manual_seed(seed)
+    gen = np.random.default_rng(seed)
+    workdir.mkdir(parents=True, exist_ok=True)
     factories = []
-    for i, kind in enumerate(kinds):
-        x, y = _tensors(sets[i])
+    all_kinds = list(kinds) + ["clean"] * extra_clean
+    for i, kind in enumerate(all_kinds):
+        df = data.factories[i] if rows is None else data.factories[i].head(rows)
         fid = f"f{i}-{kind}"
-        if kind == "label_flip":
-            y = poison_labels(task, y, 0.3, gen)
-        elif kind == "feature_noise":
-            x = x + torch.randn(x.shape, generator=gen)
+        if kind == "feature_noise":
+            df = _noisy_features(task, df, gen)
         elif kind == "duplicate":
-            x, y = _tensors(sets[kinds.index("clean_a")])
+            df = data.factories[kinds.index("clean_a")]
+            df = df if rows is None else df.head(rows)
         elif kind == "small":
-            keep = torch.randperm(len(y), generator=gen)[: max(16, len(y) // 20)]
-            x, y = x[keep], y[keep]
-        ds = None if kind in FREE_RIDERS else TensorDataset(x, y)
-        factories.append(Factory(fid, kind, ds, len(y)))
-    for j in range(extra_clean):
-        x, y = _tensors(sets[len(kinds) + j])
-        factories.append(Factory(f"f{len(kinds) + j}-clean", "clean", TensorDataset(x, y), len(y)))
+            df = df.head(max(len(df) // 20, 64))  # contiguous rows keep time windows whole
+        if kind in FREE_RIDERS:
+            factories.append(Planted(fid, kind, None, len(task.to_dataset(df))))
+            continue
+        path = workdir / f"{fid}.parquet"
+        df.to_parquet(path)
+        # What the factory would report: a keyed sketch of the records it trains on.
+        sketch = record_fingerprint(task.load_frame(path), FINGERPRINT_KEY)
+        factories.append(Planted(fid, kind, path, len(task.to_dataset(df)), sketch))
     return factories, task.to_dataset(data.validation)
+
+
+@dataclass
+class AcceptedRound:
+    """One round's accepted updates (numpy dicts), as the server's scoring gets them."""
+
+    round: int
+    ids: list[str]
+    updates: list[dict[str, np.ndarray]]
+    weights: list[int]
+    global_state: dict[str, np.ndarray]
+    reports: dict[str, dict] = field(default_factory=dict)
+    rejected: list[str] = field(default_factory=list)
+    train_seconds: float = 0.0
 
 
 def _delta_norm(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in a)))
 
 
-def federated_rounds(
+def train_round(
     task: StandardTask,
-    factories: list[Factory],
-    validation: TensorDataset,
+    factories: list[Planted],
+    global_state: dict[str, np.ndarray],
+    server_round: int,
     rounds: int,
     seed: int,
+    workdir: Path,
+    rng: np.random.Generator,
+    epsilon: float,
+) -> AcceptedRound:
+    """Every factory's round through the product's factory code, then the server's validation."""
+    base = product_instruction(task.name, seed, rounds, epsilon, workdir)
+    instruction = replace(base, server_round=server_round)
+    flip = [f.fid for f in factories if f.kind == "label_flip"]
+    attack = AttackConfig("label_flip", frozenset(flip), fraction=0.3, seed=seed) if flip else None
+    sent = {k: torch.from_numpy(v.copy()) for k, v in global_state.items()}
+    t0 = time.perf_counter()
+    trained: dict[str, tuple[dict[str, np.ndarray], dict]] = {}
+    for f in factories:
+        if f.path is None:
+            continue
+        site = FactorySite(
+            f.fid, f.path, workdir / "ledgers" / f"{f.fid}.json", epsilon, instruction.delta
+        )
+        result = run_factory_round(
+            task,
+            instruction,
+            site,
+            sent,
+            attack=attack if f.kind == "label_flip" else None,
+            reproducible_dp=True,
+        )
+        state = {n: v.detach().numpy().copy() for n, v in result.state_dict.items()}
+        trained[f.fid] = (state, dict(result.metrics))
+    train_seconds = time.perf_counter() - t0
+    honest_norm = float(np.median([_delta_norm(u, global_state) for u, _ in trained.values()]))
+    typical = next(iter(trained.values()))[1]
+    out = AcceptedRound(server_round, [], [], [], global_state, train_seconds=train_seconds)
+    for f in factories:
+        if f.kind == "free_rider_zero":
+            update, report = {k: v.copy() for k, v in global_state.items()}, dict(typical)
+        elif f.kind == "free_rider_noise":
+            noise = {k: rng.normal(size=v.shape) for k, v in global_state.items()}
+            scale = honest_norm / max(_delta_norm(noise, dict.fromkeys(noise, 0.0)), 1e-12)
+            update = {
+                k: (global_state[k] + scale * noise[k]).astype(v.dtype)
+                for k, v in global_state.items()
+            }
+            report = dict(typical)  # it claims to have trained like an honest factory
+        else:
+            update, report = trained[f.fid]
+        claimed = f.claimed if f.kind in FREE_RIDERS else int(report["num-examples"])
+        if validate_update(update, global_state, claimed, ValidationRules()) is not None:
+            out.rejected.append(f.fid)
+            continue
+        out.ids.append(f.fid)
+        out.updates.append(update)
+        out.weights.append(claimed)
+        out.reports[f.fid] = report
+    return out
+
+
+def score(
+    method: str,
+    params: dict,
+    accepted: AcceptedRound,
+    evaluator: BatchedEvaluator,
+    seed: int,
+) -> dict:
+    """One estimator's scores of a round, the way the server's scorer computes them."""
+    start = time.perf_counter()
+    aggregator = WeightedMeanAggregator(accepted.updates, accepted.weights)
+    baseline = evaluator.scores([accepted.global_state])[0]
+    utility = CoalitionUtility(
+        aggregator, evaluator.scores, baseline, evaluator.sign, evaluator=evaluator
+    )
+    options = dict(params)
+    if method in ("gtg", "kernel", "linearised"):
+        options["seed"] = seed * 1_000_003 + accepted.round
+    result = estimate(method, len(accepted.ids), utility, **options)
+    return {
+        "scores": dict(zip(accepted.ids, map(float, result.scores), strict=True)),
+        "evaluations": int(result.evaluations),
+        "seconds": time.perf_counter() - start,
+        "grand": float(result.grand_utility),
+    }
+
+
+def federated_run(
+    task: StandardTask,
+    seed: int,
+    rounds: int,
     estimators: dict[str, tuple[str, dict]],
-    epsilon: float | None,
+    epsilon: float,
+    kinds: tuple[str, ...] = KINDS,
+    extra_clean: int = 0,
+    rows: int | None = None,
 ) -> dict:
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records."""
-    torch.manual_seed(seed)
-    model = task.build_model()
-    global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-    evaluator = BatchedEvaluator(task, task.build_model(), validation)
-    scorers = {
-        label: ContributionScorer(method, evaluator.scores, evaluator.sign, params, seed=seed)
-        for label, (method, params) in estimators.items()
-    }
-    base = TRAIN[task.name]
-    sigmas: dict[str, float | None] = {}
-    for f in factories:
-        if f.data is None or epsilon is None:
-            sigmas[f.fid] = None
-            continue
-        rate = sample_rate_for(len(f.data), base["batch_size"])
-        steps = rounds * base["local_epochs"] * steps_per_epoch(len(f.data), base["batch_size"])
-        sigmas[f.fid] = plan_noise_multiplier(None, epsilon, 1e-5, rate, steps)
-    records = []
-    rng = np.random.default_rng(seed)
-    for r in range(1, rounds + 1):
-        t0 = time.perf_counter()
-        updates: dict[str, dict[str, np.ndarray]] = {}
-        for k, f in enumerate(factories):
-            if f.data is None:
-                continue
-            net = task.build_model()
-            net.load_state_dict({n: torch.from_numpy(v.copy()) for n, v in global_state.items()})
-            cfg = LocalTrainConfig(
-                **base,
-                dp=sigmas[f.fid] is not None,
-                seed=seed * 1000 + r * 100 + k,
-                reproducible_dp=True,
+    with tempfile.TemporaryDirectory(prefix="bench-contribution-") as tmp:
+        workdir = Path(tmp)
+        factories, validation = planted_factories(task, seed, workdir, kinds, extra_clean, rows)
+        torch.manual_seed(seed)
+        model = task.build_model()
+        global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+        evaluator = BatchedEvaluator(task, task.build_model(), validation)
+        rng = np.random.default_rng(seed)
+        records = []
+        for r in range(1, rounds + 1):
+            accepted = train_round(
+                task, factories, global_state, r, rounds, seed, workdir, rng, epsilon
             )
-            out = train_local(net, f.data, task.loss_fn(), cfg, noise_multiplier=sigmas[f.fid])
-            updates[f.fid] = {n: v.detach().numpy().copy() for n, v in out.state_dict.items()}
-        train_seconds = time.perf_counter() - t0
-        honest_norm = float(np.median([_delta_norm(u, global_state) for u in updates.values()]))
-        ordered = []
-        for f in factories:
-            if f.kind == "free_rider_zero":
-                ordered.append({k: v.copy() for k, v in global_state.items()})
-            elif f.kind == "free_rider_noise":
-                noise = {k: rng.normal(size=v.shape) for k, v in global_state.items()}
-                scale = honest_norm / max(_delta_norm(noise, dict.fromkeys(noise, 0.0)), 1e-12)
-                ordered.append(
-                    {
-                        k: (global_state[k] + scale * noise[k]).astype(v.dtype)
-                        for k, v in global_state.items()
-                    }
-                )
-            else:
-                ordered.append(updates[f.fid])
-        # The server's own validation decides who is a player (the unchanged-model free-rider
-        # is refused there); rejected factories are not scored and earn nothing this round.
-        players = [
-            (f, u)
-            for f, u in zip(factories, ordered, strict=True)
-            if validate_update(u, global_state, f.claimed, ValidationRules()) is None
-        ]
-        ids = [f.fid for f, _ in players]
-        aggregator = WeightedMeanAggregator(
-            [u for _, u in players], [f.claimed for f, _ in players]
-        )
-        scored = {}
-        for name, scorer in scorers.items():
-            rc = scorer.score_round(r, ids, aggregator, global_state)
-            scored[name] = {
-                "scores": rc.scores,
-                "evaluations": rc.evaluations,
-                "seconds": rc.seconds,
-                "grand": rc.grand_utility,
-                "truncated": rc.truncated,
+            scored = {
+                label: score(method, params, accepted, evaluator, seed)
+                for label, (method, params) in estimators.items()
             }
-        global_state = aggregator.aggregate([frozenset(range(len(players)))])[0]
-        metric = evaluator.scores([global_state])[0]
-        records.append(
-            {
-                "round": r,
-                "train_seconds": train_seconds,
-                "metric": metric,
-                "scored": scored,
-                "rejected": [f.fid for f in factories if f.fid not in ids],
-            }
-        )
-    return {"ids": [f.fid for f in factories], "rounds": records}
+            deltas = flat_deltas(accepted.updates, global_state)
+            z = alignment_statistic(deltas, accepted.weights)
+            pairs = duplicate_pairs(deltas)
+            aggregator = WeightedMeanAggregator(accepted.updates, accepted.weights)
+            global_state = aggregator.aggregate([frozenset(range(len(accepted.ids)))])[0]
+            records.append(
+                {
+                    "round": r,
+                    "ids": accepted.ids,
+                    "train_seconds": accepted.train_seconds,
+                    "metric": evaluator.scores([global_state])[0],
+                    "scored": scored,
+                    "alignment": dict(zip(accepted.ids, map(float, z), strict=True)),
+                    "duplicate_pairs": [(accepted.ids[i], accepted.ids[j]) for i, j in pairs],
+                    "rejected": accepted.rejected,
+                }
+            )
+    sketches = {f.fid: f.fingerprint for f in factories if f.fingerprint is not None}
+    return {
+        "ids": [f.fid for f in factories],
+        "rounds": records,
+        "fingerprint_groups": [sorted(g) for g in fingerprint_groups(sketches)],
+    }
 
 
-def payouts(run: dict, estimator: str, rounds: int) -> dict[str, int]:
-    """Payouts of a run's factories from ``estimator``'s scores (the default end_of_run pool)."""
-    book = RewardBook(RewardPolicy(POOL, "end_of_run", rounds))
+def guard_outcome(run: dict) -> tuple[dict, list[frozenset[str]]]:
+    """The run's noise-test verdicts and duplicate groups (by updates or by data sketches)."""
+    round_z: dict[str, list[float]] = {f: [] for f in run["ids"]}
+    round_pairs = []
     for rec in run["rounds"]:
-        book.settle(rec["round"], rec["scored"][estimator]["scores"])
-    return book.cumulative_payout
+        for f, z in rec["alignment"].items():
+            round_z[f].append(z)
+        index = {f: i for i, f in enumerate(rec["ids"])}
+        round_pairs.append((rec["ids"], [(index[a], index[b]) for a, b in rec["duplicate_pairs"]]))
+    by_data = [frozenset(g) for g in run.get("fingerprint_groups", [])]
+    return noise_test(round_z), merge_groups([], duplicate_groups(round_pairs) + by_data)
+
+
+def payouts(run: dict, estimator: str, guarded: bool) -> dict[str, int]:
+    """End-of-run pay from ``estimator``'s cumulative scores, with or without the guards."""
+    cumulative = {f: 0.0 for f in run["ids"]}
+    for rec in run["rounds"]:
+        for f, v in rec["scored"][estimator]["scores"].items():
+            cumulative[f] += v
+    if guarded:
+        verdicts, groups = guard_outcome(run)
+        cumulative = split_group_credit(withhold_unproven(cumulative, verdicts), groups)
+    return allocate(POOL, cumulative)
 
 
 def _ranks(scores: dict[str, float]) -> dict[str, int]:
@@ -266,108 +386,182 @@ def _kind(fid: str) -> str:
     return fid.split("-", 1)[1]
 
 
-def summarise(task_name: str, runs: list[dict], solo_runs: list[dict], rounds: int) -> dict:
-    """Per-estimator statistics over seeds."""
+def _share(paid: dict[str, int], kinds: tuple[str, ...]) -> float:
+    return sum(v for f, v in paid.items() if _kind(f) in kinds) / max(sum(paid.values()), 1)
+
+
+def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact") -> dict:
+    """Per-estimator statistics over seeds (scores compared with ``reference``'s)."""
     out = {}
     for est in runs[0]["rounds"][0]["scored"]:
-        rhos, evals, secs, ranks = [], [], [], {k: [] for k in KINDS}
-        free_paid, pair_share, solo_share, flip_bottom2 = [], [], [], []
-        shares = {k: [] for k in KINDS}
+        rhos, evals, secs, flip_rank = [], [], [], []
+        stats: dict[str, list] = {
+            "free_paid": [],
+            "free_paid_guarded": [],
+            "pair": [],
+            "pair_guarded": [],
+            "solo": [],
+            "solo_guarded": [],
+        }
         for run, solo in zip(runs, solo_runs, strict=True):
             for rec in run["rounds"]:
-                exact = rec["scored"]["exact"]
-                mine = rec["scored"][est]
-                a = [exact["scores"][f] for f in exact["scores"]]
-                b = [mine["scores"][f] for f in exact["scores"]]
+                ref = rec["scored"][reference]["scores"]
+                mine = rec["scored"][est]["scores"]
+                a, b = [ref[f] for f in ref], [mine[f] for f in ref]
                 if np.std(a) > 0 and np.std(b) > 0:
                     rhos.append(float(spearmanr(a, b).statistic))
-                evals.append(mine["evaluations"] / exact["evaluations"])
-                secs.append(mine["seconds"])
+                evals.append(
+                    rec["scored"][est]["evaluations"] / rec["scored"][reference]["evaluations"]
+                )
+                secs.append(rec["scored"][est]["seconds"])
             cumulative = {f: 0.0 for f in run["ids"]}
             for rec in run["rounds"]:
                 for f, v in rec["scored"][est]["scores"].items():
                     cumulative[f] += v
-            rank = _ranks(cumulative)
-            for f, r in rank.items():
-                ranks[_kind(f)].append(r)
-            flip_bottom2.append(rank[next(f for f in run["ids"] if "label_flip" in f)] >= 7)
-            paid = payouts(run, est, rounds)
-            for f, v in paid.items():
-                shares[_kind(f)].append(v / POOL)
-            free_paid.append(sum(paid[f] for f in paid if _kind(f) in FREE_RIDERS))
-            total = max(sum(paid.values()), 1)
-            pair_share.append(
-                sum(paid[f] for f in paid if _kind(f) in ("clean_a", "duplicate")) / total
-            )
-            if est in solo["rounds"][0]["scored"]:
-                solo_paid = payouts(solo, est, rounds)
-                solo_share.append(
-                    sum(solo_paid[f] for f in solo_paid if _kind(f) == "clean_a")
-                    / max(sum(solo_paid.values()), 1)
+            flip = next((f for f in run["ids"] if _kind(f) == "label_flip"), None)
+            if flip is not None:
+                flip_rank.append(_ranks(cumulative)[flip])
+            for guarded, suffix in ((False, ""), (True, "_guarded")):
+                paid = payouts(run, est, guarded)
+                stats["free_paid" + suffix].append(
+                    sum(v for f, v in paid.items() if _kind(f) in FREE_RIDERS)
                 )
-        out[est] = {
-            "spearman_vs_exact": float(np.mean(rhos)) if rhos else float("nan"),
-            "evaluations_vs_exact": float(np.mean(evals)),
+                stats["pair" + suffix].append(_share(paid, ("clean_a", "duplicate")))
+                if solo is not None and est in solo["rounds"][0]["scored"]:
+                    stats["solo" + suffix].append(_share(payouts(solo, est, guarded), ("clean_a",)))
+        row = {
+            "spearman": float(np.mean(rhos)) if rhos else float("nan"),
+            "spearman_min": float(np.min(rhos)) if rhos else float("nan"),
+            "evaluations_vs_reference": float(np.mean(evals)),
+            "evaluations": float(
+                np.mean([r["scored"][est]["evaluations"] for run in runs for r in run["rounds"]])
+            ),
             "seconds_per_round": float(np.mean(secs)),
-            "mean_rank": {k: float(np.mean(v)) for k, v in ranks.items()},
-            "mean_payout_share": {k: float(np.mean(v)) if v else 0.0 for k, v in shares.items()},
-            "free_rider_payout_max": int(max(free_paid)),
-            "seeds_free_riders_unpaid": int(sum(p == 0 for p in free_paid)),
-            "label_flip_bottom2_fraction": float(np.mean(flip_bottom2)),
-            "duplicate_pair_share": float(np.mean(pair_share)),
-            "original_alone_share": float(np.mean(solo_share)) if solo_share else float("nan"),
+            "flip_rank_mean": float(np.mean(flip_rank)) if flip_rank else float("nan"),
+            "flip_bottom2": float(np.mean([r >= 7 for r in flip_rank])) if flip_rank else 0.0,
         }
+        for key, values in stats.items():
+            if key.startswith("free"):
+                row[key + "_max"] = int(max(values)) if values else 0
+                row[key + "_seeds"] = int(sum(v > 0 for v in values))
+            else:
+                row[key] = float(np.mean(values)) if values else float("nan")
+        for suffix in ("", "_guarded"):
+            solo = row["solo" + suffix]
+            row["dup_gain" + suffix] = row["pair" + suffix] / solo if solo else float("nan")
+        out[est] = row
     return out
 
 
-def scaling(sizes: list[int], seed: int, gtg: tuple[str, dict], epsilon: float | None) -> list:
-    """GTG time per round against the round's training time as the federation grows."""
-    task = get_task("molding_quality")
-    rows = []
-    for n in sizes:
-        factories, validation = planted_factories(task, seed, kinds=("clean_a",), extra_clean=n - 1)
-        run = federated_rounds(task, factories, validation, 2, seed, {"gtg": gtg}, epsilon)
-        rec = run["rounds"][-1]
-        rows.append(
-            {
-                "factories": n,
-                "train_seconds": rec["train_seconds"],
-                "train_seconds_per_factory": rec["train_seconds"] / n,
-                "gtg_seconds": rec["scored"]["gtg"]["seconds"],
-                "gtg_evaluations": rec["scored"]["gtg"]["evaluations"],
-            }
-        )
+def guard_rates(runs: list[dict]) -> dict:
+    """Noise-test misses on honest factories and duplicate flags on honest pairs."""
+    honest, withheld, small_total, small_withheld, free_total, free_paid = 0, 0, 0, 0, 0, 0
+    pairs, false_pairs, copies, copies_found = 0, 0, 0, 0
+    for run in runs:
+        verdicts, groups = guard_outcome(run)
+        for f, v in verdicts.items():
+            kind = _kind(f)
+            if kind in HONEST and v.rounds:
+                honest += 1
+                withheld += not v.paid
+                if kind == "small":
+                    small_total += 1
+                    small_withheld += not v.paid
+            if kind == "free_rider_noise" and v.rounds:
+                free_total += 1
+                free_paid += v.paid
+        grouped = {f for g in groups for f in g}
+        clean = [f for f in run["ids"] if _kind(f) in ("clean_a", "clean_b", "clean")]
+        for i, a in enumerate(clean):
+            for b in clean[i + 1 :]:
+                pairs += 1
+                false_pairs += any({a, b} <= g for g in groups)
+        dup = [f for f in run["ids"] if _kind(f) == "duplicate"]
+        for d in dup:
+            copies += 1
+            copies_found += d in grouped and any(
+                d in g and any(_kind(m) == "clean_a" for m in g) for g in groups
+            )
+    return {
+        "honest_withheld": f"{withheld}/{honest}",
+        "small_withheld": f"{small_withheld}/{small_total}",
+        "noise_free_rider_paid": f"{free_paid}/{free_total}",
+        "honest_pairs_flagged": f"{false_pairs}/{pairs}",
+        "copies_found": f"{copies_found}/{copies}",
+    }
+
+
+def _print_table(title: str, stats: dict) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'estimator':<8} {'spearman':>8} {'(min)':>6} {'evals':>6} {'% exact':>7} "
+        f"{'s/round':>7} {'free paid':>9} {'guarded':>7} {'dup gain':>8} {'guarded':>7} "
+        f"{'flip rank':>9}"
+    )
+    for est, s in stats.items():
         print(
-            f"  n={n:3d}: training {rec['train_seconds']:6.1f} s "
-            f"({rec['train_seconds'] / n:.2f} s/factory), GTG {rows[-1]['gtg_seconds']:6.2f} s "
-            f"({rows[-1]['gtg_evaluations']} evaluations), "
-            f"GTG/training {rows[-1]['gtg_seconds'] / rec['train_seconds']:.2f}x",
+            f"{est:<8} {s['spearman']:8.3f} {s['spearman_min']:6.2f} {s['evaluations']:6.0f} "
+            f"{s['evaluations_vs_reference']:7.1%} {s['seconds_per_round']:7.2f} "
+            f"{s['free_paid_max']:9d} {s['free_paid_guarded_max']:7d} {s['dup_gain']:8.2f} "
+            f"{s['dup_gain_guarded']:7.2f} {s['flip_rank_mean']:9.1f}",
             flush=True,
         )
-    return rows
 
 
-def _print(task_name: str, stats: dict, seeds: int) -> None:
-    print(f"\n{task_name} ({seeds} seeds, 8 factories)")
-    head = (
-        f"{'estimator':<16} {'spearman':>8} {'evals':>7} {'s/round':>8} {'free-rider paid':>15} "
-        f"{'flip bottom-2':>13} {'dup pair':>8} {'orig alone':>10}"
+def scaling(
+    sizes: list[int],
+    seed: int,
+    rounds: int,
+    epsilon: float,
+    reference_per_player: int,
+    factory_rows: int,
+) -> list[dict]:
+    """Cost and fidelity at larger federations (``molding_quality``, planted + clean factories).
+
+    Exact Shapley is out of reach, so each round is also scored by KernelSHAP with
+    ``reference_per_player`` coalitions per factory as the reference; GTG runs up to 32
+    factories only (at 100 it takes minutes a round). Each factory keeps ``factory_rows`` rows.
+    """
+    task = get_task("molding_quality")
+    rows = []
+    kernel_ref = (
+        "kernel",
+        {
+            **ESTIMATORS["kernel"][1],
+            "per_player": reference_per_player,
+            "max_evaluations": reference_per_player * max(sizes),
+        },
     )
-    print(head)
-    for est, s in stats.items():
-        print(
-            f"{est:<16} {s['spearman_vs_exact']:8.3f} {s['evaluations_vs_exact']:7.1%} "
-            f"{s['seconds_per_round']:8.2f} {s['free_rider_payout_max']:>15d} "
-            f"{s['label_flip_bottom2_fraction']:13.0%} {s['duplicate_pair_share']:8.1%} "
-            f"{s['original_alone_share']:10.1%}"
+    for n in sizes:
+        estimators = {
+            "reference": kernel_ref,
+            "linearised": ESTIMATORS["linearised"],
+            "kernel": ESTIMATORS["kernel"],
+            "loo": ESTIMATORS["loo"],
+        }
+        if n <= 32:
+            estimators["gtg"] = ESTIMATORS["gtg"]
+        t0 = time.perf_counter()
+        run = federated_run(
+            task, seed, rounds, estimators, epsilon, KINDS, n - len(KINDS), factory_rows
         )
-    print("mean rank by planted kind (1 = largest contribution):")
-    print(f"{'estimator':<16} " + " ".join(f"{k:>16}" for k in KINDS))
-    for est, s in stats.items():
-        print(f"{est:<16} " + " ".join(f"{s['mean_rank'][k]:16.1f}" for k in KINDS))
-    print("mean payout share by planted kind (of the run's pool):")
-    for est, s in stats.items():
-        print(f"{est:<16} " + " ".join(f"{s['mean_payout_share'][k]:16.1%}" for k in KINDS))
+        stats = summarise([run], [None], reference="reference")
+        train = float(np.mean([r["train_seconds"] for r in run["rounds"]]))
+        rates = guard_rates([run])
+        for est, s in stats.items():
+            if est == "reference":
+                continue
+            rows.append({"factories": n, "estimator": est, "train_seconds": train, **s, **rates})
+            print(
+                f"  n={n:3d} {est:<10}: {s['seconds_per_round']:6.2f} s/round vs training "
+                f"{train:6.1f} s ({s['seconds_per_round'] / train:.2f}x), "
+                f"{s['evaluations']:.0f} evaluations, spearman vs reference {s['spearman']:.3f}, "
+                f"free-rider paid {s['free_paid_guarded_max']} (guarded), "
+                f"dup pair {s['pair_guarded']:.1%} (guarded)",
+                flush=True,
+            )
+        print(f"  n={n:3d} guards: {rates} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,45 +569,47 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="*", default=["tep_fault", "molding_quality"])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--epsilon", type=float, default=8.0, help="factory DP budget; 0 = off")
-    parser.add_argument("--scaling", nargs="*", type=int, default=[8, 16, 32, 64])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--epsilon", type=float, default=8.0, help="each factory's DP budget")
+    parser.add_argument("--scaling", nargs="*", type=int, default=[32, 100])
+    parser.add_argument("--scaling-rounds", type=int, default=1)
+    parser.add_argument("--scaling-rows", type=int, default=500, help="rows per factory")
+    parser.add_argument("--reference-per-player", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, no scaling")
-    parser.add_argument(
-        "--gtg-sweep", action="store_true", help="also score with looser GTG settings"
-    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_contribution.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.seeds, args.rounds, args.scaling = 1, 2, []
-    epsilon = args.epsilon or None
-    estimators = {**ESTIMATORS, **(gtg_variants() if args.gtg_sweep else {})}
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
     for task_name in args.tasks:
         task = get_task(task_name)
         runs, solos = [], []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            factories, validation = planted_factories(task, seed)
-            runs.append(
-                federated_rounds(
-                    task, factories, validation, args.rounds, seed, estimators, epsilon
-                )
-            )
-            solo = [f for f in factories if f.kind != "duplicate"]
+            runs.append(federated_run(task, seed, args.rounds, ESTIMATORS, args.epsilon))
+            solo_kinds = tuple(k for k in KINDS if k != "duplicate")
             solos.append(
-                federated_rounds(task, solo, validation, args.rounds, seed, ESTIMATORS, epsilon)
+                federated_run(task, seed, args.rounds, SOLO_ESTIMATORS, args.epsilon, solo_kinds)
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
-        stats = summarise(task_name, runs, solos, args.rounds)
-        report["tasks"][task_name] = stats
-        _print(task_name, stats, args.seeds)
+        stats = summarise(runs, solos)
+        rates = guard_rates(runs + solos)
+        report["tasks"][task_name] = {"estimators": stats, "guards": rates}
+        _print_table(f"{task_name} ({args.seeds} seeds, {len(KINDS)} factories)", stats)
+        print(f"guards: {rates}")
     if args.scaling:
-        print("\nGTG scaling (molding_quality, round 2; training is all factories in sequence):")
-        report["scaling"] = scaling(args.scaling, 0, ESTIMATORS["gtg"], epsilon)
+        print("\nScaling (molding_quality, seed 0; training is all factories in sequence):")
+        report["scaling"] = scaling(
+            args.scaling,
+            0,
+            args.scaling_rounds,
+            args.epsilon,
+            args.reference_per_player,
+            args.scaling_rows,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    args.out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwritten {args.out}")
 
 

@@ -34,12 +34,14 @@ from omegaconf.errors import OmegaConfBaseException
 # a test keeps them equal), copied rather than imported so that checking a config costs
 # milliseconds instead of importing torch, Opacus and Flower.
 _ALLOWED: dict[str, tuple[str, ...]] = {
-    "task.name": ("tep_fault", "molding_quality", "rul"),  # standard_models.registry.TASKS
+    # standard_models.registry.TASKS
+    "task.name": ("tep_fault", "molding_quality", "rul", "cell_defect"),
     # The factories' privacy ledger composes spend across runs with these accountants only.
     "privacy.accountant": ("rdp", "prv"),  # fl_client.privacy.LEDGER_ACCOUNTANTS
     "privacy.grad_sample_mode": ("bk", "ghost", "hooks", "functorch"),  # fl_client.training
     "partition.scheme": ("natural", "dirichlet", "iid"),  # standard_models.base.PartitionConfig
-    "contribution.method": ("none", "exact", "gtg", "loo"),  # strategies.contribution.scorer
+    # strategies.contribution.scorer.METHODS
+    "contribution.method": ("none", "exact", "gtg", "loo", "kernel", "linearised"),
     # fl_server.rewards.allocation.SCHEDULES
     "rewards.schedule": ("per_round", "per_run", "end_of_run"),
     "attack.name": (
@@ -139,6 +141,12 @@ class ContributionSchema:
     between_tol: float | None = None
     convergence_tol: float | None = None
     max_permutations: int | None = None
+    # kernel
+    per_player: int | None = None
+    max_evaluations: int | None = None
+    budget: int | None = None
+    # linearised
+    surrogate_evaluations: int | None = None
 
 
 @dataclass
@@ -338,8 +346,15 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
     for key in ("within_tol", "between_tol", "convergence_tol"):
         if _get(cfg, f"contribution.{key}") is not None:
             _in_range(cfg, f"contribution.{key}", 0.0, math.inf, "[0, inf)")
-    if _get(cfg, "contribution.max_permutations") is not None:
-        _at_least(cfg, "contribution.max_permutations", 1)
+    for key in (
+        "max_permutations",
+        "per_player",
+        "max_evaluations",
+        "budget",
+        "surrogate_evaluations",
+    ):
+        if _get(cfg, f"contribution.{key}") is not None:
+            _at_least(cfg, f"contribution.{key}", 1)
     if method == "exact":
         cap = _at_least(cfg, "contribution.max_players", 1)
         if n > cap:
@@ -348,6 +363,16 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
                 "exact",
                 f"exact Shapley over federation.num_factories={n} needs 2**{n} - 1 coalition "
                 f"models a round, above contribution.max_players={cap}; use contribution=gtg",
+            )
+    if method == "linearised":
+        target = str(_get(cfg, "strategy.flower._target_") or "")
+        if target.rsplit(".", 1)[-1] not in ("FedAvg", "FedProx"):
+            raise ConfigError(
+                "contribution",
+                "linearised",
+                f"the linearised estimator mixes the factories' outputs like a weighted mean, "
+                f"which only FedAvg and FedProx aggregate (strategy.flower._target_={target}); "
+                "use contribution=gtg or contribution=kernel",
             )
 
 

@@ -369,7 +369,7 @@ def test_gtg_degenerate_player_counts() -> None:
 
 
 def test_estimate_dispatches_by_name() -> None:
-    assert METHODS == ("exact", "gtg", "loo")
+    assert METHODS == ("exact", "gtg", "loo", "kernel", "linearised")
     game = table_game(TABLE)
     np.testing.assert_allclose(estimate("exact", 3, Recorder(game)).scores, [2.5, 2.5, 1.0])
     np.testing.assert_allclose(estimate("loo", 3, Recorder(game)).scores, [4.0, 3.0, 2.0])
@@ -385,3 +385,11 @@ def test_estimate_dispatches_by_name() -> None:
 def test_estimate_rejects_unknown_methods() -> None:
     with pytest.raises(ValueError, match=r"'banzhaf'.*exact, gtg, loo"):
         estimate("banzhaf", 3, Recorder(glove))
+
+
+def test_estimate_dispatches_the_sampling_and_linearised_estimators() -> None:
+    game = table_game(TABLE)
+    kernel = estimate("kernel", 3, Recorder(game), budget=6)
+    np.testing.assert_allclose(kernel.scores, [2.5, 2.5, 1.0])
+    with pytest.raises(ValueError, match="output_game"):
+        estimate("linearised", 3, Recorder(game))

@@ -274,3 +274,26 @@ def test_the_contribution_group_builds_the_scorer():
     scorer = build_scorer(cfg, task, data)
     assert scorer.method == "loo" and scorer.seed == 5
     assert scorer.sign == (1.0 if task.greater_is_better else -1.0)
+
+
+@pytest.mark.parametrize("method", ["linearised", "kernel"])
+def test_the_scorer_runs_the_newer_estimators_on_a_real_task(method):
+    """``build_scorer`` hands the estimators the validation evaluator: the scores of a FedAvg
+    round sum to the full round's gain, as exact Shapley's do."""
+    from fl_server.config import compose_config
+
+    task = get_task("molding_quality")
+    torch.manual_seed(0)
+    width = next(iter(task.build_model().parameters())).shape[1]
+    data = TensorDataset(torch.randn(200, width), (torch.rand(200) < 0.3).float())
+    scorer = build_scorer(compose_config([f"contribution={method}"]), task, data)
+    reference = {k: v.detach().numpy() for k, v in task.build_model().state_dict().items()}
+    updates = [
+        {k: (v + RNG.normal(scale=0.3, size=v.shape)).astype(v.dtype) for k, v in reference.items()}
+        for _ in range(4)
+    ]
+    aggregator = WeightedMeanAggregator(updates, [50, 80, 20, 60])
+    ids = [f"factory_00{i}" for i in range(4)]
+    got = scorer.score_round(1, ids, aggregator, reference)
+    assert set(got.scores) == set(ids)
+    assert sum(got.scores.values()) == pytest.approx(got.grand_utility, abs=1e-6)

@@ -41,7 +41,7 @@ BatchUtility = Callable[[Sequence[Coalition]], Sequence[float]]
 DEFAULT_BATCH_SIZE = 64
 """Coalitions per call to the batch function: bounds the models aggregated at once."""
 
-METHODS: tuple[str, ...] = ("exact", "gtg", "loo")
+METHODS: tuple[str, ...] = ("exact", "gtg", "loo", "kernel", "linearised")
 """Method names understood by :func:`estimate`."""
 
 _TINY = 1e-12
@@ -346,11 +346,18 @@ def gtg_shapley(
     )
 
 
-_ESTIMATORS: dict[str, Callable[..., ContributionResult]] = {
-    "exact": exact_shapley,
-    "gtg": gtg_shapley,
-    "loo": leave_one_out,
-}
+def _estimators() -> dict[str, Callable[..., ContributionResult]]:
+    # These live in their own modules, which build on this one's cache and result type.
+    from strategies.contribution.kernel import kernel_shapley
+    from strategies.contribution.linearised import linearised_shapley
+
+    return {
+        "exact": exact_shapley,
+        "gtg": gtg_shapley,
+        "loo": leave_one_out,
+        "kernel": kernel_shapley,
+        "linearised": linearised_shapley,
+    }
 
 
 def estimate(method: str, n: int, utility: BatchUtility, **params: Any) -> ContributionResult:
@@ -359,7 +366,7 @@ def estimate(method: str, n: int, utility: BatchUtility, **params: Any) -> Contr
     The single entry point for configuration-driven callers; an unknown method raises
     ``ValueError`` naming it and the choices, an unknown parameter the estimator's TypeError.
     """
-    estimator = _ESTIMATORS.get(method)
+    estimator = _estimators().get(method)
     if estimator is None:
         raise ValueError(
             f"unknown contribution method {method!r}; choose one of: {', '.join(METHODS)}"

@@ -22,7 +22,7 @@ from strategies.contribution.estimators import estimate
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 
 #: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off.
-METHODS = ("none", "exact", "gtg", "loo")
+METHODS = ("none", "exact", "gtg", "loo", "kernel", "linearised")
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,15 @@ class ContributionScorer:
 
     Parameters
     ----------
-    method : ``exact``, ``gtg`` or ``loo`` (see :mod:`strategies.contribution.estimators`).
+    method : ``exact``, ``gtg``, ``loo``, ``kernel`` or ``linearised`` (see
+        :mod:`strategies.contribution.estimators`).
     score_models : main metric of each of a batch of parameter sets on the validation set.
     sign : ``1`` when greater metric values are better, ``-1`` for error metrics.
     params : estimator options from the ``contribution`` config group.
-    seed : run seed; GTG's permutations are drawn from ``(seed, round)`` so reruns agree.
+    seed : run seed; sampled permutations and coalitions are drawn from ``(seed, round)`` so
+        reruns agree.
+    evaluator : the batched validation evaluator behind ``score_models``; the ``linearised``
+        estimator needs it to score mixtures of the factories' outputs.
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class ContributionScorer:
         sign: float = 1.0,
         params: Mapping[str, object] | None = None,
         seed: int = 0,
+        evaluator: BatchedEvaluator | None = None,
     ) -> None:
         if method not in METHODS or method == "none":
             raise ValueError(
@@ -70,6 +75,7 @@ class ContributionScorer:
         self.sign = float(sign)
         self.params = {k: v for k, v in dict(params or {}).items() if v is not None}
         self.seed = int(seed)
+        self.evaluator = evaluator
 
     def score_round(
         self,
@@ -81,9 +87,11 @@ class ContributionScorer:
         """Contribution of each factory in ``factory_ids`` (the players, in aggregator order)."""
         start = time.perf_counter()
         baseline = self.score_models([reference])[0]
-        utility = CoalitionUtility(aggregator, self.score_models, baseline, self.sign)
+        utility = CoalitionUtility(
+            aggregator, self.score_models, baseline, self.sign, evaluator=self.evaluator
+        )
         params = dict(self.params)
-        if self.method == "gtg":
+        if self.method in ("gtg", "kernel", "linearised"):
             params["seed"] = self.seed * 1_000_003 + int(server_round)
         result = estimate(self.method, len(factory_ids), utility, **params)
         return RoundContribution(
@@ -109,5 +117,10 @@ def build_scorer(
         return None
     evaluator = BatchedEvaluator(task, task.build_model(), validation)
     return ContributionScorer(
-        method, evaluator.scores, evaluator.sign, params=options, seed=int(cfg.seed)
+        method,
+        evaluator.scores,
+        evaluator.sign,
+        params=options,
+        seed=int(cfg.seed),
+        evaluator=evaluator,
     )

@@ -25,7 +25,12 @@ from torch.func import functional_call
 from torch.utils.data import Dataset
 
 from standard_models.base import StandardTask
-from strategies.contribution.coalitions import Coalition, CoalitionAggregator, State
+from strategies.contribution.coalitions import (
+    Coalition,
+    CoalitionAggregator,
+    State,
+    WeightedMeanAggregator,
+)
 
 
 class BatchedEvaluator:
@@ -70,6 +75,83 @@ class BatchedEvaluator:
         """The task's main metric for each parameter set."""
         return [self.task.main_score(out, self.target) for out in self.outputs(states)]
 
+    def score_outputs(self, outputs: torch.Tensor) -> float:
+        """The task's main metric of outputs on the validation set (from any source)."""
+        return self.task.main_score(outputs, self.target)
+
+
+class OutputMixtureGame:
+    """Coalition utilities of the *output-linearised* round: a cheap stand-in for the real one.
+
+    The model of a FedAvg coalition ``S`` has parameters ``w_S = sum_{i in S} p_i w_i`` with
+    ``p_i = n_i / sum_{j in S} n_j``. Expanding the network's outputs to first order in the
+    parameters around any point, the outputs of ``w_S`` are the same mixture of the members'
+    outputs: ``f(w_S) ~ sum_{i in S} p_i f(w_i)`` (exact for a network linear in its
+    parameters). This game takes that mixture as the coalition's outputs and scores it with the
+    task's real metric, so the metric's own non-linearity (macro-F1, average precision) is kept
+    and only the network is linearised. It costs one forward pass per *factory* (its own model's
+    outputs), after which any coalition's utility is a weighted mean of stored outputs and one
+    metric evaluation: no model is aggregated or run per coalition. It is exact on singletons.
+
+    Parameters
+    ----------
+    member_outputs : ``(n, ...)`` outputs of each factory's own model on the validation set.
+    weights : each factory's aggregation weight (FedAvg: its ``num-examples``).
+    metric : the main metric of a tensor of outputs (``BatchedEvaluator.score_outputs``).
+    baseline : the metric of the previous global model.
+    sign : ``1`` when greater is better, ``-1`` for error metrics.
+    """
+
+    def __init__(
+        self,
+        member_outputs: torch.Tensor,
+        weights: Sequence[float],
+        metric: Callable[[torch.Tensor], float],
+        baseline: float,
+        sign: float = 1.0,
+    ) -> None:
+        self.outputs = torch.as_tensor(member_outputs, dtype=torch.float64)
+        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if self.outputs.shape[0] != self.weights.shape[0] or self.outputs.shape[0] == 0:
+            raise ValueError(
+                f"need one weight per factory, got {self.weights.shape[0]} weights for "
+                f"{self.outputs.shape[0]} output sets"
+            )
+        if not bool(torch.all(self.weights > 0)) or not bool(torch.all(self.weights.isfinite())):
+            raise ValueError(f"weights must be finite and positive, got {list(weights)}")
+        self.metric = metric
+        self.baseline = float(baseline)
+        self.sign = float(sign)
+        self.evaluations = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.outputs.shape[0])
+
+    def _gain(self, mixed: torch.Tensor) -> float:
+        self.evaluations += 1
+        gain = self.sign * (self.metric(mixed.to(torch.float32)) - self.baseline)
+        return gain if math.isfinite(gain) else 0.0
+
+    def __call__(self, coalitions: Sequence[Coalition]) -> list[float]:
+        out = []
+        for members in coalitions:
+            if not members:
+                raise ValueError("the empty coalition has no outputs (it is the global model)")
+            idx = torch.tensor(sorted(members))
+            w = self.weights[idx] / self.weights[idx].sum()
+            out.append(self._gain(torch.tensordot(w, self.outputs[idx], dims=1)))
+        return out
+
+    def prefix_values(self, order: Sequence[int]) -> np.ndarray:
+        """Utilities of every prefix of ``order`` (a permutation), by running weighted sums."""
+        idx = torch.as_tensor(np.array(order, dtype=np.int64))
+        w = self.weights[idx]
+        shape = (-1,) + (1,) * (self.outputs.dim() - 1)
+        running = torch.cumsum(self.outputs[idx] * w.reshape(shape), dim=0)
+        running = running / torch.cumsum(w, dim=0).reshape(shape)
+        return np.array([self._gain(running[k]) for k in range(len(idx))])
+
 
 class CoalitionUtility:
     """The batch utility function the estimators call, for one round.
@@ -85,12 +167,39 @@ class CoalitionUtility:
         score: Callable[[Sequence[State]], list[float]],
         baseline: float,
         sign: float = 1.0,
+        evaluator: BatchedEvaluator | None = None,
     ) -> None:
         self.aggregator = aggregator
         self.score = score
         self.baseline = float(baseline)
         self.sign = float(sign)
+        self.evaluator = evaluator
         self.models = 0
+
+    def output_game(self) -> OutputMixtureGame:
+        """The round's :class:`OutputMixtureGame`: one forward pass per factory (counted).
+
+        Needs the ``evaluator`` and a weighted-mean aggregator (FedAvg, FedProx): for any other
+        rule a coalition's parameters are not a mixture of its members', so the game would
+        describe a different federation; this raises ``ValueError`` then.
+        """
+        if self.evaluator is None or not isinstance(self.aggregator, WeightedMeanAggregator):
+            raise ValueError(
+                "the output-linearised game needs the validation evaluator and a weighted-mean "
+                "aggregation rule (FedAvg or FedProx); use contribution method 'gtg' or "
+                "'kernel' with other strategies"
+            )
+        n = len(self.aggregator.weights)
+        states = self.aggregator.aggregate([frozenset([i]) for i in range(n)])
+        self.models += n
+        outputs = torch.stack(self.evaluator.outputs(states))
+        return OutputMixtureGame(
+            outputs,
+            self.aggregator.weights,
+            self.evaluator.score_outputs,
+            self.baseline,
+            self.sign,
+        )
 
     def __call__(self, coalitions: Sequence[Coalition]) -> list[float]:
         states = self.aggregator.aggregate(coalitions)

@@ -1,0 +1,383 @@
+"""Rules that keep contribution pay from being gamed by noise or by copies.
+
+Shapley-family scores answer "how much did the validation metric gain from this update?". Under
+differential privacy every honest update is mostly noise, so a round's score of a factory that
+sent pure noise can be positive by chance, and a factory that copies another's data doubles that
+data's weight in FedAvg and so the pair's pay. The rules here act on what the server already
+has each round (the accepted updates, the global model they were trained from, each factory's
+claimed size and its per-round scores) and, for copies, on a sketch of its records that a
+factory can report; all are pure functions (numpy, pandas), tested without Flower.
+
+**No pay for noise** (:func:`alignment_statistic`, :func:`noise_test`). A pure-noise update
+``delta_i = w_i - w`` of any norm is, under the DP mechanism the factories run, an isotropic
+Gaussian vector independent of everyone else's update. Its cosine with the round's consensus
+(the weighted mean update of the *other* accepted factories) is then distributed as the cosine of
+a uniformly random direction in ``d`` dimensions, whatever its norm:
+``t = cos * sqrt((d - 1) / (1 - cos**2))`` follows Student's t with ``d - 1`` degrees of freedom
+(about N(0, 1) at the parameter counts of the standard models). An honest update carries the
+clipped gradient signal its data shares with the others, so its ``t`` is positive. Over a
+factory's rounds, the one-sided Stouffer statistic ``Z = sum_r z_r / sqrt(R)`` (``z_r`` the
+normal quantile of round ``r``'s ``t``) is N(0, 1) for a noise sender; a factory is paid only if
+``Z`` exceeds the ``1 - alpha`` quantile. A noise free-rider is then paid with probability
+``alpha`` per run (default ``1e-3``), independent of how large its noise is; an honest factory
+whose update is indistinguishable from noise (tiny data under heavy DP) is withheld too, which is
+the price of the rule and is measured in the contribution benchmark. The rule is blind to an
+update that copies the previous round's global step (aligned without any data): that is a copy of
+the federation's own work, which :func:`duplicate_groups` does not catch either.
+
+**No gain from copies** (:func:`duplicate_pairs` / :func:`duplicate_groups` on the updates,
+:func:`record_fingerprint` / :func:`fingerprint_groups` on the data, :func:`split_group_credit`).
+Two factories training on the same records share their data's own gradient direction on top of
+the population direction every honest factory shares; honest factories with data of the same
+kind share only the latter. So a pair is flagged when its update cosine exceeds what each of the
+two shares with everyone else (:func:`excess_cosines`) by far more than independent DP noise
+allows, in at least half the rounds both took part in. Under heavy DP noise the data's own
+direction is buried (the contribution benchmark finds copies this way on ``tep_fault`` but not
+on ``molding_quality``), so the second rule compares keyed MinHash sketches of the factories'
+records, which a factory computes at home and reports without revealing a record.
+:func:`split_group_credit` then pays each group as one factory: its members' summed score is
+replaced by their mean (what one copy of the shared data is worth when both copies are
+present), split equally among the members.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+State = Mapping[str, np.ndarray]
+
+DEFAULT_ALPHA = 1e-3
+"""Probability that a pure-noise sender is paid in one run under :func:`noise_test`."""
+
+
+def flat_deltas(
+    updates: Sequence[State], reference: State, keys: Sequence[str] | None = None
+) -> np.ndarray:
+    """``updates[i] - reference`` flattened over ``keys`` (default: the reference's), one row each.
+
+    Only floating-point arrays count: integer buffers (counters) carry no gradient signal.
+    """
+    names = [
+        k
+        for k in (keys if keys is not None else list(reference))
+        if np.issubdtype(np.asarray(reference[k]).dtype, np.floating)
+    ]
+    if not names:
+        raise ValueError("the reference model has no floating-point arrays to compare")
+    ref = np.concatenate([np.asarray(reference[k], dtype=np.float64).ravel() for k in names])
+    rows = [
+        np.concatenate([np.asarray(u[k], dtype=np.float64).ravel() for k in names]) - ref
+        for u in updates
+    ]
+    return np.stack(rows) if rows else np.zeros((0, ref.size))
+
+
+def _cosine_t(cos: np.ndarray, dim: int) -> np.ndarray:
+    """Student-t statistic (``dim - 1`` degrees of freedom) of cosines with a random direction."""
+    cos = np.clip(cos, -1.0 + 1e-15, 1.0 - 1e-15)
+    return cos * np.sqrt((dim - 1) / (1.0 - cos**2))
+
+
+def _t_to_z(t: np.ndarray, dim: int) -> np.ndarray:
+    """The standard normal quantile with the same upper tail as ``t`` under ``t_{dim-1}``."""
+    return -stats.norm.ppf(stats.t.sf(t, df=max(dim - 1, 1)))
+
+
+def alignment_statistic(deltas: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """Each update's alignment with the others' weighted mean, as a standard normal score.
+
+    Args:
+        deltas: ``(n, d)`` updates minus the global model they were trained from
+            (:func:`flat_deltas`).
+        weights: each update's aggregation weight (FedAvg: its ``num-examples``).
+
+    Returns:
+        ``z`` of shape ``(n,)``: N(0, 1) for an update that is isotropic noise independent of
+        the others, positive for an update that points where the others do. A factory alone in
+        its round, or whose update or the others' mean is zero, gets 0 (no evidence).
+    """
+    deltas = np.asarray(deltas, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    n, dim = deltas.shape
+    if w.shape != (n,) or np.any(~np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"need {n} finite positive weights, got {list(weights)}")
+    out = np.zeros(n)
+    if n < 2 or dim < 2:
+        return out
+    total = w @ deltas
+    for i in range(n):
+        others = (total - w[i] * deltas[i]) / (w.sum() - w[i])
+        na, nb = np.linalg.norm(deltas[i]), np.linalg.norm(others)
+        if na == 0 or nb == 0:
+            continue
+        cos = float(deltas[i] @ others) / (na * nb)
+        out[i] = float(_t_to_z(_cosine_t(np.array([cos]), dim), dim)[0])
+    return out
+
+
+@dataclass(frozen=True)
+class NoiseVerdict:
+    """The noise test's outcome for one factory over the rounds it took part in.
+
+    z: the Stouffer statistic over its rounds (N(0, 1) for a pure-noise sender).
+    rounds: rounds it took part in.
+    paid: whether its contribution is distinguishable from noise at the test's level.
+    """
+
+    z: float
+    rounds: int
+    paid: bool
+
+
+def noise_test(
+    round_z: Mapping[str, Sequence[float]], alpha: float = DEFAULT_ALPHA
+) -> dict[str, NoiseVerdict]:
+    """One-sided Stouffer test per factory: is its update more aligned than noise would be?
+
+    Args:
+        round_z: per factory, its :func:`alignment_statistic` of every round it took part in.
+        alpha: the probability that a pure-noise sender passes (is paid), in ``(0, 1)``.
+
+    Returns:
+        Per factory, a :class:`NoiseVerdict`; a factory with no rounds is not paid.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    threshold = float(stats.norm.isf(alpha))
+    out = {}
+    for fid, zs in round_z.items():
+        arr = np.asarray(list(zs), dtype=np.float64)
+        if arr.size == 0:
+            out[fid] = NoiseVerdict(0.0, 0, False)
+            continue
+        z = float(arr.sum() / math.sqrt(arr.size))
+        out[fid] = NoiseVerdict(z, int(arr.size), z > threshold)
+    return out
+
+
+def withhold_unproven(
+    scores: Mapping[str, float], verdicts: Mapping[str, NoiseVerdict]
+) -> dict[str, float]:
+    """``scores`` with every factory the noise test did not pass set to 0 (never negative pay).
+
+    A factory missing from ``verdicts`` is withheld as well: no evidence, no pay.
+    """
+    return {
+        fid: (float(v) if fid in verdicts and verdicts[fid].paid else min(float(v), 0.0))
+        for fid, v in scores.items()
+    }
+
+
+def pairwise_cosines(deltas: np.ndarray) -> np.ndarray:
+    """``(n, n)`` cosines between the updates (0 where an update is zero, 1 on the diagonal)."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    norms = np.linalg.norm(deltas, axis=1)
+    unit = deltas / np.where(norms > 0, norms, 1.0)[:, None]
+    cos = unit @ unit.T
+    cos[norms == 0, :] = 0.0
+    cos[:, norms == 0] = 0.0
+    np.fill_diagonal(cos, 1.0)
+    return cos
+
+
+def excess_cosines(deltas: np.ndarray) -> np.ndarray:
+    """Each pair's cosine above what the two factories share with everyone else.
+
+    ``excess[i, j] = cos(i, j) - median(cos(i, k), cos(j, k) for k not in {i, j})``: honest
+    factories with data of the same kind share the population direction with every other
+    factory, so their excess is about 0, while two copies of the same records also share their
+    data's own direction. With fewer than three updates there is nobody else to compare with and
+    the excess is 0.
+    """
+    cos = pairwise_cosines(deltas)
+    n = cos.shape[0]
+    out = np.zeros((n, n))
+    if n < 3:
+        return out
+    iu, ju = np.triu_indices(n, k=1)
+    rows = np.concatenate([cos[iu], cos[ju]], axis=1)  # (pairs, 2n): both members' cosines
+    cols = np.arange(n)
+    own = (cols == iu[:, None]) | (cols == ju[:, None])  # the pair itself is not "everyone else"
+    rows[np.concatenate([own, own], axis=1)] = np.nan
+    excess = cos[iu, ju] - np.nanmedian(rows, axis=1)
+    out[iu, ju] = excess
+    out[ju, iu] = excess
+    return out
+
+
+def duplicate_pairs(
+    deltas: np.ndarray,
+    *,
+    min_excess: float = 0.05,
+    alpha: float = DEFAULT_ALPHA,
+) -> list[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of one round whose updates are near-duplicates.
+
+    Independent DP noise makes the cosine of two updates fluctuate by about ``1 / sqrt(d)``
+    around what they share with the population (``d`` parameters). A pair is flagged when its
+    :func:`excess_cosines` is above ``min_excess`` *and* above ``1 / sqrt(d)`` times the
+    ``alpha`` normal quantile, Bonferroni-corrected over the round's pairs: far above what
+    independent noise allows.
+    """
+    deltas = np.asarray(deltas, dtype=np.float64)
+    n, dim = deltas.shape
+    if n < 3 or dim < 2:
+        return []
+    excess = excess_cosines(deltas)
+    needed = float(stats.norm.isf(alpha / (n * (n - 1) / 2))) / math.sqrt(dim)
+    iu, ju = np.triu_indices(n, k=1)
+    hit = (excess[iu, ju] > min_excess) & (excess[iu, ju] > needed)
+    return [(int(i), int(j)) for i, j in zip(iu[hit], ju[hit], strict=True)]
+
+
+def record_fingerprint(
+    frame: pd.DataFrame, key: str, size: int = 256, decimals: int = 4
+) -> np.ndarray:
+    """A bottom-``size`` MinHash sketch of a factory's records, keyed by a federation secret.
+
+    Each record (row; numbers rounded to ``decimals`` so re-encoding does not change it) is
+    hashed, the hash is hashed again with keyed BLAKE2b (``key``: 16 to 64 bytes, shared by the
+    factories), and the ``size`` smallest keyed hashes are kept. Two factories compare sketches
+    (:func:`fingerprint_similarity`) to estimate how
+    many records they share without revealing any: without the key a hash says nothing about
+    its record, and a sketch holds ``size`` hashes however large the data. A factory computes
+    it at home and reports it; records perturbed beyond the rounding escape it (and are then
+    different, noisier data).
+    """
+    secret = key.encode()
+    if not 16 <= len(secret) <= 64:
+        raise ValueError(f"fingerprint key must be 16 to 64 bytes, got {len(secret)}")
+    if size < 1:
+        raise ValueError(f"fingerprint size must be positive, got {size}")
+    rows = pd.util.hash_pandas_object(frame.round(decimals), index=False).to_numpy(np.uint64)
+    keyed = np.fromiter(
+        (
+            int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, key=secret).digest(), "big")
+            for r in rows
+        ),
+        dtype=np.uint64,
+        count=rows.size,
+    )
+    return np.unique(keyed)[:size]
+
+
+def fingerprint_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Estimated Jaccard similarity of two factories' record sets from bottom-k sketches.
+
+    The standard bottom-k estimator: among the ``k`` smallest hashes of the union of both
+    sketches (``k`` the smaller sketch size), the fraction present in both.
+    """
+    a, b = np.unique(np.asarray(a, np.uint64)), np.unique(np.asarray(b, np.uint64))
+    k = min(a.size, b.size)
+    if k == 0:
+        return 0.0
+    union = np.union1d(a, b)[:k]
+    both = np.intersect1d(a, b)
+    return float(np.isin(union, both).sum() / k)
+
+
+def fingerprint_groups(
+    fingerprints: Mapping[str, np.ndarray], min_similarity: float = 0.5
+) -> list[frozenset[str]]:
+    """Groups of factories whose record sketches overlap by at least ``min_similarity``.
+
+    Returns connected components of the similar pairs (two or more members), sorted by their
+    smallest id; a pair of honest factories shares no records and scores about 0.
+    """
+    if not 0.0 < min_similarity <= 1.0:
+        raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
+    ids = sorted(fingerprints)
+    pairs = [
+        (a, b)
+        for i, a in enumerate(ids)
+        for b in ids[i + 1 :]
+        if fingerprint_similarity(fingerprints[a], fingerprints[b]) >= min_similarity
+    ]
+    return merge_groups(pairs)
+
+
+def merge_groups(
+    pairs: Sequence[tuple[str, str]], groups: Sequence[frozenset[str]] = ()
+) -> list[frozenset[str]]:
+    """Connected components of ``pairs`` and existing ``groups`` (two or more members each)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    links = list(pairs) + [(m, min(g)) for g in groups for m in g]
+    for a, b in links:
+        parent[find(a)] = find(b)
+    out: dict[str, set[str]] = {}
+    for x in list(parent):
+        out.setdefault(find(x), set()).add(x)
+    return sorted((frozenset(g) for g in out.values() if len(g) > 1), key=min)
+
+
+def duplicate_groups(
+    round_pairs: Sequence[tuple[Sequence[str], Sequence[tuple[int, int]]]],
+    min_fraction: float = 0.5,
+) -> list[frozenset[str]]:
+    """Groups of factories flagged as copies of each other over a run.
+
+    Args:
+        round_pairs: per round, the round's factory ids (in update order) and its flagged
+            :func:`duplicate_pairs`.
+        min_fraction: a pair joins a group when it was flagged in at least this fraction of the
+            rounds in which both factories took part.
+
+    Returns:
+        The groups of two or more factories (connected components of the flagged pairs),
+        each a frozenset, sorted by their smallest id.
+    """
+    if not 0.0 < min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must be in (0, 1], got {min_fraction}")
+    together: dict[tuple[str, str], int] = {}
+    flagged: dict[tuple[str, str], int] = {}
+    for ids, pairs in round_pairs:
+        ids = list(ids)
+        for a in range(len(ids)):
+            for b in range(a + 1, len(ids)):
+                key = tuple(sorted((ids[a], ids[b])))
+                together[key] = together.get(key, 0) + 1  # type: ignore[index]
+        for i, j in pairs:
+            key = tuple(sorted((ids[i], ids[j])))
+            flagged[key] = flagged.get(key, 0) + 1  # type: ignore[index]
+    return merge_groups(
+        [pair for pair, count in flagged.items() if count >= min_fraction * together[pair]]
+    )
+
+
+def split_group_credit(
+    scores: Mapping[str, float], groups: Sequence[frozenset[str]]
+) -> dict[str, float]:
+    """Scores with each duplicate group paid as one factory.
+
+    A group's members together get the *mean* of their scores (one copy's worth of the shared
+    data), in equal parts; everyone else keeps their score. The adjusted total is therefore
+    never above the original total for positive group scores. Groups must be disjoint; ids in
+    a group but not in ``scores`` are ignored.
+    """
+    out = {fid: float(v) for fid, v in scores.items()}
+    seen: set[str] = set()
+    for group in groups:
+        members = sorted(m for m in group if m in out)
+        if seen & set(members):
+            raise ValueError(f"duplicate groups overlap on {sorted(seen & set(members))}")
+        seen.update(members)
+        if len(members) < 2:
+            continue
+        share = float(np.mean([out[m] for m in members])) / len(members)
+        for m in members:
+            out[m] = share
+    return out

@@ -1,0 +1,183 @@
+"""The noise and duplicate guards of contribution pay, on synthetic updates and scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from strategies.contribution.guards import (
+    NoiseVerdict,
+    alignment_statistic,
+    duplicate_groups,
+    duplicate_pairs,
+    excess_cosines,
+    fingerprint_groups,
+    fingerprint_similarity,
+    flat_deltas,
+    merge_groups,
+    noise_test,
+    pairwise_cosines,
+    record_fingerprint,
+    split_group_credit,
+    withhold_unproven,
+)
+
+DIM = 4000
+
+
+def honest_round(rng, n_honest=5, signal=1.0, noise=8.0, extra=()):
+    """Updates sharing a population direction under heavy isotropic (DP-like) noise."""
+    direction = rng.normal(size=DIM)
+    direction /= np.linalg.norm(direction)
+    rows = [
+        signal * np.sqrt(DIM) * direction / 4 + noise * rng.normal(size=DIM) / 4
+        for _ in range(n_honest)
+    ]
+    return np.stack(rows + [e(rows, rng) for e in extra])
+
+
+def pure_noise(rows, rng):
+    return rng.normal(size=DIM) * np.linalg.norm(rows[0]) / np.sqrt(DIM)
+
+
+def test_flat_deltas_uses_float_arrays_only():
+    ref = {"w": np.zeros((2, 2), np.float32), "b": np.ones(3), "steps": np.array([5])}
+    upd = {"w": np.ones((2, 2), np.float32), "b": np.ones(3) * 2, "steps": np.array([9])}
+    deltas = flat_deltas([upd, ref], ref)
+    assert deltas.shape == (2, 7)
+    np.testing.assert_allclose(deltas[0], [1, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_allclose(deltas[1], 0.0)
+
+
+def test_alignment_of_pure_noise_is_standard_normal():
+    rng = np.random.default_rng(0)
+    zs = []
+    for _ in range(300):
+        deltas = honest_round(rng, extra=(pure_noise,))
+        zs.append(alignment_statistic(deltas, [1.0] * len(deltas))[-1])
+    zs = np.array(zs)
+    assert abs(zs.mean()) < 0.2
+    assert 0.8 < zs.std() < 1.2
+
+
+def test_alignment_of_honest_updates_is_large():
+    rng = np.random.default_rng(1)
+    deltas = honest_round(rng, noise=2.0)
+    z = alignment_statistic(deltas, [100, 200, 300, 100, 50])
+    assert np.all(z > 5)
+
+
+def test_alignment_edge_cases():
+    assert alignment_statistic(np.ones((1, 10)), [1.0]).tolist() == [0.0]
+    z = alignment_statistic(np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]]), [1.0, 1.0])
+    assert z.tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="weights"):
+        alignment_statistic(np.ones((2, 3)), [1.0, 0.0])
+
+
+def test_noise_test_on_synthetic_round_statistics():
+    verdicts = noise_test(
+        {"noise": [0.5, -1.0, 1.2, 0.3], "honest": [3.0, 2.5, 4.0, 2.0], "absent": []},
+        alpha=1e-3,
+    )
+    assert verdicts["noise"] == NoiseVerdict(z=pytest.approx(0.5), rounds=4, paid=False)
+    assert verdicts["honest"].z == pytest.approx(11.5 / 2)
+    assert verdicts["honest"].paid
+    assert verdicts["absent"] == NoiseVerdict(0.0, 0, False)
+    # At the threshold: z = 3.09 (alpha 1e-3) is not enough, a little more is.
+    assert not noise_test({"f": [3.0902]})["f"].paid
+    assert noise_test({"f": [3.0903]})["f"].paid
+    with pytest.raises(ValueError, match="alpha"):
+        noise_test({}, alpha=0.0)
+
+
+def test_noise_sender_false_pay_rate_is_alpha():
+    rng = np.random.default_rng(2)
+    paid = sum(noise_test({"f": rng.normal(size=6)}, alpha=0.05)["f"].paid for _ in range(4000))
+    assert 0.035 < paid / 4000 < 0.065
+
+
+def test_withhold_unproven():
+    verdicts = {"a": NoiseVerdict(5.0, 3, True), "b": NoiseVerdict(0.1, 3, False)}
+    out = withhold_unproven({"a": 2.0, "b": 1.5, "c": 0.7, "d": -1.0}, verdicts)
+    assert out == {"a": 2.0, "b": 0.0, "c": 0.0, "d": -1.0}
+
+
+def test_duplicates_are_found_and_iid_siblings_are_not():
+    rng = np.random.default_rng(3)
+    population = rng.normal(size=DIM)
+    own = [rng.normal(size=DIM) for _ in range(6)]
+    # Same-population factories: shared part + own data part + independent DP noise.
+    rows = [population + 0.8 * own[i] + 2.0 * rng.normal(size=DIM) for i in range(6)]
+    rows.append(population + 0.8 * own[0] + 2.0 * rng.normal(size=DIM))  # factory 0's records
+    deltas = np.stack(rows)
+    assert duplicate_pairs(deltas) == [(0, 6)]
+    excess = excess_cosines(deltas)
+    assert excess[0, 6] > 0.05
+    assert np.abs(np.delete(excess[1], [1])).max() < 0.05
+    cos = pairwise_cosines(deltas)
+    np.testing.assert_allclose(np.diag(cos), 1.0)
+    assert duplicate_pairs(deltas[:2]) == []
+
+
+def test_pure_noise_updates_are_never_duplicates():
+    rng = np.random.default_rng(4)
+    flagged = sum(len(duplicate_pairs(rng.normal(size=(8, DIM)))) for _ in range(50))
+    assert flagged == 0
+
+
+def test_fingerprints_find_shared_records_only():
+    rng = np.random.default_rng(5)
+    a = pd.DataFrame(rng.normal(size=(2000, 4)), columns=list("wxyz"))
+    b = pd.DataFrame(rng.normal(size=(2000, 4)), columns=list("wxyz"))
+    key = "0123456789abcdef"
+    fa, fb = record_fingerprint(a, key), record_fingerprint(b, key)
+    copy = record_fingerprint(a.sample(frac=1.0, random_state=1).reset_index(drop=True), key)
+    half = record_fingerprint(pd.concat([a.head(1000), b.head(1000)]), key)
+    assert fa.size == 256
+    assert fingerprint_similarity(fa, copy) == 1.0
+    assert fingerprint_similarity(fa, fb) == 0.0
+    assert 0.2 < fingerprint_similarity(fa, half) < 0.5  # Jaccard of the sets: 1/3
+    other_key = record_fingerprint(a, "fedcba9876543210")
+    assert fingerprint_similarity(fa, other_key) == 0.0
+    groups = fingerprint_groups({"a": fa, "b": fb, "copy": copy, "half": half})
+    assert groups == [frozenset({"a", "copy"})]
+    with pytest.raises(ValueError, match="16 to 64 bytes"):
+        record_fingerprint(a, "short")
+
+
+def test_merge_groups_joins_pairs_and_groups():
+    assert merge_groups([("a", "b"), ("c", "d")], [frozenset({"b", "c"})]) == [
+        frozenset({"a", "b", "c", "d"})
+    ]
+    assert merge_groups([]) == []
+
+
+def test_duplicate_groups_need_repeated_flags_and_merge_transitively():
+    ids = ["a", "b", "c", "d"]
+    rounds = [
+        (ids, [(0, 1), (1, 2)]),
+        (ids, [(0, 1)]),
+        (ids, [(1, 2), (0, 3)]),
+        (["a", "b", "c"], [(0, 1)]),
+    ]
+    # a-b flagged 3/4 rounds together, b-c 2/4, a-d 1/3.
+    assert duplicate_groups(rounds, min_fraction=0.5) == [frozenset({"a", "b", "c"})]
+    assert duplicate_groups(rounds, min_fraction=0.75) == [frozenset({"a", "b"})]
+    assert duplicate_groups([(ids, [])]) == []
+    with pytest.raises(ValueError, match="min_fraction"):
+        duplicate_groups(rounds, min_fraction=0.0)
+
+
+def test_split_group_credit_pays_a_group_as_one_factory():
+    scores = {"a": 0.4, "copy": 0.3, "b": 0.2, "x": 0.1, "y": -0.1}
+    out = split_group_credit(scores, [frozenset({"a", "copy"}), frozenset({"x", "y", "gone"})])
+    assert out["a"] == pytest.approx(0.35 / 2)
+    assert out["copy"] == pytest.approx(0.35 / 2)
+    assert out["a"] + out["copy"] == pytest.approx((0.4 + 0.3) / 2)
+    assert out["x"] + out["y"] == pytest.approx(0.0)
+    assert out["b"] == 0.2
+    assert split_group_credit(scores, []) == scores
+    with pytest.raises(ValueError, match="overlap"):
+        split_group_credit(scores, [frozenset({"a", "b"}), frozenset({"b", "x"})])

@@ -1,0 +1,111 @@
+"""The output-linearised Shapley estimator: exact for networks linear in their parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.serverapp.strategy import FedMedian
+from scipy.stats import spearmanr
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from standard_models.registry import get_task
+from strategies.contribution import estimate, exact_shapley
+from strategies.contribution.coalitions import StrategyAggregator, WeightedMeanAggregator
+from strategies.contribution.linearised import linearised_shapley, sampled_permutation_shapley
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility, OutputMixtureGame
+
+
+def _validation(seed=0, rows=400):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 11, generator=gen)
+    y = ((x[:, 0] + 0.5 * x[:, 1] + 0.8 * torch.randn(rows, generator=gen)) > 0.8).long()
+    return TensorDataset(x, y)
+
+
+def _linear_round(n, seed=0):
+    """A round of a network linear in its parameters (logistic regression) on molding's metric."""
+    task = get_task("molding_quality")  # metric: average precision of the defect class
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(11, 1), nn.Flatten(0))
+    rng = np.random.default_rng(seed)
+    names = [name for name, _ in model.named_parameters()]
+    base = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+    truth = np.zeros(11, np.float32)
+    truth[0], truth[1] = 1.0, 0.5
+    updates = []
+    for i in range(n):
+        quality = i / max(n - 1, 1)  # later factories carry more signal and less noise
+        w = quality * truth + rng.normal(scale=1.0 - 0.8 * quality, size=11).astype(np.float32)
+        updates.append({names[0]: w[None, :], names[1]: np.zeros(1, np.float32)})
+    evaluator = BatchedEvaluator(task, model, _validation(seed))
+    weights = rng.integers(50, 300, n).astype(float)
+    aggregator = WeightedMeanAggregator(updates, weights)
+    baseline = evaluator.scores([base])[0]
+    return CoalitionUtility(aggregator, evaluator.scores, baseline, evaluator.sign, evaluator)
+
+
+@pytest.mark.parametrize("n", [3, 5, 7])
+def test_exact_on_a_network_linear_in_its_parameters(n):
+    utility = _linear_round(n, seed=n)
+    exact = exact_shapley(n, utility).scores
+    result = linearised_shapley(n, _linear_round(n, seed=n))
+    np.testing.assert_allclose(result.scores, exact, atol=1e-5)
+    assert result.evaluations == n + 1  # each factory's own model and the full round
+    assert result.scores.sum() == pytest.approx(result.grand_utility, abs=1e-9)
+
+
+def test_sampled_above_the_budget_and_efficient():
+    n = 12
+    exact = exact_shapley(n, _linear_round(n, seed=3)).scores
+    result = linearised_shapley(n, _linear_round(n, seed=3), surrogate_evaluations=600, seed=1)
+    assert result.permutations == 50
+    assert result.evaluations == n + 1
+    assert result.scores.sum() == pytest.approx(result.grand_utility, abs=1e-9)
+    assert spearmanr(exact, result.scores).statistic > 0.9
+    again = linearised_shapley(n, _linear_round(n, seed=3), surrogate_evaluations=600, seed=1)
+    np.testing.assert_array_equal(result.scores, again.scores)
+
+
+def test_output_game_mixes_member_outputs_by_weight():
+    outputs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    seen = []
+
+    def metric(out):
+        seen.append(out.clone())
+        return float(out.sum())
+
+    game = OutputMixtureGame(outputs, [1.0, 3.0, 4.0], metric, baseline=0.5)
+    assert game([frozenset({0, 1})]) == pytest.approx([1.0 - 0.5])
+    torch.testing.assert_close(seen[-1], torch.tensor([0.25, 0.75]))
+    # Prefixes of (2, 0, 1): {2}, {2, 0}, {2, 0, 1} with weights 4, 1, 3.
+    values = game.prefix_values([2, 0, 1])
+    np.testing.assert_allclose(values, [4.0 - 0.5, 17 / 5 - 0.5, 20 / 8 - 0.5])
+    assert game.evaluations == 4
+    with pytest.raises(ValueError, match="empty coalition"):
+        game([frozenset()])
+    with pytest.raises(ValueError, match="one weight per factory"):
+        OutputMixtureGame(outputs, [1.0, 2.0], metric, 0.0)
+
+
+def test_permutation_sampler_on_an_additive_game_is_exact():
+    weights = np.array([1.0, -2.0, 0.5, 3.0])
+
+    def prefix_values(order):
+        return np.cumsum(weights[np.asarray(order)])
+
+    np.testing.assert_allclose(sampled_permutation_shapley(4, prefix_values, 3), weights)
+
+
+def test_refuses_rules_that_are_not_a_weighted_mean():
+    utility = _linear_round(3)
+    other = CoalitionUtility(
+        StrategyAggregator(FedMedian(), 1, [], {}), utility.score, 0.0, 1.0, utility.evaluator
+    )
+    with pytest.raises(ValueError, match="weighted-mean"):
+        linearised_shapley(3, other)
+    with pytest.raises(ValueError, match="output_game"):
+        estimate("linearised", 2, lambda cs: [1.0 for _ in cs])
+    with pytest.raises(ValueError, match="surrogate_evaluations"):
+        linearised_shapley(3, utility, surrogate_evaluations=0)
