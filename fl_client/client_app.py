@@ -5,15 +5,23 @@ Where the data and the privacy ledger live is the factory's decision, set in its
 * ``data-path``: the factory's Parquet file;
 * ``ledger-path``: its privacy ledger (JSON), kept across rounds and runs;
 * ``factory-id``: the name the operator sees (defaults to ``factory_<partition-id>``);
-* ``epsilon-budget`` / ``delta``: the factory's own privacy budget (else the federation's).
+* the factory's privacy policy (:mod:`fl_client.policy`): ``epsilon-budget``, ``delta``,
+  ``accountant``, ``min-noise-multiplier``, ``max-round-epsilon``, ``min-grad-norm``,
+  ``max-grad-norm`` and ``privacy-unit``.
+
+A deployed factory (node config with ``data-path``) requires DP and takes from the server's
+instruction only what makes privacy stronger: an instruction that would weaken its policy is
+answered ``declined`` with a reason starting ``privacy policy:`` that names the field, before
+any data is read or the ledger touched. A simulated factory takes the server's privacy
+settings (``privacy=none`` baselines included), with its node config budget when it sets one.
 
 In simulation the runner passes ``data-dir`` and ``output-dir`` in the run config instead (the
 ServerApp also adds them to the train config for ``flwr run`` without the runner) and each
 simulated factory uses ``factory_<partition-id>.parquet`` and ``<output-dir>/privacy``.
 
 Every failure is answered, never raised: the reply carries the factory id, a status
-(``declined`` for budget, ``data-error`` for an unusable file, ``error`` otherwise) and the
-reason, so the server records it and the round goes on with the other factories.
+(``declined`` for budget or privacy policy, ``data-error`` for an unusable file, ``error``
+otherwise) and the reason, so the server records it and the round goes on with the other factories.
 
 What the server sends and what the factory answers is defined once, in
 :mod:`fl_common.protocol` (:class:`~fl_common.protocol.TrainInstruction`,
@@ -39,6 +47,7 @@ from flwr.clientapp import ClientApp
 
 from fl_client.attacks import AttackConfig
 from fl_client.factory import FactorySite, run_factory_round
+from fl_client.policy import PolicyDeclined, PrivacyPolicy, effective_settings
 from fl_client.privacy import BudgetExhausted, PrivacyLedger
 from fl_common.protocol import (
     ACCEPTED,
@@ -74,14 +83,18 @@ def paths_of(context: Context, factory_id: str, instruction: TrainInstruction) -
 
     Precedence: the factory's node config, then the run config, then the simulation hints
     (``data-dir``/``output-dir``) the ServerApp adds to the instruction, which only simulated
-    factories without any node config ever use.
+    factories without any node config ever use. A deployed factory (``data-path`` in its node
+    config) never takes a path from the operator: its ledger is ``ledger-path`` or sits next
+    to its data file, so no run config can point it at a fresh, empty ledger.
     """
     nc, rc = context.node_config, context.run_config
-    data_dir = str(rc.get("data-dir", "") or instruction.data_dir)
-    out_dir = str(rc.get("output-dir", "") or instruction.output_dir)
     if "data-path" in nc:
         data_path = Path(str(nc["data-path"]))
-    elif data_dir:
+        ledger_path = Path(str(nc.get("ledger-path") or data_path.with_suffix(".privacy.json")))
+        return data_path, ledger_path
+    data_dir = str(rc.get("data-dir", "") or instruction.data_dir)
+    out_dir = str(rc.get("output-dir", "") or instruction.output_dir)
+    if data_dir:
         data_path = factory_path(Path(data_dir), int(nc.get("partition-id", 0)))
     else:
         raise DataValidationError("<node config>", "no 'data-path' in the node config")
@@ -95,15 +108,24 @@ def paths_of(context: Context, factory_id: str, instruction: TrainInstruction) -
 
 
 def site_of(context: Context, factory_id: str, instruction: TrainInstruction) -> FactorySite:
-    """The factory's own facts: its paths and its privacy budget (node config first)."""
-    nc = context.node_config
+    """The factory's own facts: its paths and its privacy policy (node config first).
+
+    Raises:
+        fl_client.policy.PolicyError: a policy key of the node config is invalid.
+    """
+    policy = PrivacyPolicy.from_node_config(context.node_config)
     data_path, ledger_path = paths_of(context, factory_id, instruction)
+    settings = effective_settings(policy, instruction)
     return FactorySite(
         factory_id=factory_id,
         data_path=data_path,
         ledger_path=ledger_path,
-        epsilon_budget=float(nc.get("epsilon-budget", instruction.epsilon)),
-        delta=float(nc.get("delta", instruction.delta)),
+        epsilon_budget=settings.epsilon_budget,
+        delta=settings.delta,
+        accountant=settings.accountant if policy.deployed else None,
+        epsilon_cap=settings.epsilon_cap if policy.deployed else None,
+        privacy_unit=settings.privacy_unit,
+        policy=policy if policy.deployed else None,
     )
 
 
@@ -141,6 +163,8 @@ def train(msg: Message, context: Context) -> Message:
             carried_history=carried,
             attack=attack,
         )
+    except PolicyDeclined as exc:
+        return TrainReply(factory_id, DECLINED, str(exc), metrics=marks).to_message(msg)
     except DataValidationError as exc:
         return TrainReply(factory_id, DATA_ERROR, str(exc), metrics=marks).to_message(msg)
     except BudgetExhausted as exc:
@@ -151,7 +175,7 @@ def train(msg: Message, context: Context) -> Message:
                 factory_id,
                 site.epsilon_budget,
                 site.delta,
-                instruction.accountant,
+                site.accountant or instruction.accountant,
             )
             spent[EPSILON] = ledger.spent_epsilon()
         return TrainReply(factory_id, DECLINED, str(exc), metrics=spent).to_message(msg)

@@ -7,6 +7,10 @@ budget); the ClientApp parses the one and builds the other from its node config.
 
 Order of a DP round, chosen so that privacy spend is never lost or exceeded:
 
+0. for a deployed factory, check the instruction against the factory's privacy policy
+   (:mod:`fl_client.policy`) and decline with :class:`~fl_client.policy.PolicyDeclined`
+   before any data is read or the ledger written (a noise floor or per-round ceiling is
+   checked on the plan made from the file's row count, read from Parquet metadata);
 1. load and validate the factory's file (errors name the file and column);
 2. open the ledger on the factory's disk and adopt any longer history the caller carried;
 3. plan the run's noise multiplier once from the budget left (later rounds reuse it);
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 
 from fl_client.attacks import (
@@ -33,7 +38,14 @@ from fl_client.attacks import (
     poison_dataset,
     poison_update,
 )
-from fl_client.privacy import BudgetExhausted, PrivacyLedger, epsilon_of, normalize_history
+from fl_client.policy import PrivacyPolicy, plan_refusal, refusal
+from fl_client.privacy import (
+    BudgetExhausted,
+    PrivacyLedger,
+    epsilon_of,
+    normalize_history,
+    plan_noise_multiplier,
+)
 from fl_client.training import (
     LocalTrainConfig,
     TrainResult,
@@ -54,15 +66,22 @@ from fl_common.protocol import (
     TRAIN_TIME,
     TrainInstruction,
 )
-from standard_models.base import StandardTask
+from standard_models.base import DataValidationError, StandardTask
 
 
 @dataclass(frozen=True)
 class FactorySite:
-    """What only the factory decides: its name, where its data and ledger live, its budget.
+    """What only the factory decides: its name, where its data and ledger live, its privacy.
 
     ``epsilon_budget``/``delta`` are the factory's own privacy budget (its node config), or
     the federation's default from the instruction when the factory sets none.
+    ``accountant``: the factory's accountant; ``None`` takes the instruction's (simulation).
+    ``epsilon_cap``: a stricter cumulative epsilon for this session (the server asked for less
+    than the budget); the ledger keeps ``epsilon_budget`` as its lifetime budget.
+    ``privacy_unit``: the unit the factory's epsilon protects when it chose one coarser than
+    the task's declared unit (node config ``privacy-unit``); ``None`` keeps the task's.
+    ``policy``: the factory's privacy policy, checked before anything is read; ``None`` (a
+    caller that builds the site by hand) checks nothing.
     """
 
     factory_id: str
@@ -70,6 +89,10 @@ class FactorySite:
     ledger_path: Path
     epsilon_budget: float
     delta: float
+    accountant: str | None = None
+    epsilon_cap: float | None = None
+    privacy_unit: str | None = None
+    policy: PrivacyPolicy | None = None
 
 
 def local_seed(instruction: TrainInstruction) -> int:
@@ -159,6 +182,123 @@ def _mark(metrics: dict[str, float | int], attack: AttackConfig | None, maliciou
         metrics[MALICIOUS] = 1.0 if malicious else 0.0
 
 
+def row_count(data_path: Path) -> int:
+    """Number of rows of the factory's Parquet file, read from its footer, not its data.
+
+    Planning the run's noise needs the number of examples, and a policy check must decline
+    before any of the factory's production data is read. Every example uses at least one row,
+    so the row count bounds the number of examples (and of privacy units) from above.
+
+    Raises:
+        DataValidationError: the file is missing or not Parquet.
+    """
+    try:
+        return int(pq.read_metadata(data_path).num_rows)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataValidationError(data_path, f"cannot read the Parquet footer: {exc}") from exc
+
+
+def _open_ledger(site: FactorySite, accountant: str) -> PrivacyLedger:
+    """The factory's ledger, with the session's stricter cap when the server asked for one.
+
+    The ledger stores the factory's lifetime budget; a stricter cap is a session budget, which
+    :meth:`PrivacyLedger.open` grants only on an existing file, so a new ledger is first saved
+    with the lifetime budget (it would be saved when the run is planned anyway).
+    """
+    ledger = PrivacyLedger.open(
+        site.ledger_path, site.factory_id, site.epsilon_budget, site.delta, accountant
+    )
+    cap = site.epsilon_cap
+    if cap is None or cap >= ledger.budget:
+        return ledger
+    if not Path(site.ledger_path).exists():
+        ledger.save()
+    return PrivacyLedger.open(site.ledger_path, site.factory_id, cap, site.delta, accountant)
+
+
+def planned_noise(
+    ledger: PrivacyLedger,
+    instruction: TrainInstruction,
+    num_examples: int,
+) -> tuple[float, float]:
+    """The run's noise multiplier and one round's epsilon, without writing the ledger.
+
+    The same plan :meth:`PrivacyLedger.noise_multiplier_for_run` makes (or the one it made for
+    this run already): :func:`~fl_client.privacy.plan_noise_multiplier` over the ledger's
+    history at its budget, for ``planned_rounds * local_epochs * steps_per_epoch`` steps.
+
+    Raises:
+        BudgetExhausted: the budget left cannot cover the planned steps.
+    """
+    sample_rate = sample_rate_for(num_examples, instruction.batch_size)
+    round_steps = instruction.local_epochs * steps_per_epoch(num_examples, instruction.batch_size)
+    plan = ledger.runs.get(str(instruction.run_id))
+    if plan is not None:
+        sigma = float(plan["noise_multiplier"])
+    else:
+        sigma = plan_noise_multiplier(
+            ledger.history,
+            target_epsilon=ledger.budget,
+            delta=ledger.delta,
+            sample_rate=sample_rate,
+            planned_steps=instruction.planned_rounds * round_steps,
+            accountant=ledger.accountant,
+        )
+    round_epsilon = epsilon_of([(sigma, sample_rate, round_steps)], ledger.delta, ledger.accountant)
+    return sigma, round_epsilon
+
+
+def check_policy(
+    site: FactorySite,
+    instruction: TrainInstruction,
+    num_examples: int | None = None,
+    rows_are_units: bool = True,
+) -> None:
+    """Decline an instruction that would weaken the site's policy; read no data, write nothing.
+
+    ``num_examples``: the true number of training units once the data is loaded; ``None``
+    plans from the file's :func:`row_count`, which is the unit count exactly when every row
+    is one unit (``rows_are_units``: a shot, an image). Where a unit holds several rows (a
+    window of samples, a machine) the row count only bounds the units from above, and the
+    plan it gives is the least noisy one, so it could decline what the true count passes:
+    then only the fields that need no count are checked here, and :func:`run_factory_round`
+    checks the plan with the true count after loading, still before the ledger is written or
+    anything is trained.
+
+    Raises:
+        PolicyDeclined: the instruction (or the noise it would plan) breaks the policy.
+        BudgetExhausted: the budget left cannot cover the planned steps.
+    """
+    policy = site.policy
+    if policy is None:
+        return
+    declined = refusal(policy, instruction)
+    if declined is not None:
+        raise declined
+    if not policy.limits_noise or (num_examples is None and not rows_are_units):
+        return
+    n = row_count(site.data_path) if num_examples is None else num_examples
+    ledger = _open_ledger_readonly(site, str(policy.accountant))
+    declined = plan_refusal(policy, *planned_noise(ledger, instruction, n))
+    if declined is not None:
+        raise declined
+
+
+def _open_ledger_readonly(site: FactorySite, accountant: str) -> PrivacyLedger:
+    """The ledger as :func:`_open_ledger` would give it, without ever writing the file."""
+    ledger = PrivacyLedger.open(
+        site.ledger_path, site.factory_id, site.epsilon_budget, site.delta, accountant
+    )
+    cap = site.epsilon_cap
+    if cap is not None and cap < ledger.budget:
+        if Path(site.ledger_path).exists():
+            return PrivacyLedger.open(
+                site.ledger_path, site.factory_id, cap, site.delta, accountant
+            )
+        ledger = PrivacyLedger(site.ledger_path, site.factory_id, cap, site.delta, accountant)
+    return ledger
+
+
 def run_factory_round(
     task: StandardTask,
     instruction: TrainInstruction,
@@ -173,6 +313,10 @@ def run_factory_round(
 
     Epsilon, sample rate and steps count the task's privacy unit (``privacy_unit``, default
     the unit the task declares; see ``StandardTask.to_train_dataset``).
+
+    A site with a deployed ``policy`` first checks the instruction (:func:`check_policy`) and
+    declines before reading data or writing the ledger; ``site.accountant`` and
+    ``site.epsilon_cap`` then replace the instruction's accountant and budget.
 
     With ``instruction.dp`` the run's noise multiplier is planned once, from the budget left in
     the ledger, for ``planned_rounds * local_epochs * steps_per_epoch`` steps; each round then
@@ -200,16 +344,20 @@ def run_factory_round(
         standard_models.base.DataValidationError: the data file is missing or malformed.
         fl_client.privacy.LedgerError: the ledger file is corrupt or not this factory's.
         fl_client.privacy.BudgetExhausted: the round would overspend; nothing was trained.
+        fl_client.policy.PolicyDeclined: the instruction would weaken ``site.policy``;
+            nothing was read, trained or written.
     """
     server_round, planned_rounds = instruction.server_round, instruction.planned_rounds
     if server_round < 1 or planned_rounds < 1:
         raise ValueError(
             f"server_round and planned_rounds must be >= 1, got {server_round}, {planned_rounds}"
         )
+    unit = privacy_unit or site.privacy_unit
+    check_policy(site, instruction, rows_are_units=task.rows_are_units(unit))
     factory_id, run_id = site.factory_id, instruction.run_id
-    delta, accountant = site.delta, instruction.accountant
+    delta, accountant = site.delta, site.accountant or instruction.accountant
     frame = task.load_frame(site.data_path)
-    dataset = task.to_train_dataset(frame, privacy_unit)
+    dataset = task.to_train_dataset(frame, unit)
     malicious = attack is not None and attack.is_malicious(factory_id)
     if malicious and attack is not None and attack.name in DATA_ATTACKS:
         dataset = poison_dataset(task, dataset, attack.fraction, attack.label_generator(factory_id))
@@ -245,7 +393,9 @@ def run_factory_round(
         _mark(metrics, attack, malicious)
         return FactoryRoundResult(state, metrics, history)
 
-    ledger = PrivacyLedger.open(ledger_path, factory_id, site.epsilon_budget, delta, accountant)
+    if site.policy is not None and site.policy.limits_noise:
+        check_policy(site, instruction, num_examples)  # now with the true unit count
+    ledger = _open_ledger(site, accountant)
     ledger.absorb(carried_history)
     sample_rate = sample_rate_for(num_examples, cfg.batch_size)
     round_steps = cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)

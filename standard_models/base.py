@@ -261,6 +261,15 @@ class StandardTask(ABC):
         """
         return self._unit_dataset(df, self.get_privacy_unit(unit).name)
 
+    def rows_are_units(self, unit: str | None = None) -> bool:
+        """Whether every row of a factory file is one training unit for ``unit`` (default:
+        declared), so that a file's row count is its unit count (tasks that build their own
+        units, such as windows or machines, override :meth:`_unit_dataset`)."""
+        return (
+            type(self)._unit_dataset is StandardTask._unit_dataset
+            and self.get_privacy_unit(unit) is self.privacy_unit
+        )
+
     def _unit_dataset(self, df: pd.DataFrame, unit: str) -> Dataset:
         """Build :meth:`to_train_dataset`'s examples for a known unit name.
 

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 import torch
 from dp_accounting import dp_event, rdp
+from round_helpers import instruction_for
 from torch import nn
 
-from fl_client.factory import run_factory_round
+from fl_client.factory import FactorySite, run_factory_round
 from fl_client.privacy import epsilon_of
 from fl_client.training import LocalTrainConfig, train_local
 from standard_models import get_task
@@ -264,18 +265,14 @@ def test_reported_epsilon_is_per_unit_and_matches_dp_accounting(
     frame.to_parquet(data)
     planned, budget = 3, 3.0
     cfg = LocalTrainConfig(local_epochs=2, batch_size=batch_size, lr=0.01, reproducible_dp=True)
+    instruction = instruction_for(cfg, "run", 1, planned, task=task.name, delta=DELTA)
+    site = FactorySite("f0", data, tmp_path / "ledger.json", budget, DELTA)
     result = run_factory_round(
-        task=task,
-        data_path=data,
-        ledger_path=tmp_path / "ledger.json",
-        factory_id="f0",
-        run_id="run",
-        server_round=1,
-        planned_rounds=planned,
-        global_state=task.build_model().state_dict(),
-        train_cfg=cfg,
-        epsilon_budget=budget,
-        delta=DELTA,
+        task,
+        instruction,
+        site,
+        task.build_model().state_dict(),
+        reproducible_dp=cfg.reproducible_dp,
         privacy_unit=unit,
     )
     metrics = result.metrics
@@ -290,3 +287,13 @@ def test_reported_epsilon_is_per_unit_and_matches_dp_accounting(
         dp_accounting_epsilon(sigma, q, round_steps), rel=0.02
     )
     assert budget == pytest.approx(dp_accounting_epsilon(sigma, q, planned * round_steps), rel=0.02)
+
+
+def test_rows_are_units_only_where_every_row_is_one_training_unit():
+    """A factory's row count is its unit count for row-level units only: the policy plans from
+    it before reading data there, and from the true count after loading elsewhere."""
+    assert get_task("molding_quality").rows_are_units()
+    assert get_task("cell_defect").rows_are_units()
+    assert not get_task("tep_fault").rows_are_units()
+    assert not get_task("tep_fault").rows_are_units("run")
+    assert not get_task("rul").rows_are_units("machine")
