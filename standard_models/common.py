@@ -39,24 +39,6 @@ def window_end_indices(
     return idx[valid]
 
 
-def windowed_arrays(
-    df: pd.DataFrame,
-    group_col: str,
-    order_col: str,
-    feature_cols: Sequence[str],
-    target_col: str,
-    window: int,
-    stride: int,
-    center: np.ndarray,
-    scale: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised windows ``(n, window, features)`` and the target at each window's last row."""
-    x, y, _ = grouped_windows(
-        df, group_col, order_col, feature_cols, target_col, window, stride, center, scale
-    )
-    return x, y
-
-
 def grouped_windows(
     df: pd.DataFrame,
     group_col: str,
@@ -68,7 +50,8 @@ def grouped_windows(
     center: np.ndarray,
     scale: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`windowed_arrays` plus, per window, the index of its group (sorted order, 0..g-1).
+    """Standardised windows ``(n, window, features)``, the target at each window's last row and,
+    per window, the index of its group (sorted order, ``0..g-1``).
 
     Windows come out sorted by group, so each group's windows are contiguous: the layout
     :class:`~standard_models.base.UnitDataset` needs when a group (a run, a machine) is the
