@@ -1,4 +1,5 @@
-"""Building blocks shared by the task folders: windowing, fixed standardisation and the MLP.
+"""Building blocks shared by the task folders: windowing, fixed standardisation, the MLP and
+the weighted binary cross-entropy of the defect tasks.
 
 Kept in one place so every task windows its time series the same way (windows never cross a
 run or a gap in the time index) and every network is built from the same Opacus-friendly
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -123,3 +125,23 @@ class MLP(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (reported in docs and checked by tests)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class WeightedBCELoss(nn.Module):
+    """Binary cross-entropy on a defect logit, taking the dataset's integer 0/1 labels.
+
+    ``pos_weight`` up-weights the defective (positive) class. Every sample's loss depends only
+    on its own logit and label, and ``reduction`` is a plain attribute, so Opacus ghost
+    clipping can set it to ``"none"`` to obtain per-sample losses.
+    """
+
+    def __init__(self, pos_weight: float, reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits`` (shape ``(batch,)``) against 0/1 ``target``."""
+        return F.binary_cross_entropy_with_logits(
+            logits, target.to(logits.dtype), pos_weight=self.pos_weight, reduction=self.reduction
+        )
