@@ -1,5 +1,5 @@
-"""Building blocks shared by the task folders: windowing, fixed standardisation, the MLP and
-the weighted binary cross-entropy of the defect tasks.
+"""Building blocks shared by the task folders: locating an installed data package, windowing,
+fixed standardisation, the MLP and the weighted binary cross-entropy of the defect tasks.
 
 Kept in one place so every task windows its time series the same way (windows never cross a
 run or a gap in the time index) and every network is built from the same Opacus-friendly
@@ -9,13 +9,27 @@ samples and break per-sample privacy accounting).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def package_folder(package: str, missing: str) -> Path:
+    """Root folder of the installed ``package`` whose files a task's data source reads.
+
+    Raises ``RuntimeError`` with ``missing`` (which names the package and how to install it)
+    when the package is not installed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(missing)
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def window_end_indices(
