@@ -369,3 +369,58 @@ def ghost_supported(model: nn.Module) -> bool:
         if own_params and type(module) not in supported:
             return False
     return True
+
+
+class WindowedTask(StandardTask):
+    """A standard model whose examples are windows of consecutive rows of one recording.
+
+    The time-series tasks (a run of a process, a machine's life) share everything but their
+    data: an example is a window of ``window`` consecutive rows, evaluation sets start a
+    window every ``stride`` rows, the default privacy unit is one non-overlapping window (so
+    every raw row is in exactly one training example), the one coarser unit is a whole
+    recording with all its stride-1 windows, and the network takes the window length. A
+    subclass names its folder's builders as static methods: :meth:`windows`
+    (``(df, window, stride) -> TensorDataset``), :meth:`recording_units`
+    (``(df, window) -> UnitDataset``) and :meth:`network` (``(window) -> nn.Module``), and
+    its default window length in ``default_window``.
+
+    Args:
+        window: consecutive rows per input window (``default_window`` when omitted).
+        stride: step between window starts in :meth:`to_dataset` (evaluation sets); training
+            sets follow the privacy unit (:meth:`to_train_dataset`).
+    """
+
+    default_window: int
+
+    def __init__(self, window: int | None = None, stride: int = 1) -> None:
+        self.window = int(self.default_window if window is None else window)
+        self.stride = int(stride)
+
+    @staticmethod
+    @abstractmethod
+    def windows(df: pd.DataFrame, window: int, stride: int) -> TensorDataset:
+        """Standardised, flattened windows and the target at each window's last row."""
+
+    @staticmethod
+    @abstractmethod
+    def recording_units(df: pd.DataFrame, window: int) -> UnitDataset:
+        """Every stride-1 window, grouped so that one unit is one whole recording."""
+
+    @staticmethod
+    @abstractmethod
+    def network(window: int) -> nn.Module:
+        """A fresh network over one window of ``window`` rows."""
+
+    def to_dataset(self, df: pd.DataFrame) -> TensorDataset:
+        """Windows every ``stride`` rows and the target at each window's last row."""
+        return self.windows(df, self.window, self.stride)
+
+    def _unit_dataset(self, df: pd.DataFrame, unit: str) -> Dataset:
+        """Non-overlapping windows for the default unit, else whole recordings."""
+        if unit == self.privacy_unit.name:
+            return self.windows(df, self.window, self.window)
+        return self.recording_units(df, self.window)
+
+    def build_model(self) -> nn.Module:
+        """A fresh network over one window."""
+        return self.network(self.window)

@@ -1,4 +1,5 @@
-"""Building blocks shared by the task folders: windowing, fixed standardisation and the MLP.
+"""Building blocks shared by the task folders: locating an installed data package, windowing,
+fixed standardisation, the MLP and the weighted binary cross-entropy of the defect tasks.
 
 Kept in one place so every task windows its time series the same way (windows never cross a
 run or a gap in the time index) and every network is built from the same Opacus-friendly
@@ -8,12 +9,27 @@ samples and break per-sample privacy accounting).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def package_folder(package: str, missing: str) -> Path:
+    """Root folder of the installed ``package`` whose files a task's data source reads.
+
+    Raises ``RuntimeError`` with ``missing`` (which names the package and how to install it)
+    when the package is not installed.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(missing)
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def window_end_indices(
@@ -39,24 +55,6 @@ def window_end_indices(
     return idx[valid]
 
 
-def windowed_arrays(
-    df: pd.DataFrame,
-    group_col: str,
-    order_col: str,
-    feature_cols: Sequence[str],
-    target_col: str,
-    window: int,
-    stride: int,
-    center: np.ndarray,
-    scale: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised windows ``(n, window, features)`` and the target at each window's last row."""
-    x, y, _ = grouped_windows(
-        df, group_col, order_col, feature_cols, target_col, window, stride, center, scale
-    )
-    return x, y
-
-
 def grouped_windows(
     df: pd.DataFrame,
     group_col: str,
@@ -68,7 +66,8 @@ def grouped_windows(
     center: np.ndarray,
     scale: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`windowed_arrays` plus, per window, the index of its group (sorted order, 0..g-1).
+    """Standardised windows ``(n, window, features)``, the target at each window's last row and,
+    per window, the index of its group (sorted order, ``0..g-1``).
 
     Windows come out sorted by group, so each group's windows are contiguous: the layout
     :class:`~standard_models.base.UnitDataset` needs when a group (a run, a machine) is the
@@ -140,3 +139,23 @@ class MLP(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (reported in docs and checked by tests)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class WeightedBCELoss(nn.Module):
+    """Binary cross-entropy on a defect logit, taking the dataset's integer 0/1 labels.
+
+    ``pos_weight`` up-weights the defective (positive) class. Every sample's loss depends only
+    on its own logit and label, and ``reduction`` is a plain attribute, so Opacus ghost
+    clipping can set it to ``"none"`` to obtain per-sample losses.
+    """
+
+    def __init__(self, pos_weight: float, reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", torch.tensor(float(pos_weight)))
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits`` (shape ``(batch,)``) against 0/1 ``target``."""
+        return F.binary_cross_entropy_with_logits(
+            logits, target.to(logits.dtype), pos_weight=self.pos_weight, reduction=self.reduction
+        )

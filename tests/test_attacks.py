@@ -14,6 +14,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from omegaconf import OmegaConf
 from round_helpers import run_round
+from tiny_task import TinyTask as BaseTinyTask
+from tiny_task import make_frame
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -29,13 +31,6 @@ from fl_client.attacks import (
 from fl_client.factory import FactoryRoundResult
 from fl_client.training import LocalTrainConfig
 from fl_server.config import CONF_DIR
-from standard_models.base import (
-    Column,
-    FederatedData,
-    PartitionConfig,
-    Schema,
-    StandardTask,
-)
 from standard_models.molding_quality import source as molding_source
 from standard_models.registry import get_task
 
@@ -292,46 +287,15 @@ def test_update_poisoning_refuses_unknown_attacks_and_missing_weights() -> None:
 
 # ------------------------------------------------------------------ through a factory round
 
-FEATURES = ["s0", "s1", "s2", "s3"]
-WEIGHTS = np.array([1.0, -2.0, 0.5, 1.5])
-
-
-class TinyTask(StandardTask):
-    """Two-class linear problem on four sensors (label kind from ``num_classes``)."""
+class TinyTask(BaseTinyTask):
+    """The tiny two-class task; its label kind comes from ``num_classes``."""
 
     name = "tiny_attack"
-    schema = Schema(tuple(Column(c, "float") for c in FEATURES) + (Column("label", "int"),))
-    main_metric = "accuracy"
     num_classes = 2
-
-    def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:
-        frames = [_frame(200, seed + i) for i in range(num_factories)]
-        return FederatedData(frames, _frame(100, seed + 100), _frame(100, seed + 200))
-
-    def to_dataset(self, df: pd.DataFrame) -> Dataset:
-        x = torch.tensor(df[FEATURES].to_numpy(), dtype=torch.float32)
-        return TensorDataset(x, torch.tensor(df["label"].to_numpy(), dtype=torch.long))
-
-    def build_model(self) -> nn.Module:
-        return nn.Linear(len(FEATURES), 2)
-
-    def loss_fn(self) -> nn.Module:
-        return nn.CrossEntropyLoss()
-
-    def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        return {"accuracy": float((outputs.argmax(1) == target).float().mean())}
 
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         outputs, target = self.predict(model, dataset)
         return self.output_metrics(outputs, target)
-
-
-def _frame(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, len(FEATURES)))
-    df = pd.DataFrame(x, columns=FEATURES)
-    df["label"] = (x @ WEIGHTS > 0).astype(np.int64)
-    return df
 
 
 TASK = TinyTask()
@@ -348,7 +312,7 @@ def _round(
 ) -> FactoryRoundResult:
     data = tmp_path / "f0.parquet"
     if not data.exists():
-        _frame(400, 0).to_parquet(data)
+        make_frame(400, 0).to_parquet(data)
     cfg = LocalTrainConfig(
         local_epochs=3, batch_size=32, lr=0.5, dp=dp, reproducible_dp=True, seed=11
     )
@@ -374,7 +338,7 @@ def _attack(name: str, factories: str = "f0", **params: float) -> AttackConfig:
 def _accuracy(state: dict[str, torch.Tensor]) -> float:
     model = TASK.build_model()
     model.load_state_dict(state)
-    return TASK.evaluate(model, TASK.to_dataset(_frame(500, 99)))["accuracy"]
+    return TASK.evaluate(model, TASK.to_dataset(make_frame(500, 99)))["accuracy"]
 
 
 @pytest.mark.parametrize("dp", [False, True])

@@ -21,23 +21,31 @@ def _net(seed: int = 0) -> nn.Module:
     )
 
 
+def _explicit_grouped(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, max_norm: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each group's summed-loss gradient by autograd, one group at a time: norms, clipped sum."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_group = []
+    for u in range(int(groups.max()) + 1):
+        rows = groups == u
+        loss = nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum")
+        per_group.append(torch.autograd.grad(loss, params))
+    norms = torch.stack([torch.sqrt(sum((g * g).sum() for g in grads)) for grads in per_group])
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    summed = {
+        name: sum(c * grads[k] for c, grads in zip(coef, per_group, strict=True))
+        for k, name in enumerate(names)
+    }
+    return norms, summed
+
+
 def _explicit(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, max_norm: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-sample gradients one sample at a time: their norms and the clipped sum."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    per_sample = []
-    for i in range(len(x)):
-        loss = nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
-        per_sample.append(torch.autograd.grad(loss, params))
-    norms = torch.stack([torch.sqrt(sum((g * g).sum() for g in grads)) for grads in per_sample])
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    summed = {
-        name: sum(c * grads[k] for c, grads in zip(coef, per_sample, strict=True))
-        for k, name in enumerate(names)
-    }
-    return norms, summed
+    return _explicit_grouped(model, x, y, torch.arange(len(x)), max_norm)
 
 
 @pytest.mark.parametrize("max_norm", [0.05, 1.0, 100.0])
@@ -119,26 +127,6 @@ def test_unsupported_models_are_refused() -> None:
     with pytest.raises(RuntimeError, match="2-D"):
         seq(torch.randn(2, 3, 4))
     clipper.remove()
-
-
-def _explicit_grouped(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, max_norm: float
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Each group's summed-loss gradient by autograd, one group at a time: norms, clipped sum."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    per_group = []
-    for u in range(int(groups.max()) + 1):
-        rows = groups == u
-        loss = nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="sum")
-        per_group.append(torch.autograd.grad(loss, params))
-    norms = torch.stack([torch.sqrt(sum((g * g).sum() for g in grads)) for grads in per_group])
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    summed = {
-        name: sum(c * grads[k] for c, grads in zip(coef, per_group, strict=True))
-        for k, name in enumerate(names)
-    }
-    return norms, summed
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Privacy accounting: planning, the factory's ledger, and whole factory rounds.
 
-A tiny stand-in task (logistic regression on synthetic rows) keeps these tests independent of
-the real standard models.
+A tiny stand-in task (:mod:`tiny_task`, logistic regression on synthetic rows) keeps these
+tests independent of the real standard models.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ import math
 import random
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import torch
 from dp_accounting import dp_event, pld, rdp
 from opacus.accountants import RDPAccountant
 from round_helpers import run_round
-from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from tiny_task import TinyTask, make_frame, write_frame
 
 import fl_client.factory as factory_module
 from fl_client.privacy import (
@@ -31,57 +28,10 @@ from fl_client.privacy import (
 )
 from fl_client.training import LocalTrainConfig, sample_rate_for, steps_per_epoch
 from standard_models.base import (
-    Column,
     DataValidationError,
-    FederatedData,
-    PartitionConfig,
-    Schema,
-    StandardTask,
 )
 
 DELTA = 1e-5
-FEATURES = ["s0", "s1", "s2", "s3"]
-
-
-class TinyTask(StandardTask):
-    """Binary classification of four sensor readings with a linear model."""
-
-    name = "tiny"
-    schema = Schema(tuple(Column(c, "float") for c in FEATURES) + (Column("label", "int"),))
-    main_metric = "accuracy"
-
-    def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:
-        frames = [make_frame(100, seed + i) for i in range(num_factories)]
-        return FederatedData(frames, make_frame(50, seed + 100), make_frame(50, seed + 200))
-
-    def to_dataset(self, df: pd.DataFrame) -> Dataset:
-        x = torch.tensor(df[FEATURES].to_numpy(), dtype=torch.float32)
-        return TensorDataset(x, torch.tensor(df["label"].to_numpy(), dtype=torch.long))
-
-    def build_model(self) -> nn.Module:
-        return nn.Linear(len(FEATURES), 2)
-
-    def loss_fn(self) -> nn.Module:
-        return nn.CrossEntropyLoss()
-
-    def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        return {"accuracy": float((outputs.argmax(1) == target).float().mean())}
-
-
-def make_frame(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, len(FEATURES)))
-    df = pd.DataFrame(x, columns=FEATURES)
-    df["label"] = (x @ np.array([1.0, -2.0, 0.5, 1.5]) > 0).astype(np.int64)
-    return df
-
-
-def write_frame(folder: Path, n: int, seed: int = 0) -> Path:
-    path = folder / f"factory_{seed}_{n}.parquet"
-    make_frame(n, seed).to_parquet(path)
-    return path
-
-
 TASK = TinyTask()
 
 

@@ -179,19 +179,23 @@ def test_dp_requires_a_noise_multiplier() -> None:
         )
 
 
-def test_ghost_falls_back_to_hooks_when_the_task_says_so(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+@pytest.fixture
+def modes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ``grad_sample_mode`` of every call to Opacus's ``make_private``, in order."""
     from opacus import PrivacyEngine
 
-    modes: list[str] = []
+    seen: list[str] = []
     original = PrivacyEngine.make_private
 
     def spy(self: PrivacyEngine, **kwargs: object) -> object:
-        modes.append(str(kwargs["grad_sample_mode"]))
+        seen.append(str(kwargs["grad_sample_mode"]))
         return original(self, **kwargs)
 
     monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    return seen
+
+
+def test_ghost_falls_back_to_hooks_when_the_task_says_so(modes: list[str]) -> None:
     ds = _classification(n=100)
     cfg = LocalTrainConfig(batch_size=16, grad_sample_mode="ghost", reproducible_dp=True)
     for ghost_ok in (False, True):
@@ -201,19 +205,7 @@ def test_ghost_falls_back_to_hooks_when_the_task_says_so(
     assert modes == ["hooks", "ghost"]
 
 
-def test_book_keeping_falls_back_to_ghost_for_other_layers(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from opacus import PrivacyEngine
-
-    modes: list[str] = []
-    original = PrivacyEngine.make_private
-
-    def spy(self: PrivacyEngine, **kwargs: object) -> object:
-        modes.append(str(kwargs["grad_sample_mode"]))
-        return original(self, **kwargs)
-
-    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+def test_book_keeping_falls_back_to_ghost_for_other_layers(modes: list[str]) -> None:
     ds = _classification(n=100)
     cfg = LocalTrainConfig(batch_size=16, grad_sample_mode="bk", reproducible_dp=True)
     torch.manual_seed(0)

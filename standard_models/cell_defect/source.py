@@ -49,7 +49,6 @@ factory, in units of the model's fixed input scale), clipped to 0..255.
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 from functools import lru_cache
@@ -60,6 +59,7 @@ import pandas as pd
 from PIL import Image
 
 from ..base import FederatedData, PartitionConfig
+from ..common import package_folder
 from ..partition import (
     STREAM_PARTITION,
     STREAM_SIZES,
@@ -97,13 +97,11 @@ CITATION = (
 
 def data_dir() -> Path:
     """Folder holding ``labels.csv`` and ``images/`` inside the installed ``elpv_dataset``."""
-    spec = importlib.util.find_spec("elpv_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the solar-cell images need the package elpv-dataset==1.0.0.post1 "
-            "(pip install elpv-dataset==1.0.0.post1)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+    folder = package_folder(
+        "elpv_dataset",
+        "the solar-cell images need the package elpv-dataset==1.0.0.post1 "
+        "(pip install elpv-dataset==1.0.0.post1)",
+    ) / "data"
     if not (folder / "labels.csv").is_file():
         raise RuntimeError(f"elpv_dataset is installed but has no data/labels.csv at {folder}")
     return folder

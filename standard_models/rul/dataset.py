@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..base import Column, Schema, UnitDataset
-from ..common import grouped_windows, windowed_arrays
+from ..common import grouped_windows
 from .source import CYCLE, FEATURE_CENTER, FEATURE_SCALE, FEATURES, LABEL, RUL_CAP, UNIT
 
 SCHEMA = Schema(
@@ -38,7 +38,7 @@ def to_windows(
     (values above the cap, e.g. from uncapped plant records, are capped here). Raises
     ``ValueError`` when no unit is long enough for one window.
     """
-    x, y = windowed_arrays(
+    x, y, _ = grouped_windows(
         df, UNIT, CYCLE, FEATURES, LABEL, window, stride, FEATURE_CENTER, FEATURE_SCALE
     )
     if len(x) == 0:

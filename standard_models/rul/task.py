@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
 
-from ..base import FederatedData, PartitionConfig, PrivacyUnit, StandardTask
+from ..base import FederatedData, PartitionConfig, PrivacyUnit, WindowedTask
 from . import source
 from .dataset import DEFAULT_WINDOW, SCHEMA, to_machine_units, to_windows
 from .loss import build_loss
@@ -15,11 +13,11 @@ from .metrics import rul_metrics
 from .model import build_model
 
 
-class RULTask(StandardTask):
+class RULTask(WindowedTask):
     """Predict a machine's remaining useful life (cycles, capped at 125) from a window.
 
     Args:
-        window: consecutive cycles per input window.
+        window: consecutive cycles per input window (30 by default).
         stride: step between window starts in :meth:`to_dataset` (evaluation sets); training
             sets follow the privacy unit (:meth:`to_train_dataset`).
 
@@ -48,27 +46,14 @@ class RULTask(StandardTask):
         ),
     )
 
-    def __init__(self, window: int = DEFAULT_WINDOW, stride: int = 1) -> None:
-        self.window = int(window)
-        self.stride = int(stride)
+    default_window = DEFAULT_WINDOW
+    windows = staticmethod(to_windows)
+    recording_units = staticmethod(to_machine_units)
+    network = staticmethod(build_model)
 
     def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:
         """Synthetic run-to-failure units; see :mod:`standard_models.rul.source`."""
         return source.generate(num_factories, seed, partition)
-
-    def to_dataset(self, df: pd.DataFrame) -> TensorDataset:
-        """Flattened, standardised windows and the scaled RUL at each window's last cycle."""
-        return to_windows(df, self.window, self.stride)
-
-    def _unit_dataset(self, df: pd.DataFrame, unit: str) -> Dataset:
-        """Non-overlapping windows (``window``) or every window grouped by machine."""
-        if unit == "machine":
-            return to_machine_units(df, self.window)
-        return to_windows(df, self.window, stride=self.window)
-
-    def build_model(self) -> nn.Module:
-        """A fresh MLP over one window."""
-        return build_model(self.window)
 
     def loss_fn(self) -> nn.Module:
         """Mean squared error on the scaled target."""

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..base import Column, Schema, UnitDataset
-from ..common import grouped_windows, windowed_arrays
+from ..common import grouped_windows
 from .source import FEATURES, LABEL, NUM_CLASSES, RUN, TIME, reference_stats
 
 SCHEMA = Schema(
@@ -37,7 +37,7 @@ def to_windows(
     gap in ``t``. Raises ``ValueError`` when no run is long enough for one window.
     """
     mean, std = reference_stats()
-    x, y = windowed_arrays(df, RUN, TIME, FEATURES, LABEL, window, stride, mean, std)
+    x, y, _ = grouped_windows(df, RUN, TIME, FEATURES, LABEL, window, stride, mean, std)
     if len(x) == 0:
         raise ValueError(
             f"no run_id holds {window} consecutive samples; the frame yields no window"

@@ -40,7 +40,6 @@ centralised random forest on single samples reaches macro-F1 about 0.64 over all
 
 from __future__ import annotations
 
-import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
@@ -48,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from ..base import FederatedData, PartitionConfig
+from ..common import package_folder
 from ..partition import (
     STREAM_PARTITION,
     STREAM_SIZES,
@@ -88,13 +88,11 @@ CITATION = (
 
 def data_dir() -> Path:
     """Folder holding the ``dXX.dat`` files inside the installed ``bibmon`` package."""
-    spec = importlib.util.find_spec("bibmon")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(
-            "the Tennessee Eastman data needs the package bibmon==1.2.0 "
-            "(pip install --no-deps bibmon==1.2.0)"
-        )
-    folder = Path(next(iter(spec.submodule_search_locations))) / "tennessee_eastman"
+    folder = package_folder(
+        "bibmon",
+        "the Tennessee Eastman data needs the package bibmon==1.2.0 "
+        "(pip install --no-deps bibmon==1.2.0)",
+    ) / "tennessee_eastman"
     if not folder.is_dir():
         raise RuntimeError(f"bibmon is installed but has no tennessee_eastman folder at {folder}")
     return folder

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
 
-from ..base import FederatedData, PartitionConfig, PrivacyUnit, StandardTask
+from ..base import FederatedData, PartitionConfig, PrivacyUnit, WindowedTask
 from . import source
 from .dataset import DEFAULT_WINDOW, SCHEMA, to_run_units, to_windows
 from .loss import build_loss
@@ -15,11 +13,11 @@ from .metrics import classification_metrics, macro_f1
 from .model import build_model
 
 
-class TEPFaultTask(StandardTask):
+class TEPFaultTask(WindowedTask):
     """Fault diagnosis (normal + faults 1-21) from windows of the 52 TEP process variables.
 
     Args:
-        window: consecutive samples per input window (3 minutes apart).
+        window: consecutive samples per input window (3 minutes apart; 5 by default).
         stride: step between window starts in :meth:`to_dataset` (evaluation sets); training
             sets follow the privacy unit (:meth:`to_train_dataset`).
 
@@ -49,27 +47,14 @@ class TEPFaultTask(StandardTask):
         ),
     )
 
-    def __init__(self, window: int = DEFAULT_WINDOW, stride: int = 1) -> None:
-        self.window = int(window)
-        self.stride = int(stride)
+    default_window = DEFAULT_WINDOW
+    windows = staticmethod(to_windows)
+    recording_units = staticmethod(to_run_units)
+    network = staticmethod(build_model)
 
     def generate(self, num_factories: int, seed: int, partition: PartitionConfig) -> FederatedData:
         """Real TEP runs split into factories; see :mod:`standard_models.tep_fault.source`."""
         return source.generate(num_factories, seed, partition)
-
-    def to_dataset(self, df: pd.DataFrame) -> TensorDataset:
-        """Flattened, standardised windows and the fault label of each window's last sample."""
-        return to_windows(df, self.window, self.stride)
-
-    def _unit_dataset(self, df: pd.DataFrame, unit: str) -> Dataset:
-        """Non-overlapping windows (``window``) or every window grouped by run (``run``)."""
-        if unit == "run":
-            return to_run_units(df, self.window)
-        return to_windows(df, self.window, stride=self.window)
-
-    def build_model(self) -> nn.Module:
-        """A fresh MLP over one window."""
-        return build_model(self.window)
 
     def loss_fn(self) -> nn.Module:
         """Mean cross-entropy."""
