@@ -383,9 +383,13 @@ def node_config_text(factory_id: str, data_path: str, ledger_path: str) -> str:
         f"factory-id = {toml_string(factory_id)}\n"
         f"data-path = {toml_string(data_path)}\n"
         f"ledger-path = {toml_string(ledger_path)}\n"
-        "# Optional: this factory's own privacy budget (else the federation's):\n"
+        "# This factory's privacy policy (the server can ask for more privacy, never less);\n"
+        "# unset keys take the defaults shown:\n"
         "# epsilon-budget = 8.0\n"
         "# delta = 1e-5\n"
+        '# accountant = "rdp"\n'
+        "# Optional limits: min-noise-multiplier, max-round-epsilon, min-grad-norm,\n"
+        '# max-grad-norm, and privacy-unit (a unit coarser than the task\'s, e.g. "machine").\n'
     )
 
 

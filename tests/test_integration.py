@@ -130,7 +130,12 @@ def test_federation_end_to_end(tmp_path):
     with torch.no_grad():  # the registered model is the final global model
         assert torch.allclose(exported(x), model(x), atol=1e-5)
     assert (tmp_path / "out" / "checkpoints" / "round_0002.pt").exists()
-    assert summary["test"][summary["main_metric"]] >= 0
+    # The federation learned: the final model beats the untrained one (round 0) on the
+    # validation set, and on the test set too.
+    main = summary["main_metric"]
+    assert summary["rounds"][0]["round"] == 0
+    assert summary["rounds"][-1][main] > summary["rounds"][0][main]
+    assert summary["test"][main] > summary["rounds"][0][main]
     # The SuperLink and every worker it started are gone (killed ones may take a moment to exit).
     deadline = time.monotonic() + 10
     while _processes_in(tmp_path / "out" / ".flwr") and time.monotonic() < deadline:
