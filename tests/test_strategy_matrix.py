@@ -98,10 +98,9 @@ def _check_same(inprocess: dict, simulated: dict) -> None:
     # Payouts are whole cents split from the contributions: a contribution that differs in its
     # 7th digit may move one cent between factories, never the total.
     assert inprocess["payout_cumulative"] == pytest.approx(simulated["payout_cumulative"], abs=1)
-    assert (
-        sum(inprocess["payout_cumulative"].values()) + inprocess["reward_carry"]
-        == sum(simulated["payout_cumulative"].values()) + simulated["reward_carry"]
-    )
+    assert sum(inprocess["payout_cumulative"].values()) + (inprocess["reward_carry"] or 0) == sum(
+        simulated["payout_cumulative"].values()
+    ) + (simulated["reward_carry"] or 0)
 
 
 @pytest.mark.timeout(600)
