@@ -3,10 +3,11 @@
 Every cell is one whole federation through the project's own server and client code
 (:func:`fl_server.server_app.run_federation` and the factories' ClientApp, in one process via
 :mod:`experiments.inprocess`), composed from ``conf/`` with ``strategy=<s> attack=<a>
-attack.num_malicious=<k> federation.num_factories=10 federation.num_rounds=<R>`` and
-``contribution=none`` (scoring is not what is measured and costs time). Factory DP-SGD stays
-on (``privacy=dp``, epsilon 8): the defences are measured on the updates a factory really
-sends, noise included. The score is the final global model's main metric on the held-out test
+attack.num_malicious=<k> federation.num_factories=10 federation.num_rounds=<R>`` on the
+product's defaults: contribution scoring (GTG-Shapley) and end-of-run rewards stay on, as in
+``python -m experiments.run``, so the attackers face the federation a user runs. Factory
+DP-SGD stays on (``privacy=dp``, epsilon 8): the defences are measured on the updates a factory
+really sends, noise included. The score is the final global model's main metric on the held-out test
 set (``tep_fault``: macro-F1; ``molding_quality``: PR-AUC), next to the same strategy's clean
 run (k = 0), and the change in points (100 x (attacked - clean); negative is a drop).
 

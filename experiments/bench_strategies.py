@@ -4,8 +4,9 @@ Every strategy of ``conf/strategy`` runs a whole federation (10 factories, no at
 DP-SGD at the conf's epsilon 8) on Dirichlet label-skew splits of the same task,
 ``partition=dirichlet partition.alpha=<alpha>`` (0.1: most factories see a few classes; 10:
 nearly IID; the conf's quantity skew 0.5 also varies factory sizes), through the project's own
-server and client code in one process (:mod:`experiments.inprocess`), with
-``contribution=none``.
+server and client code in one process (:mod:`experiments.inprocess`), with the product's
+defaults: contribution scoring (GTG-Shapley) and end-of-run rewards on, as
+``python -m experiments.run`` runs.
 
 Reported per task, alpha and strategy:
 

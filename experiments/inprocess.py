@@ -400,10 +400,12 @@ def unchanged_rounds(summary: dict) -> list[int]:
 class BenchRunner:
     """Many in-process federations for a benchmark, sharing one scratch MLflow store.
 
-    Every run composes ``conf/`` with the benchmark's overrides plus what a benchmark never
-    measures: ``contribution=none`` (Shapley scoring is not measured here and costs time),
-    ``tracking.register_model=false``, MLflow in ``<workdir>/mlflow.db`` (artifacts beside
-    it) and the run's folder in ``<workdir>/runs/<name>``. Data lives in ``data_root`` and is
+    Every run composes ``conf/`` with the benchmark's overrides on the product's defaults:
+    contribution scoring and rewards stay on (a benchmark about turning them off says so in
+    its overrides, e.g. ``contribution=none``), so a benchmark measures the federation a user
+    runs. Only what a benchmark never looks at is changed: ``tracking.register_model=false``,
+    MLflow in ``<workdir>/mlflow.db`` (artifacts beside it) and the run's folder in
+    ``<workdir>/runs/<name>``. Data lives in ``data_root`` and is
     reused between benchmarks (its folders are named by their parameters). Noise plans are
     memoized across runs (:func:`memoized_noise_planning`) unless ``memoize_noise`` is false.
     Use it as a context manager.
@@ -436,7 +438,6 @@ class BenchRunner:
         """The finalised config of run ``name`` (``overrides`` come last and win)."""
         cfg = compose_config(
             [
-                "contribution=none",
                 "tracking.register_model=false",
                 f"tracking.uri=sqlite:///{self.workdir / 'mlflow.db'}",
                 f"tracking.artifact_root={self.workdir / 'mlartifacts'}",

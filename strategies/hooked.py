@@ -264,6 +264,9 @@ class FactoryFedStrategy(Strategy):
                     outcome.status,
                     outcome.reason,
                 )
+        # Factory order, not arrival order: scores and sums must not depend on who answered first.
+        ranked = sorted(zip(accepted_ids, accepted, strict=True), key=lambda pair: pair[0])
+        accepted_ids, accepted = [fid for fid, _ in ranked], [msg for _, msg in ranked]
         epsilons = {
             fid: o.metrics[EPSILON] for fid, o in report.outcomes.items() if EPSILON in o.metrics
         }

@@ -49,7 +49,7 @@ class _Runner:
 
 
 def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
-    from experiments import benchkit
+    import experiments.benchkit as benchkit
     from experiments.benchkit import run_recorded
 
     summary = {
@@ -67,10 +67,27 @@ def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
     assert record["unchanged_rounds"] == []  # round 1 moved the model
     assert "error" not in record
 
-    # A failed cell records how long it ran before failing: the clock read around the run.
+    # A failed cell is timed from its start to the failure (the clock is read twice).
     clock = iter([100.0, 103.25])
     monkeypatch.setattr(benchkit, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     failed = {"task": "tep"}
     assert run_recorded(_Runner(), ["task=tep"], "cell", failed) is None
-    assert failed["error"] == "RuntimeError: Krum needs more replies"
-    assert failed["seconds"] == 3.25 and "test" not in failed
+    assert failed == {
+        "task": "tep",
+        "error": "RuntimeError: Krum needs more replies",
+        "seconds": 3.25,
+    }
+
+
+def test_benchmark_runs_keep_the_products_scoring_and_rewards(tmp_path):
+    """A benchmark measures the federation a user runs: GTG scoring and rewards stay on."""
+    from experiments.inprocess import BenchRunner
+    from fl_server.config import compose_config
+
+    product = compose_config([])
+    cfg = BenchRunner(tmp_path, tmp_path / "data").config(["strategy=fedmedian"], "cell")
+    assert cfg.contribution == product.contribution and cfg.contribution.method == "gtg"
+    assert cfg.rewards == product.rewards
+    assert cfg.strategy.name == "fedmedian" and cfg.output_dir == str(tmp_path / "runs" / "cell")
+    off = BenchRunner(tmp_path, tmp_path / "data").config(["contribution=none"], "off")
+    assert off.contribution.method == "none"  # a benchmark about turning it off can
