@@ -10,8 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, ConfigRecord
 from omegaconf import OmegaConf
 from round_helpers import run_round
 from tiny_task import TinyTask as BaseTinyTask
@@ -404,27 +403,9 @@ def test_update_attacks_poison_the_trained_weights(tmp_path: Path, dp: bool) -> 
 
 
 @pytest.fixture
-def as_node(monkeypatch: pytest.MonkeyPatch):
+def as_node(train_as_node):
     """Build a train message from the server and answer it as node 5 (Flower's identities)."""
-    from fl_client import client_app
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
-
-    def call(config: dict, arrays: ArrayRecord, node_config: dict) -> Message:
-        monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-        msg = Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
-            dst_node_id=5,
-            message_type="train",
-        )
-        monkeypatch.setattr(TaskIdentity, "_node_id", 5, raising=False)
-        context = Context(
-            run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={}
-        )
-        return client_app.train(msg, context)
-
-    return call
+    return train_as_node
 
 
 def _molding_frame(n: int, seed: int) -> pd.DataFrame:

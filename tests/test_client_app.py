@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ArrayRecord, Message
 from mlflow.tracking import MlflowClient
 
 from fl_client.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
@@ -34,27 +33,13 @@ BUDGET = 3.0
 
 
 @pytest.fixture
-def as_node(monkeypatch: pytest.MonkeyPatch):
+def as_node(train_as_node):
     """Answer a train message as node 5, as Flower's runtime would call the ClientApp."""
-    from fl_client import client_app
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
 
     def call(config: dict, node_config: dict) -> Message:
         torch.manual_seed(0)
         arrays = ArrayRecord(get_task("molding_quality").build_model().state_dict())
-        monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-        msg = Message(
-            RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
-            dst_node_id=5,
-            message_type="train",
-        )
-        monkeypatch.setattr(TaskIdentity, "_node_id", 5, raising=False)
-        context = Context(
-            run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={}
-        )
-        return client_app.train(msg, context)
+        return train_as_node(config, arrays, node_config)
 
     return call
 
