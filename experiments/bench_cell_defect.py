@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from experiments.bench_tep import train_baseline
+from experiments.benchkit import scratch_run_overrides
 from experiments.inprocess import run_inprocess
 from experiments.run import run_simulation
 from fl_client.training import LocalTrainConfig, train_local
@@ -107,13 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         common = [
-            f"task={TASK}",
-            f"federation.num_factories={args.factories}",
-            f"federation.num_rounds={args.rounds}",
-            f"seed={args.seed}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"tracking.artifact_root={tmp / 'artifacts'}",
-            "tracking.register_model=false",
+            *scratch_run_overrides(tmp, TASK, args.factories, args.rounds, args.seed),
             *args.overrides,
         ]
         variants = [("federated, no DP", ["privacy=none"])]

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import ConcatDataset, Dataset
 
+from experiments.benchkit import scratch_run_overrides
 from experiments.run import run_simulation
 from fl_client.training import LocalTrainConfig, train_local
 from fl_server.config import compose_config, finalize
@@ -114,15 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[tuple[str, float, str, str, float]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        common = [
-            "task=tep_fault",
-            f"federation.num_factories={args.factories}",
-            f"federation.num_rounds={args.rounds}",
-            f"seed={args.seed}",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            f"tracking.artifact_root={tmp / 'artifacts'}",
-            "tracking.register_model=false",
-        ]
+        common = scratch_run_overrides(tmp, "tep_fault", args.factories, args.rounds, args.seed)
         variants = [(f"federated, DP eps={e:g}", [f"privacy.epsilon={e}"]) for e in args.epsilons]
         variants.append(("federated, no DP", ["privacy=none"]))
         cfg = None

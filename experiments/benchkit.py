@@ -112,3 +112,19 @@ def run_recorded(
         seconds=summary["wall_seconds"],
     )
     return summary, cfg
+
+
+def scratch_run_overrides(
+    workdir: Path, task: str, factories: int, rounds: int, seed: int
+) -> list[str]:
+    """Overrides of a benchmark's federation: its size and seed, an MLflow store in the
+    scratch folder ``workdir`` and no model registration (benchmarks compare, they don't ship)."""
+    return [
+        f"task={task}",
+        f"federation.num_factories={factories}",
+        f"federation.num_rounds={rounds}",
+        f"seed={seed}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"tracking.artifact_root={workdir / 'artifacts'}",
+        "tracking.register_model=false",
+    ]
