@@ -207,8 +207,8 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
         )
     if summary.get("ledger"):
         console.print(
-            f"reward ledger {summary['ledger']} (head {summary['ledger_head'][:16]}...); "
-            "check it with: factoryfed ledger verify <path>",
+            f"reward ledger {summary['ledger']}\n  head {summary['ledger_head']}\n"
+            "  check it with: factoryfed ledger verify <path> --head <head>",
             markup=False,
             highlight=False,
         )
