@@ -97,9 +97,7 @@ def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
                 epsilon_spent=None if eps is None else float(eps),
                 epsilon_left=left,
                 below_minimum=left is not None and left < minimum,
-                rounds=sum(
-                    1 for r in per_round if (r.get("status") or {}).get(fid) == "accepted"
-                ),
+                rounds=sum(1 for r in per_round if (r.get("status") or {}).get(fid) == "accepted"),
                 problems=tuple(
                     f"round {f['round']} {f['status']}: {f['reason']}"
                     for f in failures
@@ -107,9 +105,7 @@ def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
                 ),
             )
         )
-    return sorted(
-        rows, key=lambda r: (-(r.payout_minor or 0), -(r.share or 0.0), r.factory_id)
-    )
+    return sorted(rows, key=lambda r: (-(r.payout_minor or 0), -(r.share or 0.0), r.factory_id))
 
 
 def _cell(text: str) -> str:
@@ -139,8 +135,10 @@ def run_description(
 ) -> str:
     """The run's description (MLflow's ``mlflow.note.content``), as markdown.
 
-    Leads with what an operator asks first (did it train, how good is it, who was paid what,
-    who is out of privacy budget), then a per-factory table. ``failure`` says why a run that
+    Leads with what an operator asks first: did it train and how good is it (one line), then
+    who was paid what and who is out of privacy budget (the per-factory table, before
+    anything else, since MLflow shows only the description's first lines until "Show more"),
+    then the run's settings. ``failure`` says why a run that
     did not finish failed. Past ``max_factories`` rows the table stops and says how many more
     there are (``summary.json`` has them all).
     """
@@ -151,7 +149,7 @@ def run_description(
     privacy = summary.get("privacy") or {}
     currency = str(summary.get("reward_currency") or "")
     rows = factory_rows(summary)
-    lines = [f"## {summary.get('run_name', 'factoryfed run')}", ""]
+    lines: list[str] = []
     if failure:
         lines += [f"**FAILED: {failure}**", ""]
     if privacy.get("enabled"):
@@ -164,37 +162,20 @@ def run_description(
         dp = "no sample-level DP"
     val = rounds[-1].get(metric) if rounds else None
     test = (summary.get("test") or {}).get(metric)
+    paid = sum((summary.get("payout_cumulative") or {}).values())
     lines += [
-        f"**Task** {summary.get('task')} · **strategy** {summary.get('strategy')} · "
-        f"**privacy** {dp}",
-        "",
-        f"**Rounds** {len(counts)} trained · **accepted updates** {accepted} · "
-        f"**final {metric}** validation {_num(val, '.4f')}, test {_num(test, '.4f')}",
+        f"**final {metric}** validation {_num(val, '.4f')}, test {_num(test, '.4f')} · "
+        f"**rounds** {len(counts)} · **accepted updates** {accepted}"
+        + (f" · **paid** {money(paid, currency)}" if currency and paid else ""),
         "",
     ]
-    low = [r.factory_id for r in rows if r.below_minimum]
-    if low:
-        lines += [
-            f"**{len(low)} of {len(rows)} factories have less epsilon left than "
-            f"privacy.min_run_epsilon ({privacy.get('min_run_epsilon', 0):g}): they will "
-            "decline the next run.**",
-            "",
-        ]
-    problems = sum(len(r.problems) for r in rows)
-    lines += [
-        f"Rejected, declined or failed replies: {problems or 'none'} "
-        "(details in `failures.json`). Plots in `plots/`, statements in "
-        "`rewards/statements/`.",
-        "",
-    ]
-    if not rows:
-        return "\n".join(lines)
     budget = privacy.get("epsilon") if privacy.get("enabled") else None
-    lines += [
-        f"| factory | share | payout | epsilon spent | epsilon left"
-        f"{f' of {budget:g}' if budget is not None else ''} | rounds | rejected / failed |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
+    if rows:
+        lines += [
+            f"| factory | contribution share | payout | epsilon spent | epsilon left"
+            f"{f' of {budget:g}' if budget is not None else ''} | rounds | rejected / failed |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
     for r in rows[:max_factories]:
         left = _num(r.epsilon_left, ".3f")
         if r.below_minimum:
@@ -216,10 +197,35 @@ def run_description(
         )
     if len(rows) > max_factories:
         lines.append(f"\n... and {len(rows) - max_factories} more factories (see summary.json)")
+    low = [r.factory_id for r in rows if r.below_minimum]
+    lines.append("")
+    if low:
+        lines += [
+            f"**{len(low)} of {len(rows)} factories have less epsilon left than "
+            f"privacy.min_run_epsilon ({privacy.get('min_run_epsilon', 0):g}): they will "
+            "decline the next run.**",
+            "",
+        ]
+    problems = sum(len(r.problems) for r in rows)
+    lines += [
+        f"**Task** {summary.get('task')} · **strategy** {summary.get('strategy')} · "
+        f"**contribution** {summary.get('contribution', '-')} · **privacy** {dp}",
+        "",
+        f"Rejected, declined or failed replies: {problems or 'none'} "
+        "(details in `failures.json`). Plots in `plots/`, statements in "
+        "`rewards/statements/`.",
+    ]
     return "\n".join(lines)
 
 
 # -- plots -------------------------------------------------------------------------------------
+def _integer_rounds(ax: Any) -> None:
+    """Round numbers on the x axis: whole numbers only."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _figure(width: float = 8.0, height: float = 4.5) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -251,6 +257,7 @@ def plot_global_metric(summary: Mapping[str, Any]) -> Figure:
         ax.scatter([xs[-1]], [test], marker="*", s=200, color="tab:red", zorder=3,
                    label=f"test {metric} = {test:.4f}")  # fmt: skip
     ax.set_xlabel("round (0 = initial model)")
+    _integer_rounds(ax)
     ax.set_ylabel(metric)
     ax.set_title(f"Global model: {metric} by round ({summary.get('task')})")
     ax.grid(alpha=0.3)
@@ -358,6 +365,7 @@ def plot_epsilon(summary: Mapping[str, Any]) -> Figure:
                        label=f"declines next run above {budget - minimum:g}")  # fmt: skip
     unit = privacy.get("unit") or "record"
     ax.set_xlabel("round")
+    _integer_rounds(ax)
     ax.set_ylabel(f"epsilon spent (per {unit}, cumulative)")
     ax.set_title("Privacy spent per factory")
     ax.set_ylim(bottom=0)
@@ -380,6 +388,7 @@ def plot_outcomes(summary: Mapping[str, Any]) -> Figure:
         ax.bar(xs, ys, bottom=bottom, color=colors[kind], label=kind)
         bottom = [b + y for b, y in zip(bottom, ys, strict=True)]
     ax.set_xlabel("round")
+    _integer_rounds(ax)
     ax.set_ylabel("factories")
     ax.set_title("Replies per round")
     ax.legend(loc="lower right", fontsize=8)
@@ -438,11 +447,18 @@ def synthetic_summary(num_factories: int, num_rounds: int = 10, seed: int = 0) -
         "strategy": "fedavg",
         "contribution": "gtg",
         "main_metric": "macro_f1",
-        "rounds": [{"round": r, "macro_f1": 0.05 + 0.5 * (1 - math.exp(-r / 3))}
-                   for r in range(num_rounds + 1)],  # fmt: skip
+        "rounds": [
+            {"round": r, "macro_f1": 0.05 + 0.5 * (1 - math.exp(-r / 3))}
+            for r in range(num_rounds + 1)
+        ],  # fmt: skip
         "test": {"macro_f1": 0.52},
-        "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-5, "unit": "window",
-                    "min_run_epsilon": 0.1},  # fmt: skip
+        "privacy": {
+            "enabled": True,
+            "epsilon": 8.0,
+            "delta": 1e-5,
+            "unit": "window",
+            "min_run_epsilon": 0.1,
+        },  # fmt: skip
         "reward_currency": "EUR",
         "contribution_cumulative": cumulative,
         "payout_cumulative": {

@@ -58,8 +58,12 @@ def _summary() -> dict:
             },
             {
                 "round": 2,
-                "status": {"f0": "accepted", "f1": "rejected", "f2": "data-error",
-                           "f3": "declined"},  # fmt: skip
+                "status": {
+                    "f0": "accepted",
+                    "f1": "rejected",
+                    "f2": "data-error",
+                    "f3": "declined",
+                },  # fmt: skip
                 "epsilon": {"f0": 7.95, "f1": 4.0, "f2": 4.0, "f3": 2.0},
                 "contribution": {"f0": 0.3},
             },
@@ -93,7 +97,13 @@ def test_outcome_counts_per_round() -> None:
 
 def test_description_answers_the_operators_questions() -> None:
     text = run_description(_summary())
-    assert text.startswith("## tep-fedavg-eps8-s0")
+    lines = text.splitlines()
+    # what MLflow shows before "Show more": the outcome line, then the table at once
+    assert lines[0] == (
+        "**final macro_f1** validation 0.4800, test 0.4567 · **rounds** 2 · "
+        "**accepted updates** 5 · **paid** EUR 1,000.00"
+    )
+    assert lines[2].startswith("| factory | contribution share | payout |")
     assert "epsilon 8 per window, delta 1e-05" in text
     assert "**accepted updates** 5" in text
     assert "validation 0.4800, test 0.4567" in text
@@ -117,7 +127,7 @@ def test_description_of_a_failed_run_and_without_dp_or_rewards() -> None:
         "factory_rounds": [{"round": 1, "status": {"f0": "declined"}}],
     }
     text = run_description(summary, failure="NothingTrained: no round accepted an update")
-    assert "**FAILED: NothingTrained: no round accepted an update**" in text
+    assert text.startswith("**FAILED: NothingTrained: no round accepted an update**")
     assert "no sample-level DP" in text and "**accepted updates** 0" in text
     assert "| f0 | - | - | - | - | 0 | round 1 declined: x |" in text
 

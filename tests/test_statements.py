@@ -11,8 +11,7 @@ from ledger_helpers import RUN, play, record_run, tamper
 
 from fl_server.cli import main
 from fl_server.rewards.allocation import RewardBook
-from fl_server.rewards.ledger import RewardLedger
-from fl_server.rewards.ledger import audit_ledger
+from fl_server.rewards.ledger import RewardLedger, audit_ledger
 from fl_server.rewards.statements import factory_statement, statement_stem, statement_title
 
 
@@ -124,7 +123,9 @@ def test_statement_states_share_epsilon_left_run_and_date(recorded) -> None:
     )
     assert totals["epsilon_spent"] == 1.25 and totals["epsilon_left"] == 6.75
     title = statement_title(doc)
-    assert title.startswith(f"Reward statement for f2: CHF {book.cumulative_payout['f2'] / 100:,.2f}")
+    assert title.startswith(
+        f"Reward statement for f2: CHF {book.cumulative_payout['f2'] / 100:,.2f}"
+    )
     assert "run molding-fedavg (2026-11-30); 3 rounds paid" in title
     assert "epsilon 1.250 per shot, 6.750 left of 8" in title
 

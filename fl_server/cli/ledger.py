@@ -54,9 +54,7 @@ def verify(path: str, head: str | None) -> int:
     metavar="CODE",
     help="the run's rewards.currency (the ledger stores minor units, not the currency)",
 )
-def statement(
-    factory: str, ledger_path: str, out: str, run_id: str | None, currency: str
-) -> int:
+def statement(factory: str, ledger_path: str, out: str, run_id: str | None, currency: str) -> int:
     """Write the statement files; exit 1 when the ledger does not verify (marked unverified)."""
     from fl_server.rewards.ledger import LedgerFileError, audit_ledger
     from fl_server.rewards.statements import export_statement, factory_statement

@@ -533,9 +533,7 @@ def head_prefix(expected_head: str) -> str:
     """
     wanted = expected_head.strip().lower().rstrip(".")
     if not wanted or any(c not in "0123456789abcdef" for c in wanted) or len(wanted) > 64:
-        raise ValueError(
-            f"expected head {expected_head!r} is not a hex hash (up to 64 hex digits)"
-        )
+        raise ValueError(f"expected head {expected_head!r} is not a hex hash (up to 64 hex digits)")
     if len(wanted) < MIN_HEAD_PREFIX:
         raise ValueError(
             f"expected head {expected_head!r} is too short: give at least {MIN_HEAD_PREFIX} "
