@@ -118,3 +118,26 @@ def test_a_run_that_trains_nothing_fails_and_registers_no_model(tmp_path: Path) 
     assert {f["status"] for f in json.loads(Path(failures).read_text())} == {"data-error"}
     assert client.search_registered_models() == []
     assert not (tmp_path / "nothing" / "summary.json").exists()
+
+
+def test_the_printed_summary_quotes_the_full_ledger_head(capsys) -> None:
+    from omegaconf import OmegaConf
+
+    from experiments.run import print_summary
+    from fl_server.report import synthetic_summary
+
+    summary = synthetic_summary(4, 3)
+    head = "ab" * 32
+    summary.update(
+        wall_seconds=3.0,
+        epsilon_budget=8.0,
+        epsilon_client_level=None,
+        ledger="x.sqlite",
+        ledger_head=head,
+        mlflow_run_id="r",
+        tracking_uri="sqlite:///m.db",
+    )
+    print_summary(summary, OmegaConf.create({"tracking": {"artifact_root": "mlartifacts"}}))
+    out = capsys.readouterr().out
+    assert f"head {head}" in out and "--head <head>" in out
+    assert out.count("EUR ") >= 4  # every factory's payout, in currency
