@@ -209,13 +209,13 @@ def statement_title(statement: Mapping[str, Any]) -> str:
     privacy = ""
     if isinstance(eps, float | int):
         unit = f" per {totals['privacy_unit']}" if totals.get("privacy_unit") else ""
-        privacy = f"; privacy spent: epsilon {eps:.3f}{unit}"
+        privacy = f"\nprivacy spent: epsilon {eps:.3f}{unit}"
         if totals.get("epsilon_left") is not None:
             privacy += f", {totals['epsilon_left']:.3f} left of {totals['epsilon_budget']:g}"
     return (
         f"{verified}Reward statement for {statement['factory_id']}: {currency} "
         f"{totals['payout'] / MINOR_PER_MAJOR:,.2f} paid\n"
-        f"run {run}{date}; {totals['rounds']} rounds paid; "
+        f"run {run}{date}; {totals['rounds']} rounds paid\n"
         f"{100 * totals.get('contribution_share', 0.0):.1f} % of the contributions, "
         f"{100 * totals.get('payout_share', 0.0):.1f} % of the payouts{privacy}"
     )
@@ -254,7 +254,7 @@ def export_statement(statement: Mapping[str, Any], out_dir: str | Path) -> dict[
     for entry in entries:
         total += entry["payout"]
         running.append(total / MINOR_PER_MAJOR)
-    figure = Figure(figsize=(max(7.0, 0.35 * len(entries) + 2.0), 5.0), layout="constrained")
+    figure = Figure(figsize=(max(8.0, 0.35 * len(entries) + 2.0), 5.5), layout="constrained")
     FigureCanvasAgg(figure)
     bars = figure.add_subplot()
     bars.bar(positions, [e["contribution"] for e in entries], color="tab:blue", alpha=0.7)
@@ -265,7 +265,7 @@ def export_statement(statement: Mapping[str, Any], out_dir: str | Path) -> dict[
     line = bars.twinx()
     line.plot(positions, running, color="tab:orange", marker="o", markersize=3)
     line.set_ylabel(f"paid so far ({currency})", color="tab:orange")
-    line.set_ylim(bottom=0)
+    line.set_ylim(0, max(running, default=0.0) * 1.15 or 1.0)
     if running:
         line.annotate(f"{currency} {running[-1]:,.2f}", (positions[-1], running[-1]),
                       textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=9,
