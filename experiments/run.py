@@ -180,24 +180,27 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
         table.add_row(str(r["round"]), *[f"{r[k]:.4f}" for k in keys])
     table.add_row("test", *[f"{summary['test'].get(k, float('nan')):.4f}" for k in keys])
     console.print(table)
-    factories = sorted(
-        set(summary["factory_epsilon"]) | set(summary.get("payout_cumulative") or {})
-    )
-    if factories:
-        per = Table(title="per factory: privacy spend, contribution and rewards")
+    from fl_server.report import factory_rows, money
+
+    rows = factory_rows(summary)
+    if rows:
+        currency = str(summary.get("reward_currency") or "")
+        per = Table(title="per factory: contribution, rewards and privacy spend")
         per.add_column("factory")
-        per.add_column(f"epsilon (budget {summary['epsilon_budget']})", justify="right")
         per.add_column(f"contribution ({summary.get('contribution')})", justify="right")
-        per.add_column(f"paid ({summary.get('reward_currency')})", justify="right")
-        contrib = summary.get("contribution_cumulative") or {}
-        paid = summary.get("payout_cumulative") or {}
-        for fid in factories:
-            eps = summary["factory_epsilon"].get(fid)
+        per.add_column("share", justify="right")
+        per.add_column("paid", justify="right")
+        per.add_column("epsilon spent", justify="right")
+        per.add_column(f"left of {summary['epsilon_budget']}", justify="right")
+        for r in rows:
+            left = "-" if r.epsilon_left is None else f"{r.epsilon_left:.3f}"
             per.add_row(
-                fid,
-                "-" if eps is None else f"{eps:.3f}",
-                f"{contrib[fid]:+.4f}" if fid in contrib else "-",
-                f"{paid[fid] / 100:.2f}" if fid in paid else "-",
+                r.factory_id,
+                "-" if r.contribution is None else f"{r.contribution:+.4f}",
+                "-" if r.share is None else f"{100 * r.share:.1f} %",
+                "-" if r.payout_minor is None else money(r.payout_minor, currency),
+                "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.3f}",
+                left + (" (declines next run)" if r.below_minimum else ""),
             )
         console.print(per)
     if summary.get("epsilon_client_level") is not None:
@@ -207,8 +210,8 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
         )
     if summary.get("ledger"):
         console.print(
-            f"reward ledger {summary['ledger']} (head {summary['ledger_head'][:16]}...); "
-            "check it with: factoryfed ledger verify <path>",
+            f"reward ledger {summary['ledger']}\n  head {summary['ledger_head']}\n"
+            "  check it with: factoryfed ledger verify <path> --head <head>",
             markup=False,
             highlight=False,
         )

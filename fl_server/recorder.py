@@ -10,7 +10,9 @@ receives both and owns everything written about the round:
 * the payout: the round is settled once through the :class:`~fl_server.rewards.desk.PayoutDesk`
   and the ledger is logged as an artifact with its head as the ``ledger_head`` tag;
 * ``failures.json`` (every failed or refused reply of the run so far), re-logged whenever a
-  round adds one;
+  round adds one and always at the end of the run (an empty list: none);
+* the per-factory history of the run (status, epsilon, contribution per round) that the run's
+  description and plots are drawn from (:mod:`fl_server.report`);
 * the checkpoint of the global model and the run state a restarted server resumes from;
 * the progress line in the server log.
 
@@ -21,7 +23,7 @@ MLflow is reached through the tracker's methods only (``log_metrics``, ``log_dic
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +31,18 @@ from typing import Any, Protocol
 import torch
 from flwr.common import log
 
-from fl_common.protocol import ACCEPTED, DATA_ERROR, DECLINED, ERROR, NUM_EXAMPLES, REJECTED
+from fl_common.protocol import (
+    ACCEPTED,
+    DATA_ERROR,
+    DECLINED,
+    DELTA,
+    DP,
+    EPSILON,
+    ERROR,
+    MALICIOUS,
+    NUM_EXAMPLES,
+    REJECTED,
+)
 from fl_server.checkpoint import save_checkpoint, save_run_state
 from fl_server.rewards.desk import PayoutDesk
 from fl_server.rewards.ledger import LedgerEntry
@@ -38,6 +51,13 @@ from strategies.reports import RoundRecord, RoundReport
 
 #: Reply metric names that MLflow shows under another name (Flower's dashed convention).
 _RENAMES = {NUM_EXAMPLES: "num_examples"}
+#: Reply metrics that are constant over a run (the run's params say them): not charted.
+_CONSTANT = {DELTA, DP}
+#: The operator's pinned health metrics. MLflow's UI draws one section per name prefix, in
+#: name order: ``dashboard/`` sorts before ``factory/``, ``server/`` and ``test/``.
+HEALTH_PREFIX = "dashboard/"
+#: Minor units (cents) per major unit of the reward currency.
+MINOR_PER_MAJOR = 100
 FAILURES_ARTIFACT = "failures.json"
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -68,11 +88,16 @@ def final_test_metrics(scores: Mapping[str, float]) -> dict[str, float]:
     return {f"test/{k}": float(v) for k, v in scores.items()}
 
 
-def factory_metrics(report: RoundReport, known_factories: Iterable[str]) -> dict[str, float]:
+def factory_metrics(
+    report: RoundReport, known_factories: Iterable[str], epsilon_budget: float | None = None
+) -> dict[str, float]:
     """Per-factory metrics named ``factory/<id>/<metric>`` for every known factory.
 
     A factory that did not answer this round still gets ``participated = 0`` so gaps are
-    visible on the operator's charts rather than silently missing.
+    visible on the operator's charts rather than silently missing. Reply metrics that are
+    constant over a run (``delta``, ``dp``) are params, not charts; ``malicious`` is charted
+    only for a factory that attacked. With an ``epsilon_budget``, a factory that reported its
+    spend also gets ``epsilon_remaining`` (the budget left, never below 0).
     """
     out: dict[str, float] = {}
     for factory_id in sorted(set(known_factories) | set(report.outcomes)):
@@ -85,16 +110,47 @@ def factory_metrics(report: RoundReport, known_factories: Iterable[str]) -> dict
         out[prefix + "failed"] = 1.0 if status in (DATA_ERROR, ERROR) else 0.0
         if outcome:
             for name, value in outcome.metrics.items():
+                if name in _CONSTANT or (name == MALICIOUS and not value):
+                    continue
                 out[prefix + _RENAMES.get(name, name)] = float(value)
+            if epsilon_budget is not None and EPSILON in outcome.metrics:
+                left = float(epsilon_budget) - float(outcome.metrics[EPSILON])
+                out[prefix + "epsilon_remaining"] = max(left, 0.0)
     return out
 
 
+def outcome_counts(report: RoundReport) -> dict[str, float]:
+    """``server/{accepted,rejected,declined,failed}``: how many replies ended each way."""
+    statuses = [o.status for o in report.outcomes.values()]
+    return {
+        "server/accepted": float(statuses.count(ACCEPTED)),
+        "server/rejected": float(statuses.count(REJECTED)),
+        "server/declined": float(statuses.count(DECLINED)),
+        "server/failed": float(sum(s in (DATA_ERROR, ERROR) for s in statuses)),
+    }
+
+
+def health_metrics(metrics: Mapping[str, float], main_metric: str) -> dict[str, float]:
+    """The few numbers an operator pins, copied under :data:`HEALTH_PREFIX` (sorted first):
+    accepted updates, the main metric, the largest epsilon reported, the round's seconds."""
+    wanted = {
+        "accepted": "server/accepted",
+        main_metric: f"server/{main_metric}",
+        "epsilon_max": "server/epsilon_max",
+        "round_seconds": "server/round_seconds",
+    }
+    return {HEALTH_PREFIX + k: metrics[v] for k, v in wanted.items() if v in metrics}
+
+
 def round_metrics(
-    record: RoundRecord, known_factories: Iterable[str], round_seconds: float
+    record: RoundRecord,
+    known_factories: Iterable[str],
+    round_seconds: float,
+    epsilon_budget: float | None = None,
 ) -> dict[str, float]:
-    """The training round's own metrics: per factory, accepted count, duration, epsilon max."""
-    out = factory_metrics(record.report, known_factories)
-    out["server/accepted"] = float(len(record.report.accepted))
+    """The training round's own metrics: per factory, outcome counts, duration, epsilon max."""
+    out = factory_metrics(record.report, known_factories, epsilon_budget)
+    out.update(outcome_counts(record.report))
     out["server/round_seconds"] = float(round_seconds)
     if record.epsilons:
         out["server/epsilon_max"] = max(record.epsilons.values())
@@ -116,17 +172,21 @@ def contribution_metrics(contribution: RoundContribution) -> dict[str, float]:
 def payout_metrics(
     entries: Iterable[LedgerEntry], total_paid: float, carry: float
 ) -> dict[str, float]:
-    """``factory/<id>/{contribution_cumulative,payout,payout_cumulative}`` and the totals."""
+    """``factory/<id>/{contribution_cumulative,payout,payout_cumulative}`` and the totals.
+
+    Amounts are in major currency units (the ledger's cents / 100); the currency is the run's
+    ``reward_currency`` tag.
+    """
     entries = list(entries)
     out: dict[str, float] = {}
     for e in entries:
         prefix = f"factory/{e.factory_id}/"
         out[prefix + "contribution_cumulative"] = e.cumulative_score
-        out[prefix + "payout"] = float(e.payout)
-        out[prefix + "payout_cumulative"] = float(e.cumulative_payout)
-    out["server/payout_round"] = float(sum(e.payout for e in entries))
-    out["server/payout_total"] = float(total_paid)
-    out["server/reward_carry"] = float(carry)
+        out[prefix + "payout"] = e.payout / MINOR_PER_MAJOR
+        out[prefix + "payout_cumulative"] = e.cumulative_payout / MINOR_PER_MAJOR
+    out["server/payout_round"] = sum(e.payout for e in entries) / MINOR_PER_MAJOR
+    out["server/payout_total"] = float(total_paid) / MINOR_PER_MAJOR
+    out["server/reward_carry"] = float(carry) / MINOR_PER_MAJOR
     return out
 
 
@@ -146,6 +206,12 @@ class RoundRecorder:
     history, failures : what a resumed run had recorded before (empty for a new run).
     resumed_round : the round of the checkpoint a resumed run starts from; its evaluation was
         recorded before the restart and is not recorded again.
+    epsilon_budget : the federation's sample-level epsilon budget (None without DP), for each
+        factory's ``epsilon_remaining``.
+    factory_rounds : the per-factory history a resumed run had recorded (see
+        :meth:`factory_round`).
+    on_round : called with the round number after each round is written (the run's
+        description is refreshed there).
     """
 
     def __init__(
@@ -160,6 +226,9 @@ class RoundRecorder:
         history: list[dict] | None = None,
         failures: list[dict] | None = None,
         resumed_round: int | None = None,
+        epsilon_budget: float | None = None,
+        factory_rounds: list[dict] | None = None,
+        on_round: Callable[[int], None] | None = None,
     ) -> None:
         self.tracker = tracker
         self.out_dir = Path(out_dir)
@@ -171,6 +240,10 @@ class RoundRecorder:
         self.history: list[dict] = list(history or [])
         self.failures: list[dict] = list(failures or [])
         self.resumed_round = resumed_round
+        self.epsilon_budget = epsilon_budget
+        #: Per training round: every factory's status, reported epsilon and contribution.
+        self.factory_rounds: list[dict] = list(factory_rounds or [])
+        self.on_round = on_round
         #: Every factory seen in this process, so each round names all of them in MLflow.
         self.known_factories: set[str] = set()
         #: Each factory's last reported cumulative epsilon (the summary's ``factory_epsilon``).
@@ -208,12 +281,16 @@ class RoundRecorder:
             metrics["server/epsilon_client_level"] = self.budget.epsilon(server_round)
         if record is not None:
             seconds = time.monotonic() - self._round_start
-            metrics.update(round_metrics(record, self.known_factories, seconds))
+            metrics.update(
+                round_metrics(record, self.known_factories, seconds, self.epsilon_budget)
+            )
             self._record_failures(record.report)
+            self.factory_rounds.append(self.factory_round(record))
             if record.contribution is not None:
                 metrics.update(contribution_metrics(record.contribution))
             if self.desk is not None:
                 metrics.update(self._settle(record))
+        metrics.update(health_metrics(metrics, self.main_metric))
         self.tracker.log_metrics(server_round, metrics)
         save_checkpoint(
             self.out_dir / CHECKPOINTS_DIR,
@@ -233,13 +310,45 @@ class RoundRecorder:
             scores["loss"],
             record.report.summary_line() if record else "initial model",
         )
+        if self.on_round is not None:
+            self.on_round(server_round)
         self._round_start = time.monotonic()
+
+    @staticmethod
+    def factory_round(record: RoundRecord) -> dict:
+        """One round of the per-factory history: ``{"round", "status", "epsilon",
+        "contribution"}``, each a ``{factory: value}`` map (plain JSON)."""
+        return {
+            "round": record.server_round,
+            "status": {f: o.status for f, o in sorted(record.report.outcomes.items())},
+            "epsilon": {f: float(v) for f, v in sorted(record.epsilons.items())},
+            "contribution": (
+                {f: float(v) for f, v in sorted(record.contribution.scores.items())}
+                if record.contribution is not None
+                else {}
+            ),
+        }
+
+    def log_failures(self) -> None:
+        """Log ``failures.json`` now, even empty: an empty list says that nothing failed."""
+        self.tracker.log_dict(self.failures, FAILURES_ARTIFACT)
+
+    def accepted_updates(self) -> int:
+        """Accepted updates over the run's recorded rounds (0: the run trained nothing)."""
+        return sum(
+            sum(1 for s in r["status"].values() if s == ACCEPTED) for r in self.factory_rounds
+        )
 
     def save_state(self) -> None:
         """Write the run state a restarted server resumes from."""
         save_run_state(
             self.out_dir,
-            {"mlflow_run_id": self.run_id, "history": self.history, "failures": self.failures},
+            {
+                "mlflow_run_id": self.run_id,
+                "history": self.history,
+                "failures": self.failures,
+                "factory_rounds": self.factory_rounds,
+            },
         )
 
     def _record_failures(self, report: RoundReport) -> None:
@@ -254,7 +363,7 @@ class RoundRecorder:
                 }
             )
         if report.failures:
-            self.tracker.log_dict(self.failures, FAILURES_ARTIFACT)
+            self.log_failures()
 
     def _settle(self, record: RoundRecord) -> dict[str, float]:
         """Pay the round once (a round already in the ledger is reported, not paid again)."""

@@ -12,8 +12,11 @@ the model on its test set, logs it and writes ``summary.json``.
 
 from __future__ import annotations
 
+import getpass
 import json
+import tempfile
 import traceback
+from datetime import UTC, datetime
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -30,9 +33,12 @@ from fl_server.checkpoint import load_latest, load_run_state, save_run_state
 from fl_server.config import flat_params, load_from_run_config, malicious_factories
 from fl_server.data import ensure_data
 from fl_server.recorder import RoundRecorder, final_test_metrics
+from fl_server.report import run_description, save_plots
 from fl_server.rewards.desk import LEDGER_FILE, PayoutDesk, reward_policy
+from fl_server.rewards.ledger import audit_ledger
+from fl_server.rewards.statements import export_statement, factory_statement, known_factories
 from fl_server.rundir import server_run_dir_lock
-from fl_server.tracking import MlflowTracker
+from fl_server.tracking import NOTE_TAG, MlflowTracker
 from standard_models.base import StandardTask
 from standard_models.registry import get_task
 from strategies.client_dp import ClientDPBudget, client_dp_budget, wrap_client_dp
@@ -41,6 +47,10 @@ from strategies.hooked import FactoryFedStrategy
 from strategies.validation import ValidationRules
 
 app = ServerApp()
+
+
+class NothingTrained(RuntimeError):
+    """No round of the run accepted a single update: the run produced no trained model."""
 
 
 def train_instruction(cfg: DictConfig, run_id: str) -> TrainInstruction:
@@ -137,6 +147,11 @@ def open_run(
             "task": str(cfg.task.name),
             "strategy": str(cfg.strategy.name),
             "output_dir": str(out_dir),
+            "reward_currency": str(cfg.rewards.currency),
+            "privacy_unit": get_task(str(cfg.task.name)).privacy_unit.name,
+            "mlflow.source.name": "factoryfed ServerApp (fl_server.server_app)",
+            "mlflow.source.type": "LOCAL",
+            "mlflow.user": _user(),
         },
     )
     tracker.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
@@ -144,6 +159,57 @@ def open_run(
     save_run_state(out_dir, state)
     log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
     return run_id, 0, state
+
+
+def _user() -> str:
+    """The operator's login name for the run's "Created by" (``unknown`` where there is none)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def run_summary(
+    cfg: DictConfig,
+    task: StandardTask,
+    recorder: RoundRecorder,
+    budget: ClientDPBudget | None,
+    test_scores: dict | None = None,
+) -> dict:
+    """What the run recorded so far, in the shape of ``summary.json`` (the description's and
+    the plots' input; see :mod:`fl_server.report`)."""
+    desk = recorder.desk
+    p = cfg.privacy
+    return {
+        "mlflow_run_id": recorder.run_id,
+        "run_name": str(cfg.run_name),
+        "tracking_uri": str(cfg.tracking.uri),
+        "task": str(cfg.task.name),
+        "strategy": str(cfg.strategy.name),
+        "main_metric": task.main_metric,
+        "rounds": recorder.history,
+        "test": dict(test_scores or {}),
+        "factory_epsilon": recorder.factory_epsilon,
+        "epsilon_budget": float(p.epsilon) if p.enabled else None,
+        "privacy": {
+            "enabled": bool(p.enabled),
+            "epsilon": float(p.epsilon),
+            "delta": float(p.delta),
+            "unit": task.privacy_unit.name,
+            "min_run_epsilon": float(p.min_run_epsilon),
+        },
+        "rounds_run": recorder.num_rounds,
+        "epsilon_client_level": budget.epsilon(recorder.num_rounds) if budget else None,
+        "failures": recorder.failures,
+        "factory_rounds": recorder.factory_rounds,
+        "contribution": str(cfg.contribution.method),
+        "contribution_cumulative": desk.book.cumulative_contribution if desk else {},
+        "payout_cumulative": desk.book.cumulative_payout if desk else {},
+        "reward_currency": str(cfg.rewards.currency),
+        "reward_carry": desk.book.carry if desk else None,
+        "ledger": str(desk.path) if desk else None,
+        "ledger_head": desk.ledger.head() if desk else None,
+    }
 
 
 def rounds_within_budget(num_rounds: int, budget: ClientDPBudget | None) -> int:
@@ -205,7 +271,15 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
         history=state["history"],
         failures=state["failures"],
         resumed_round=offset if offset > 0 else None,
+        epsilon_budget=float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
+        factory_rounds=state.get("factory_rounds"),
     )
+
+    def describe(server_round: int) -> None:
+        """Refresh the run's description after each round (one tag write)."""
+        tracker.set_tags({NOTE_TAG: run_description(run_summary(cfg, task, recorder, budget))})
+
+    recorder.on_round = describe
     strategy = FactoryFedStrategy(
         inner,
         rules=validation_rules(cfg),
@@ -235,14 +309,78 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
             )
         # `model` holds the final global weights: `evaluate` loaded them after the last round
         # (Flower's Result.arrays stays empty if no round ever aggregated).
+        if recorder.accepted_updates() == 0:
+            raise NothingTrained(
+                f"no round accepted an update from any factory in {num_rounds} round(s), so "
+                "the run trained nothing; see failures.json for each factory's reason"
+            )
         summary = finish(cfg, tracker, task, model, validation, data_dir, recorder, budget)
         status = "FINISHED"
         return summary
-    except Exception:
+    except Exception as exc:
         log(WARNING, "Federation failed:\n%s", traceback.format_exc())
+        record_failure(tracker, recorder, run_summary(cfg, task, recorder, budget), exc)
         raise
     finally:
         tracker.end(status)
+
+
+def record_failure(
+    tracker: MlflowTracker, recorder: RoundRecorder, summary: dict, exc: BaseException
+) -> None:
+    """Say why the run failed where an operator looks first: its description and a tag, with
+    ``failures.json``. Best effort: a tracking store that is itself the failure is left be."""
+    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    try:
+        recorder.log_failures()
+        tracker.set_tags(
+            {"failure_reason": reason, NOTE_TAG: run_description(summary, failure=reason)}
+        )
+    except Exception:  # noqa: BLE001 - the original error is what the caller re-raises
+        log(WARNING, "Could not record the failure in MLflow:\n%s", traceback.format_exc())
+
+
+def log_statements(
+    tracker: MlflowTracker, summary: dict, desk: PayoutDesk, out_dir: Path
+) -> list[Path]:
+    """Every paid factory's statement of this run (CSV, JSON, PNG) under
+    ``rewards/statements/`` in MLflow and ``statements/`` in the run's folder."""
+    entries, verification = audit_ledger(desk.path)
+    folder = out_dir / "statements"
+    context = {
+        "run_name": summary["run_name"],
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "currency": summary["reward_currency"],
+        "epsilon_budget": summary["epsilon_budget"],
+        "privacy_unit": summary["privacy"]["unit"],
+        "factory_epsilon": summary["factory_epsilon"],
+    }
+    paths: list[Path] = []
+    for fid in known_factories(entries, desk.run_id):
+        doc = factory_statement(entries, fid, verification, run_id=desk.run_id, context=context)
+        paths += export_statement(doc, folder).values()
+    if paths:
+        tracker.log_artifacts(folder, "rewards/statements")
+    return paths
+
+
+def model_version_description(summary: dict) -> str:
+    """What a registered version is: its run, task, test score, privacy and ledger head."""
+    metric = summary["main_metric"]
+    eps = summary["factory_epsilon"]
+    privacy = (
+        f"sample-level DP, largest factory epsilon {max(eps.values()):.3f} of "
+        f"{summary['epsilon_budget']:g} per {summary['privacy']['unit']}"
+        if summary["privacy"]["enabled"] and eps
+        else "no sample-level DP"
+    )
+    return (
+        f"factoryfed run {summary['run_name']} (MLflow run {summary['mlflow_run_id']}): task "
+        f"{summary['task']}, strategy {summary['strategy']}, "
+        f"{len(summary['factory_rounds'])} rounds; test {metric} "
+        f"{summary['test'].get(metric, float('nan')):.4f}; {privacy}; reward ledger head "
+        f"{summary['ledger_head'] or '(no rewards)'}"
+    )
 
 
 def finish(
@@ -255,40 +393,39 @@ def finish(
     recorder: RoundRecorder,
     budget: ClientDPBudget | None,
 ) -> dict:
-    """Score the final model on the test set, log it and write ``summary.json``."""
+    """Score the final model on the test set, log it and everything an operator reads about
+    the run (plots, statements, failures, description), and write ``summary.json``."""
     out_dir = recorder.out_dir
     num_rounds = recorder.num_rounds
     desk = recorder.desk
     test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
     test_scores = task.evaluate(model, test)
+    # Logged at the final step before the model, so MLflow links the model to these metrics.
     tracker.log_metrics(num_rounds, final_test_metrics(test_scores))
+    summary = run_summary(cfg, task, recorder, budget, test_scores)
     registered = f"factoryfed-{cfg.task.name}" if cfg.tracking.register_model else None
     example = torch.stack([validation[i][0] for i in range(min(4, len(validation)))])
-    version = tracker.log_model(model.eval(), example.numpy(), registered)
-    summary = {
-        "mlflow_run_id": recorder.run_id,
-        "run_name": str(cfg.run_name),
-        "tracking_uri": str(cfg.tracking.uri),
-        "task": str(cfg.task.name),
-        "strategy": str(cfg.strategy.name),
-        "main_metric": task.main_metric,
-        "rounds": recorder.history,
-        "test": test_scores,
-        "factory_epsilon": recorder.factory_epsilon,
-        "epsilon_budget": float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
-        "rounds_run": num_rounds,
-        "epsilon_client_level": budget.epsilon(num_rounds) if budget is not None else None,
-        "failures": recorder.failures,
-        "contribution": str(cfg.contribution.method),
-        "contribution_cumulative": desk.book.cumulative_contribution if desk else {},
-        "payout_cumulative": desk.book.cumulative_payout if desk else {},
-        "reward_currency": str(cfg.rewards.currency),
-        "reward_carry": desk.book.carry if desk else None,
-        "ledger": str(desk.path) if desk else None,
-        "ledger_head": desk.ledger.head() if desk else None,
-        "registered_model": registered,
-        "model_version": version,
-    }
+    version = tracker.log_model(
+        model.eval(),
+        example.numpy(),
+        registered,
+        step=num_rounds,
+        description=model_version_description(summary),
+        tags={
+            "task": summary["task"],
+            "strategy": summary["strategy"],
+            f"test_{task.main_metric}": f"{test_scores[task.main_metric]:.4f}",
+            "privacy_unit": summary["privacy"]["unit"],
+            "ledger_head": summary["ledger_head"] or "",
+        },
+    )
+    summary.update(registered_model=registered, model_version=version)
+    recorder.log_failures()
+    with tempfile.TemporaryDirectory() as tmp:
+        tracker.log_artifacts(save_plots(summary, tmp)[0].parent, "plots")
+    if desk is not None:
+        log_statements(tracker, summary, desk, out_dir)
+    tracker.set_tags({NOTE_TAG: run_description(summary)})
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tracker.log_dict(summary, "summary.json")
     return summary

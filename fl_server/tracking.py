@@ -26,6 +26,14 @@ _PARAM_MAX_LEN = 6000
 CHECK_TIMEOUT = 5.0
 
 
+#: The run tag MLflow shows as the run's description (markdown) on its overview page.
+NOTE_TAG = "mlflow.note.content"
+#: The experiment tag that tells MLflow's UI what kind of experiment this is; with
+#: ``custom_model_development`` it opens on runs and metrics, not on the GenAI overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be used; the message is one line naming the URI."""
 
@@ -148,6 +156,8 @@ class MlflowTracker:
             )
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND_TAG not in exp.tags:  # never overrule an operator's
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.run_id: str | None = None
 
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
@@ -196,12 +206,28 @@ class MlflowTracker:
         assert self.run_id is not None
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model: Any, input_example: Any, registered_name: str | None) -> str | None:
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        """Log every file under ``folder`` (under ``artifact_path`` in the run)."""
+        assert self.run_id is not None
+        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+
+    def log_model(
+        self,
+        model: Any,
+        input_example: Any,
+        registered_name: str | None,
+        step: int = 0,
+        description: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
         """Log the final global model as an MLflow PyTorch model and register it.
 
         ``input_example`` (a small numpy batch) lets MLflow trace the model and record its
-        signature. Returns the registered model version, or None when not registered.
-        Requirements are given explicitly so MLflow does not spend seconds inferring them.
+        signature. ``step`` is the run's final round: MLflow links the metrics logged at that
+        step to the model (without it the model page shows the untrained model's step-0
+        scores). The registered version gets ``description`` and ``tags``. Returns the
+        registered model version, or None when not registered. Requirements are given
+        explicitly so MLflow does not spend seconds inferring them.
         """
         import mlflow
         import torch
@@ -213,8 +239,17 @@ class MlflowTracker:
                 input_example=input_example,
                 registered_model_name=registered_name,
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                step=step,
+                tags=tags,
             )
-        return str(info.registered_model_version) if registered_name else None
+        if not registered_name:
+            return None
+        version = str(info.registered_model_version)
+        if description:
+            self.client.update_model_version(registered_name, version, description=description)
+        for key, value in (tags or {}).items():
+            self.client.set_model_version_tag(registered_name, version, key, str(value))
+        return version
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:

@@ -32,7 +32,7 @@ def test_a_restarted_desk_never_pays_a_round_twice(tmp_path):
     metrics = payout_metrics(third, sum(book.cumulative_payout.values()), book.carry)
     assert metrics["factory/a/contribution_cumulative"] == pytest.approx(0.25)
     assert [e.payout for e in third] == [83, 167]
-    assert metrics["server/payout_total"] == 750
+    assert metrics["server/payout_total"] == 7.5  # 750 cents, logged in major units
     assert verify_ledger(path).ok
     paid = sum(e.payout for e in restarted.ledger.entries(run_id="run-1"))
     assert paid + restarted.book.carry == policy.released(3)

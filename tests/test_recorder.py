@@ -51,7 +51,14 @@ def run(tmp_path: Path):
     options = compose_config(["client_dp=fixed"]).client_dp
     budget = client_dp_budget(options, int(compose_config([]).federation.num_factories))
     recorder = RoundRecorder(
-        tracker, tmp_path / "out", run_id, 2, "macro_f1", desk=desk, client_dp_budget=budget
+        tracker,
+        tmp_path / "out",
+        run_id,
+        2,
+        "macro_f1",
+        desk=desk,
+        client_dp_budget=budget,
+        epsilon_budget=8.0,
     )
     return tracker, recorder, MlflowClient(tracker.uri)
 
@@ -69,14 +76,18 @@ def test_a_round_is_named_paid_and_checkpointed(run, tmp_path):
     tracker, recorder, client = run
     recorder.record(0, _scores(0.1), STATE)  # the initial model: central metrics only
     assert _keys(client, tracker.run_id) == {
-        "server/macro_f1", "server/loss", "server/epsilon_client_level",
+        "server/macro_f1", "server/loss", "server/epsilon_client_level", "dashboard/macro_f1",
     }  # fmt: skip
     recorder.receive(
         _record(
             1,
             [
-                FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10, "epsilon": 1.5}),
-                FactoryOutcome("f1", ACCEPTED, metrics={"num-examples": 20, "epsilon": 2.5}),
+                FactoryOutcome(
+                    "f0", ACCEPTED, metrics={"num-examples": 10, "epsilon": 1.5, "delta": 1e-5}
+                ),
+                FactoryOutcome(
+                    "f1", ACCEPTED, metrics={"num-examples": 20, "epsilon": 2.5, "dp": 1}
+                ),
                 FactoryOutcome("f2", DECLINED, "budget", metrics={"epsilon": 8.0}),
             ],
             scores={"f0": 0.25, "f1": 0.75},
@@ -86,7 +97,7 @@ def test_a_round_is_named_paid_and_checkpointed(run, tmp_path):
     per_factory = {
         f"factory/{f}/{m}"
         for f in ("f0", "f1", "f2")
-        for m in ("participated", "rejected", "declined", "failed", "epsilon")
+        for m in ("participated", "rejected", "declined", "failed", "epsilon", "epsilon_remaining")
     }
     per_factory |= {f"factory/{f}/num_examples" for f in ("f0", "f1")}
     per_factory |= {
@@ -100,11 +111,18 @@ def test_a_round_is_named_paid_and_checkpointed(run, tmp_path):
         "server/contribution_seconds", "server/contribution_grand_utility",
         "server/contribution_permutations", "server/contribution_truncated",
         "server/payout_round", "server/payout_total", "server/reward_carry",
+        "server/rejected", "server/declined", "server/failed",
     }  # fmt: skip
-    assert _keys(client, tracker.run_id) == per_factory | server
+    health = {f"dashboard/{m}" for m in ("accepted", "macro_f1", "epsilon_max", "round_seconds")}
+    # delta and dp are constant over a run: params, not charts
+    assert _keys(client, tracker.run_id) == per_factory | server | health
     metrics = client.get_run(tracker.run_id).data.metrics
-    assert metrics["server/epsilon_max"] == 8.0
-    assert metrics["server/payout_round"] == 90.0
+    assert metrics["server/epsilon_max"] == metrics["dashboard/epsilon_max"] == 8.0
+    assert metrics["dashboard/accepted"] == metrics["server/accepted"] == 2.0
+    assert (metrics["server/declined"], metrics["server/rejected"]) == (1.0, 0.0)
+    assert metrics["factory/f0/epsilon_remaining"] == 6.5
+    assert metrics["factory/f2/epsilon_remaining"] == 0.0
+    assert metrics["server/payout_round"] == 0.9  # 90 cents, in major units
     assert metrics["factory/f2/declined"] == 1.0
     # failures.json is recorded whenever a round has one
     assert _failures(client, tracker.run_id, tmp_path / "a") == [
@@ -115,7 +133,37 @@ def test_a_round_is_named_paid_and_checkpointed(run, tmp_path):
     assert load_latest(recorder.out_dir / "checkpoints")["round"] == 1
     state = load_run_state(recorder.out_dir)
     assert [h["round"] for h in state["history"]] == [0, 1]
+    assert state["factory_rounds"] == [
+        {
+            "round": 1,
+            "status": {"f0": "accepted", "f1": "accepted", "f2": "declined"},
+            "epsilon": {"f0": 1.5, "f1": 2.5, "f2": 8.0},
+            "contribution": {"f0": 0.25, "f1": 0.75},
+        }
+    ]
+    assert recorder.accepted_updates() == 2
     assert recorder.factory_epsilon == {"f0": 1.5, "f1": 2.5, "f2": 8.0}
+
+
+def test_failures_json_is_logged_even_when_empty(run, tmp_path):
+    tracker, recorder, client = run
+    recorder.receive(_record(1, [FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 1})]))
+    recorder.record(1, _scores(0.4), STATE)
+    artifacts = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert "failures.json" not in artifacts  # nothing failed yet, nothing said yet
+    recorder.log_failures()  # the end of the run
+    assert _failures(client, tracker.run_id, tmp_path / "c") == []
+
+
+def test_each_written_round_calls_back(run):
+    _, recorder, _ = run
+    seen: list[int] = []
+    recorder.on_round = seen.append
+    recorder.record(0, _scores(0.1), STATE)
+    recorder.receive(_record(1, [FactoryOutcome("f0", DECLINED, "budget")]))
+    recorder.record(1, _scores(0.1), STATE)
+    assert seen == [0, 1]
+    assert recorder.accepted_updates() == 0
 
 
 def test_failures_accumulate_and_each_round_is_paid_once(run, tmp_path):
@@ -161,12 +209,14 @@ def test_failures_accumulate_and_each_round_is_paid_once(run, tmp_path):
         history=recorder.history,
         failures=recorder.failures,
         resumed_round=2,
+        factory_rounds=load_run_state(recorder.out_dir)["factory_rounds"],
     )
     again.record(2, _scores(0.6), STATE)  # the evaluation of the checkpoint resumed from
     again.desk.settle(2, second.contribution, {})  # a settle of a paid round pays nothing
     ledger = RewardLedger(ledger_path)
     assert ledger.rounds(tracker.run_id) == {1, 2}
     assert [e.payout for e in ledger.entries(run_id=tracker.run_id)] == [90, 90]
+    assert again.factory_rounds == recorder.factory_rounds  # the history survives a restart
     assert len(client.get_metric_history(tracker.run_id, "server/macro_f1")) == 2
 
 
@@ -182,7 +232,7 @@ def test_report_metrics_name_every_known_factory():
     report.add(FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10, "epsilon": 1.5}))
     report.add(FactoryOutcome("f1", DECLINED, "budget", metrics={"epsilon": 8.0}))
     report.add(FactoryOutcome("f2", REJECTED, "NaN"))
-    out = factory_metrics(report, {"f0", "f1", "f2", "f3"})
+    out = factory_metrics(report, {"f0", "f1", "f2", "f3"}, epsilon_budget=8.0)
     assert out["factory/f0/participated"] == 1.0
     assert out["factory/f0/num_examples"] == 10.0
     assert out["factory/f0/epsilon"] == 1.5
@@ -190,3 +240,5 @@ def test_report_metrics_name_every_known_factory():
     assert out["factory/f1/epsilon"] == 8.0
     assert out["factory/f2/rejected"] == 1.0
     assert out["factory/f3/participated"] == 0.0  # absent this round, still visible
+    assert out["factory/f0/epsilon_remaining"] == 6.5
+    assert "factory/f3/epsilon_remaining" not in out  # no spend reported, nothing to say

@@ -11,8 +11,8 @@ from ledger_helpers import RUN, play, record_run, tamper
 
 from fl_server.cli import main
 from fl_server.rewards.allocation import RewardBook
-from fl_server.rewards.ledger import RewardLedger
-from fl_server.rewards.statements import statement_stem
+from fl_server.rewards.ledger import RewardLedger, audit_ledger
+from fl_server.rewards.statements import factory_statement, statement_stem, statement_title
 
 
 @pytest.fixture
@@ -33,7 +33,12 @@ def test_cli_statement_exports_csv_json_png(recorded, tmp_path: Path, capsys) ->
     assert [int(r["seq"]) for r in rows] == [2, 4, 7]
     assert [float(r["contribution"]) for r in rows] == [-0.5, 1.0, 0.25]
     assert [float(r["epsilon"]) for r in rows] == [0.4, 0.8, 1.2]
-    assert int(rows[-1]["cumulative_payout"]) == book.cumulative_payout["f2"]
+    # amounts in major units with their currency, two decimals; no 16-digit floats anywhere
+    assert {r["currency"] for r in rows} == {"EUR"}
+    assert rows[-1]["cumulative_payout"] == f"{book.cumulative_payout['f2'] / 100:.2f}"
+    assert {r["ledger_verified"] for r in rows} == {"true"}
+    numbers = [r[k] for r in rows for k in ("contribution", "cumulative_contribution", "epsilon")]
+    assert all(len(n.replace("-", "").replace(".", "")) <= 6 for n in numbers)
     stored = ledger.entries(factory_id="f2")
     assert [r["hash"] for r in rows] == [e.hash for e in stored]
     assert [r["prev_hash"] for r in rows] == [e.prev_hash for e in stored]
@@ -46,6 +51,8 @@ def test_cli_statement_exports_csv_json_png(recorded, tmp_path: Path, capsys) ->
     assert doc["totals"]["contribution"] == pytest.approx(0.75)
     assert doc["totals"]["per_run"][RUN]["cumulative_contribution"] == 0.75
     assert doc["totals"]["per_run"][RUN]["epsilon"] == 1.2
+    assert doc["currency"] == "EUR" and doc["totals"]["rounds"] == 3
+    assert doc["totals"]["epsilon_spent"] == 1.2
     assert len(doc["entries"]) == 3
     assert (out / "f2-statement.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -90,6 +97,52 @@ def test_cli_statement_of_a_tampered_ledger_is_marked(recorded, tmp_path: Path, 
     assert doc["verified"] is False
     assert doc["verification"]["kind"] == "deleted" and doc["verification"]["seq"] == 3
     assert (out / "f2-statement.csv").exists() and (out / "f2-statement.png").exists()
+    with (out / "f2-statement.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and all(r["ledger_verified"].startswith("false") for r in rows)
+    assert statement_title(doc).startswith("LEDGER DOES NOT VERIFY")
+
+
+def test_statement_states_share_epsilon_left_run_and_date(recorded) -> None:
+    path, _, book = recorded
+    entries, verification = audit_ledger(path)
+    context = {
+        "currency": "CHF",
+        "run_name": "molding-fedavg",
+        "date": "2026-11-30",
+        "epsilon_budget": 8.0,
+        "privacy_unit": "shot",
+        "factory_epsilon": {"f2": 1.25},
+    }
+    doc = factory_statement(entries, "f2", verification, run_id=RUN, context=context)
+    totals = doc["totals"]
+    positive = sum(max(v, 0.0) for v in book.cumulative_contribution.values())
+    assert totals["contribution_share"] == pytest.approx(0.75 / positive)
+    assert totals["payout_share"] == pytest.approx(
+        book.cumulative_payout["f2"] / sum(book.cumulative_payout.values())
+    )
+    assert totals["epsilon_spent"] == 1.25 and totals["epsilon_left"] == 6.75
+    title = statement_title(doc)
+    assert title.startswith(
+        f"Reward statement for f2: CHF {book.cumulative_payout['f2'] / 100:,.2f}"
+    )
+    assert "run molding-fedavg (2026-11-30); 3 rounds paid\n" in title
+    assert "epsilon 1.250 per shot, 6.750 left of 8" in title
+
+
+def test_verify_accepts_a_head_prefix_and_refuses_a_short_one(recorded, capsys) -> None:
+    path, ledger, _ = recorded
+    head = ledger.head()
+    for given in (head, head[:16], head[:40].upper()):
+        assert main(["ledger", "verify", str(path), "--head", given]) == 0, given
+    capsys.readouterr()
+    assert main(["ledger", "verify", str(path), "--head", head[:15]]) == 2
+    assert "too short" in capsys.readouterr().err
+    assert main(["ledger", "verify", str(path), "--head", "z" * 20]) == 2
+    assert "not a hex hash" in capsys.readouterr().err
+    earlier = ledger.entries()[-2].hash
+    assert main(["ledger", "verify", str(path), "--head", earlier[:16]]) == 1
+    assert f"is entry seq={len(ledger.entries()) - 1}" in capsys.readouterr().err
 
 
 def test_statement_file_names_stay_inside_the_output_folder() -> None:

@@ -18,8 +18,8 @@ def ledger() -> None:
 @click.option(
     "--head",
     metavar="HASH",
-    help="head hash kept outside the ledger: the chain must end there (this is how removed "
-    "trailing entries are noticed)",
+    help="head hash kept outside the ledger, or a prefix of it of at least 16 hex digits: the "
+    "chain must end there (this is how removed trailing entries are noticed)",
 )
 def verify(path: str, head: str | None) -> int:
     """Exit 0 if the chain verifies, 1 if it was tampered with, 2 if the file is no ledger."""
@@ -27,7 +27,7 @@ def verify(path: str, head: str | None) -> int:
 
     try:
         result = verify_ledger(path, expected_head=head)
-    except LedgerFileError as exc:
+    except (LedgerFileError, ValueError) as exc:
         click.echo(f"factoryfed ledger verify: {exc}", err=True)
         return 2
     if not result.ok:
@@ -47,7 +47,14 @@ def verify(path: str, head: str | None) -> int:
     help="output directory for <factory>-statement.{csv,json,png}",
 )
 @click.option("--run-id", metavar="RUN", help="only this run (default: all runs)")
-def statement(factory: str, ledger_path: str, out: str, run_id: str | None) -> int:
+@click.option(
+    "--currency",
+    default="EUR",
+    show_default=True,
+    metavar="CODE",
+    help="the run's rewards.currency (the ledger stores minor units, not the currency)",
+)
+def statement(factory: str, ledger_path: str, out: str, run_id: str | None, currency: str) -> int:
     """Write the statement files; exit 1 when the ledger does not verify (marked unverified)."""
     from fl_server.rewards.ledger import LedgerFileError, audit_ledger
     from fl_server.rewards.statements import export_statement, factory_statement
@@ -61,7 +68,9 @@ def statement(factory: str, ledger_path: str, out: str, run_id: str | None) -> i
     except LedgerFileError as exc:
         return fail(str(exc), 2)
     try:
-        doc = factory_statement(entries, factory, result, run_id=run_id)
+        doc = factory_statement(
+            entries, factory, result, run_id=run_id, context={"currency": currency}
+        )
     except ValueError as exc:
         return fail(str(exc), 1)
     try:
@@ -71,7 +80,7 @@ def statement(factory: str, ledger_path: str, out: str, run_id: str | None) -> i
     totals = doc["totals"]
     click.echo(
         f"{factory}: {totals['entries']} entries in run(s) "
-        f"{', '.join(doc['run_ids'])}; paid {totals['payout']}, "
+        f"{', '.join(doc['run_ids'])}; paid {currency} {totals['payout'] / 100:,.2f}, "
         f"contribution {totals['contribution']:.6g}"
     )
     for path in paths.values():

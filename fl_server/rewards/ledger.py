@@ -517,6 +517,31 @@ def _recompute(row: Mapping[str, Any]) -> str | None:
         return None  # a field of the wrong type can only come from tampering
 
 
+#: The shortest head prefix accepted: 16 hex digits (64 bits) cannot match by accident.
+MIN_HEAD_PREFIX = 16
+
+
+def head_prefix(expected_head: str) -> str:
+    """``expected_head`` normalised: a hex prefix of a head hash, at least 16 digits.
+
+    A statement or a log line may quote a head shortened (``3f2a...``); any prefix of at least
+    :data:`MIN_HEAD_PREFIX` hex digits names one entry with overwhelming probability.
+
+    Raises:
+        ValueError: not hex, or shorter than :data:`MIN_HEAD_PREFIX` digits (the message
+            names the value and what is allowed).
+    """
+    wanted = expected_head.strip().lower().rstrip(".")
+    if not wanted or any(c not in "0123456789abcdef" for c in wanted) or len(wanted) > 64:
+        raise ValueError(f"expected head {expected_head!r} is not a hex hash (up to 64 hex digits)")
+    if len(wanted) < MIN_HEAD_PREFIX:
+        raise ValueError(
+            f"expected head {expected_head!r} is too short: give at least {MIN_HEAD_PREFIX} "
+            "hex digits of the head hash (all 64 are best)"
+        )
+    return wanted
+
+
 def check_chain(
     rows: Sequence[Mapping[str, Any]], expected_head: str | None = None
 ) -> VerifyResult:
@@ -536,8 +561,13 @@ def check_chain(
 
     The classification reads the first break the way a single change would cause it; several
     combined changes are always detected but may be named differently. A valid chain that is
-    shorter or was rebuilt from some point on is only detected through ``expected_head``.
+    shorter or was rebuilt from some point on is only detected through ``expected_head``,
+    which may be any prefix of at least 16 hex digits of the head (see :func:`head_prefix`).
+
+    Raises:
+        ValueError: ``expected_head`` is no hex prefix of at least 16 digits.
     """
+    wanted = head_prefix(expected_head) if expected_head is not None else None
     positions: dict[str, int] = {}
     for index, row in enumerate(rows):
         positions.setdefault(row["hash"], index)
@@ -598,27 +628,26 @@ def check_chain(
             return broken(EDITED, seq, "its stored hash does not match its fields")
         previous, expected_prev, expected_seq = row, stored, seq + 1
 
-    if expected_head is not None:
-        wanted = expected_head.strip().lower()
-        if wanted != head:
-            last = rows[-1]["seq"] if rows else None
-            if wanted in positions:
-                at = rows[positions[wanted]]["seq"]
-                return broken(
-                    HEAD_MISMATCH,
-                    at + 1,
-                    f"the expected head {wanted} is entry seq={at}, but the ledger continues "
-                    f"to seq={last} (head {head})",
-                )
-            return VerifyResult(
-                False,
-                len(rows),
-                head,
-                f"the ledger ends at head {head}, not at the expected head {wanted}: entries "
-                "at its end were deleted, or the chain was rewritten",
-                last,
+    if wanted is not None and not head.startswith(wanted):
+        last = rows[-1]["seq"] if rows else None
+        matches = [h for h in positions if h.startswith(wanted)]
+        if len(matches) == 1:
+            at = rows[positions[matches[0]]]["seq"]
+            return broken(
                 HEAD_MISMATCH,
+                at + 1,
+                f"the expected head {wanted} is entry seq={at}, but the ledger continues "
+                f"to seq={last} (head {head})",
             )
+        return VerifyResult(
+            False,
+            len(rows),
+            head,
+            f"the ledger ends at head {head}, not at the expected head {wanted}: entries "
+            "at its end were deleted, or the chain was rewritten",
+            last,
+            HEAD_MISMATCH,
+        )
     return VerifyResult(True, len(rows), head)
 
 

@@ -1,10 +1,13 @@
 """Reward statements: what a factory was paid and why, from the ledger, as CSV, JSON and PNG.
 
 A statement (:func:`factory_statement`) lists one factory's ledger entries with per-run and
-overall totals and quotes the chain's head and its verification, so the factory can later
-check that the ledger still ends where it did. :func:`export_statement` writes it as CSV (one
-row per entry), JSON (everything) and a chart; each file is written atomically. Plotting
-imports matplotlib lazily.
+overall totals, its share of the contributions and of the payouts, and quotes the chain's head
+and its verification, so the factory can later check that the ledger still ends where it did.
+:func:`export_statement` writes it as CSV (one row per entry, amounts in the currency's major
+units with a ``currency`` column), JSON (everything) and a chart a firm's manager reads without
+help; each file is written atomically. A statement from a ledger that does not verify says so
+in every format: the JSON's ``verified``, the CSV's ``ledger_verified`` column and the chart's
+title. Plotting imports matplotlib lazily.
 """
 
 from __future__ import annotations
@@ -25,12 +28,18 @@ STATEMENT_COLUMNS = (
     "seq",
     "contribution",
     "cumulative_contribution",
+    "currency",
     "payout",
     "cumulative_payout",
     "epsilon",
+    "ledger_verified",
     "prev_hash",
     "hash",
 )
+#: The currency of a statement whose ledger run did not say (the ``rewards`` config default).
+DEFAULT_CURRENCY = "EUR"
+#: Minor units (cents) per major unit of the currency.
+MINOR_PER_MAJOR = 100
 
 
 def known_factories(entries: Sequence[LedgerEntry], run_id: str | None = None) -> list[str]:
@@ -47,11 +56,15 @@ def factory_statement(
     factory_id: str,
     verification: VerifyResult,
     run_id: str | None = None,
+    context: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A factory's statement: its entries, per-run and overall totals, and the chain's state.
 
     ``entries`` is the whole ledger (or at least the factory's part of it) in ``seq`` order;
     ``verification`` the result of verifying the whole chain, whose head the statement quotes.
+    ``context`` adds what the ledger does not hold: ``currency`` (default EUR), ``run_name``,
+    ``date``, ``privacy_unit``, ``epsilon_budget`` and ``factory_epsilon`` (each factory's
+    final spend); the statement then states the epsilon left of the budget.
 
     Raises:
         ValueError: ``factory_id`` has no entries (in ``run_id``); the message lists the known
@@ -81,16 +94,47 @@ def factory_statement(
         run.setdefault("epsilon", None)
     for run in per_run.values():
         run["contribution"] = math.fsum(run["contribution"])
+    ctx = dict(context or {})
+    currency = str(ctx.get("currency") or DEFAULT_CURRENCY)
+    # Shares among every factory of the same run(s): the last cumulative score and payout
+    # each factory reached in each run.
+    last: dict[tuple[str, str], LedgerEntry] = {}
+    for e in entries:
+        if e.run_id in per_run:
+            last[(e.run_id, e.factory_id)] = e
+    positive = math.fsum(max(e.cumulative_score, 0.0) for e in last.values())
+    mine_positive = math.fsum(
+        max(e.cumulative_score, 0.0) for (_, f), e in last.items() if f == factory_id
+    )
+    pool = sum(e.cumulative_payout for e in last.values())
+    payout = sum(e.payout for e in mine)
+    spent = (ctx.get("factory_epsilon") or {}).get(factory_id)
+    if spent is None:
+        spent = next((e.epsilon for e in reversed(mine) if e.epsilon is not None), None)
+    budget = ctx.get("epsilon_budget")
     return {
         "factory_id": factory_id,
         "run_ids": list(per_run),
+        "run_name": ctx.get("run_name"),
+        "date": ctx.get("date"),
+        "currency": currency,
         "ledger_head": verification.head,
         "verified": verification.ok,
         "verification": verification.to_dict(),
         "totals": {
             "entries": len(mine),
+            "rounds": len(mine),
             "contribution": math.fsum(e.score for e in mine),
-            "payout": sum(e.payout for e in mine),
+            "contribution_share": mine_positive / positive if positive > 0 else 0.0,
+            "payout": payout,
+            "payout_major": round(payout / MINOR_PER_MAJOR, 2),
+            "payout_share": payout / pool if pool > 0 else 0.0,
+            "epsilon_spent": _json_number(spent),
+            "epsilon_budget": budget,
+            "epsilon_left": (
+                None if budget is None or spent is None else max(float(budget) - spent, 0.0)
+            ),
+            "privacy_unit": ctx.get("privacy_unit"),
             "per_run": per_run,
         },
         "entries": [
@@ -117,10 +161,64 @@ def statement_stem(factory_id: str) -> str:
     return f"{safe}-statement"
 
 
-def _csv_value(value: Any) -> Any:
+def _major(minor: int) -> str:
+    """Minor units as a major-unit amount with two decimals (``64453`` -> ``"644.53"``)."""
+    return f"{minor / MINOR_PER_MAJOR:.2f}"
+
+
+def _rounded(value: Any, digits: int = 6) -> Any:
+    """A float to ``digits`` significant digits for people (the JSON keeps full precision)."""
     if value is None:
         return ""
-    return repr(value) if isinstance(value, float) else value
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if math.isfinite(value) else repr(value)
+    return value
+
+
+def csv_rows(statement: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The statement's entries as CSV rows (:data:`STATEMENT_COLUMNS`), rounded for people."""
+    verified = "true" if statement["verified"] else "false (the ledger does not verify)"
+    return [
+        {
+            "run_id": e["run_id"],
+            "round": e["round"],
+            "seq": e["seq"],
+            "contribution": _rounded(e["contribution"]),
+            "cumulative_contribution": _rounded(e["cumulative_contribution"]),
+            "currency": statement.get("currency", DEFAULT_CURRENCY),
+            "payout": _major(e["payout"]),
+            "cumulative_payout": _major(e["cumulative_payout"]),
+            "epsilon": _rounded(e["epsilon"], 4),
+            "ledger_verified": verified,
+            "prev_hash": e["prev_hash"],
+            "hash": e["hash"],
+        }
+        for e in statement["entries"]
+    ]
+
+
+def statement_title(statement: Mapping[str, Any]) -> str:
+    """The chart's two-line title: who, how much, which run and date, share, privacy; and a
+    warning first when the ledger does not verify."""
+    currency = statement.get("currency", DEFAULT_CURRENCY)
+    totals = statement["totals"]
+    verified = "" if statement["verified"] else "LEDGER DOES NOT VERIFY, do not rely on it: "
+    run = statement.get("run_name") or ", ".join(statement["run_ids"])
+    date = f" ({statement['date']})" if statement.get("date") else ""
+    eps = totals.get("epsilon_spent")
+    privacy = ""
+    if isinstance(eps, float | int):
+        unit = f" per {totals['privacy_unit']}" if totals.get("privacy_unit") else ""
+        privacy = f"\nprivacy spent: epsilon {eps:.3f}{unit}"
+        if totals.get("epsilon_left") is not None:
+            privacy += f", {totals['epsilon_left']:.3f} left of {totals['epsilon_budget']:g}"
+    return (
+        f"{verified}Reward statement for {statement['factory_id']}: {currency} "
+        f"{totals['payout'] / MINOR_PER_MAJOR:,.2f} paid\n"
+        f"run {run}{date}; {totals['rounds']} rounds paid\n"
+        f"{100 * totals.get('contribution_share', 0.0):.1f} % of the contributions, "
+        f"{100 * totals.get('payout_share', 0.0):.1f} % of the payouts{privacy}"
+    )
 
 
 def export_statement(statement: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:
@@ -141,35 +239,42 @@ def export_statement(statement: Mapping[str, Any], out_dir: str | Path) -> dict[
     with atomic_open(paths["csv"], "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=STATEMENT_COLUMNS)
         writer.writeheader()
-        for entry in entries:
-            writer.writerow({key: _csv_value(entry[key]) for key in STATEMENT_COLUMNS})
+        writer.writerows(csv_rows(statement))
 
     atomic_write_json(paths["json"], statement, indent=2, allow_nan=False, trailing_newline=True)
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    currency = statement.get("currency", DEFAULT_CURRENCY)
     several_runs = len(statement["run_ids"]) > 1
     labels = [f"{e['run_id']}:{e['round']}" if several_runs else str(e["round"]) for e in entries]
     positions = list(range(len(entries)))
     running, total = [], 0
     for entry in entries:
         total += entry["payout"]
-        running.append(total)
-    figure = Figure(figsize=(max(6.0, 0.35 * len(entries) + 2.0), 4.0), layout="constrained")
+        running.append(total / MINOR_PER_MAJOR)
+    figure = Figure(figsize=(max(8.0, 0.35 * len(entries) + 2.0), 5.5), layout="constrained")
     FigureCanvasAgg(figure)
     bars = figure.add_subplot()
     bars.bar(positions, [e["contribution"] for e in entries], color="tab:blue", alpha=0.7)
     bars.axhline(0.0, color="grey", linewidth=0.8)
     bars.set_xticks(positions, labels, rotation=90 if several_runs else 0, fontsize=8)
-    bars.set_xlabel("run:round" if several_runs else "round")
-    bars.set_ylabel("contribution (per round)", color="tab:blue")
+    bars.set_xlabel("run:round" if several_runs else "training round")
+    bars.set_ylabel("contribution to the model this round (score)", color="tab:blue")
     line = bars.twinx()
     line.plot(positions, running, color="tab:orange", marker="o", markersize=3)
-    line.set_ylabel("cumulative payout (minor units)", color="tab:orange")
-    line.set_ylim(bottom=0)
-    verified = "" if statement["verified"] else "  [ledger NOT verified]"
-    bars.set_title(f"Reward statement: {statement['factory_id']}{verified}")
+    line.set_ylabel(f"paid so far ({currency})", color="tab:orange")
+    line.set_ylim(0, max(running, default=0.0) * 1.15 or 1.0)
+    if running:
+        line.annotate(f"{currency} {running[-1]:,.2f}", (positions[-1], running[-1]),
+                      textcoords="offset points", xytext=(-4, 6), ha="right", fontsize=9,
+                      color="tab:orange")  # fmt: skip
+    bars.set_title(
+        statement_title(statement),
+        fontsize=10,
+        color="black" if statement["verified"] else "tab:red",
+    )
     with atomic_open(paths["png"], "wb") as handle:
         figure.savefig(handle, format="png", dpi=100)
     return paths
