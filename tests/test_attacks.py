@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -14,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from omegaconf import OmegaConf
 from round_helpers import run_round
 from tiny_task import TinyTask as BaseTinyTask
-from tiny_task import make_frame
+from tiny_task import make_frame, molding_frame
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -30,7 +29,6 @@ from fl_client.attacks import (
 from fl_client.factory import FactoryRoundResult
 from fl_client.training import LocalTrainConfig
 from fl_server.config import CONF_DIR
-from standard_models.molding_quality import source as molding_source
 from standard_models.registry import get_task
 
 # ------------------------------------------------------------------ parsing
@@ -408,23 +406,12 @@ def as_node(train_as_node):
     return train_as_node
 
 
-def _molding_frame(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    reference = molding_source.REFERENCE
-    z = rng.normal(size=(n, len(reference)))
-    df = pd.DataFrame(
-        {name: c + h * z[:, i] for i, (name, (c, h)) in enumerate(reference.items())}
-    )
-    df[molding_source.LABEL] = (z[:, 0] + z[:, 1] > 1).astype(np.int64)
-    return df[[*molding_source.FEATURES, molding_source.LABEL]]
-
-
 def test_client_app_poisons_named_factories_and_marks_every_reply(
     tmp_path: Path, as_node
 ) -> None:
     task = get_task("molding_quality")
     data = tmp_path / "factory_000.parquet"
-    _molding_frame(300, 0).to_parquet(data)
+    molding_frame(300, 0).to_parquet(data)
     torch.manual_seed(0)
     arrays = ArrayRecord(task.build_model().state_dict())
     train_config = {
@@ -469,7 +456,7 @@ def test_a_deployed_factory_refuses_to_attack(tmp_path: Path, as_node) -> None:
     """A factory with its own data-path is a real plant: no operator can make it poison."""
     task = get_task("molding_quality")
     data = tmp_path / "plant.parquet"
-    _molding_frame(200, 1).to_parquet(data)
+    molding_frame(200, 1).to_parquet(data)
     config = {
         "task": "molding_quality", "run-id": "r", "planned-rounds": 1, "server-round": 1,
         "local-epochs": 1,

@@ -12,19 +12,18 @@ import functools
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from flwr.app import ArrayRecord, Message
 from mlflow.tracking import MlflowClient
+from tiny_task import molding_frame
 
 from fl_client.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
 from fl_client.training import sample_rate_for, steps_per_epoch
 from fl_common.protocol import DECLINED, TrainReply
 from fl_server.recorder import RoundRecorder
 from fl_server.tracking import MlflowTracker
-from standard_models.molding_quality import source as molding_source
 from standard_models.registry import get_task
 from strategies.reports import FactoryOutcome, RoundRecord, RoundReport
 
@@ -58,17 +57,6 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return seen
 
 
-def _molding_frame(n: int, seed: int) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    reference = molding_source.REFERENCE
-    z = rng.normal(size=(n, len(reference)))
-    df = pd.DataFrame(
-        {name: c + h * z[:, i] for i, (name, (c, h)) in enumerate(reference.items())}
-    )
-    df[molding_source.LABEL] = (z[:, 0] + z[:, 1] > 1).astype(np.int64)
-    return df[[*molding_source.FEATURES, molding_source.LABEL]]
-
-
 def _config(**changes) -> dict:
     config = {
         "task": "molding_quality", "run-id": "r0", "planned-rounds": 20, "server-round": 1,
@@ -93,7 +81,7 @@ def _sigma(planned_rounds: int, epsilon: float = BUDGET) -> float:
 def plant(tmp_path: Path) -> dict:
     """A deployed factory's node config: its own data, ledger, budget, clipping range, floor."""
     data = tmp_path / "plant.parquet"
-    _molding_frame(ROWS, 1).to_parquet(data)
+    molding_frame(ROWS, 1).to_parquet(data)
     floor = (_sigma(1) + _sigma(20)) / 2  # 20 planned rounds pass, a single one does not
     return {
         "factory-id": "plant", "data-path": str(data), "ledger-path": str(tmp_path / "l.json"),
@@ -182,7 +170,7 @@ def test_more_privacy_is_taken_and_trained_with(as_node, plant: dict, reads: lis
 def test_a_simulated_factory_still_trains_without_dp(as_node, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    _molding_frame(ROWS, 0).to_parquet(data_dir / "factory_000.parquet")
+    molding_frame(ROWS, 0).to_parquet(data_dir / "factory_000.parquet")
     node = {"partition-id": 0, "ledger-path": str(tmp_path / "sim.json")}
     reply = as_node(_config(**{"dp": False, "data-dir": str(data_dir)}), node)
     assert _status(reply)[0] == "accepted"

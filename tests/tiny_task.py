@@ -59,3 +59,17 @@ class TinyTask(StandardTask):
 
     def output_metrics(self, outputs: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         return {"accuracy": float((outputs.argmax(1) == target).float().mean())}
+
+
+def molding_frame(n: int, seed: int) -> pd.DataFrame:
+    """``n`` rows of a moulding factory's file: the real schema, a learnable defect label."""
+    from standard_models.molding_quality import source as molding_source
+
+    rng = np.random.default_rng(seed)
+    reference = molding_source.REFERENCE
+    z = rng.normal(size=(n, len(reference)))
+    df = pd.DataFrame(
+        {name: c + h * z[:, i] for i, (name, (c, h)) in enumerate(reference.items())}
+    )
+    df[molding_source.LABEL] = (z[:, 0] + z[:, 1] > 1).astype(np.int64)
+    return df[[*molding_source.FEATURES, molding_source.LABEL]]
