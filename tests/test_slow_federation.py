@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from experiments.run import run_simulation
+from experiments.run import FederationFailed, run_simulation
 from fl_common.env import QUIET_ENV
+from fl_server.checkpoint import load_run_state
 from fl_server.config import compose_config, finalize
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -58,16 +59,28 @@ def test_budget_spent_in_an_earlier_run_counts(tmp_path):
         output="out2",
     )
     shutil.copytree(tmp_path / "out" / "privacy", tmp_path / "out2" / "privacy")
-    second = run_simulation(cfg)
-    statuses = {f["status"] for f in second["failures"]}
+    # Every factory declines every round, so the run trains nothing: that is a failed run.
+    with pytest.raises(FederationFailed):
+        run_simulation(cfg)
+    state = load_run_state(tmp_path / "out2")
+    statuses = {f["status"] for f in state["failures"]}
     assert statuses == {"declined"}
-    assert len(second["failures"]) == 2 * 2  # both factories, both rounds
-    assert all(0 < e <= 2.0 for e in second["factory_epsilon"].values())
+    assert len(state["failures"]) == 2 * 2  # both factories, both rounds
     # Nothing was aggregated: the global model stayed at its initial evaluation.
-    scores = [r[second["main_metric"]] for r in second["rounds"]]
-    assert scores[0] == scores[1] == scores[2]
+    scores = [r[first["main_metric"]] for r in state["history"]]
+    assert len(scores) == 3 and scores[0] == scores[1] == scores[2]
+    # No factory spent anything more than its budget allowed in the first run.
+    after = {
+        p.stem: json.loads(p.read_text()) for p in (tmp_path / "out2" / "privacy").glob("*.json")
+    }
+    assert {k: v["rounds"] for k, v in after.items()} == {
+        k: v["rounds"] for k, v in ledgers.items()
+    }
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    declined = client.get_metric_history(second["mlflow_run_id"], "factory/factory_000/declined")
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "no round accepted an update" in run.data.tags["failure_reason"]
+    declined = client.get_metric_history(run.info.run_id, "factory/factory_000/declined")
     assert [m.value for m in declined] == [1.0, 1.0]
 
 
