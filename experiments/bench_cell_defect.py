@@ -30,7 +30,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from experiments.bench_tep import train_baseline
+from experiments.bench_tep import load_splits, train_baseline
 from experiments.benchkit import scratch_run_overrides
 from experiments.inprocess import run_inprocess
 from experiments.run import run_simulation
@@ -40,7 +40,6 @@ from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
 from standard_models.base import StandardTask
 from standard_models.cell_defect.metrics import balanced_accuracy_at, best_f1_threshold, f1_at
-from standard_models.datafiles import factory_path
 from standard_models.registry import get_task
 
 console = Console(width=max(Console().width, 150))
@@ -115,12 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         variants += [(f"federated, DP eps={e:g}", [f"privacy.epsilon={e}"]) for e in args.epsilons]
         cfg = finalize(compose_config(common), base=Path.cwd(), output_dir=tmp / "data-only")
         data_dir, _ = ensure_data(cfg)
-        validation = task.to_dataset(task.load_frame(data_dir / "validation.parquet"))
-        test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
-        factories = [
-            task.to_dataset(task.load_frame(factory_path(data_dir, i)))
-            for i in range(args.factories)
-        ]
+        validation, test, factories = load_splits(task, data_dir, args.factories)
         groups = [("centralised, no DP", factories)] + [
             (f"factory_{i:03d} alone, no DP", [ds]) for i, ds in enumerate(factories)
         ]

@@ -54,6 +54,18 @@ class Baseline:
     epoch: int
 
 
+def load_splits(
+    task: StandardTask, data_dir: Path, num_factories: int
+) -> tuple[Dataset, Dataset, list[Dataset]]:
+    """The server's validation and test sets and every factory's data, as the task reads them."""
+    validation = task.to_dataset(task.load_frame(data_dir / "validation.parquet"))
+    test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
+    factories = [
+        task.to_dataset(task.load_frame(factory_path(data_dir, i))) for i in range(num_factories)
+    ]
+    return validation, test, factories
+
+
 def train_baseline(
     task: StandardTask,
     datasets: list[Dataset],
@@ -132,12 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         assert cfg is not None
         task = get_task("tep_fault")
         data_dir, _ = ensure_data(cfg)
-        validation = task.to_dataset(task.load_frame(data_dir / "validation.parquet"))
-        test = task.to_dataset(task.load_frame(data_dir / "test.parquet"))
-        factories = [
-            task.to_dataset(task.load_frame(factory_path(data_dir, i)))
-            for i in range(args.factories)
-        ]
+        validation, test, factories = load_splits(task, data_dir, args.factories)
         options = {
             "lrs": args.central_lrs,
             "epochs": args.central_epochs,
