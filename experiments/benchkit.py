@@ -2,7 +2,9 @@
 
 The grid benchmarks (:mod:`experiments.bench_robustness`, :mod:`experiments.bench_strategies`)
 run many whole federations one after another in one process (:class:`BenchRunner`), write every
-finished run to a JSON file as they go, and can pick up an interrupted grid from that file.
+finished run to a JSON file as they go, and can pick up an interrupted grid from that file. A
+grid module says what its runs are (:class:`GridRun`) and how to print them; :func:`run_grid`
+does the rest the same way for every grid: resuming, timing, saving and progress lines.
 """
 
 from __future__ import annotations
@@ -14,10 +16,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.inprocess import APP_DIR, BenchRunner, unchanged_rounds
 from fl_common.env import set_quiet
+
+#: Factories in every federation of a grid benchmark.
+NUM_FACTORIES = 10
+#: The privacy every grid runs with, as its results file records it.
+PRIVACY = "dp epsilon 8 (conf default)"
 
 
 def prepare_process() -> None:
@@ -40,6 +48,111 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_rounds: dict[s
     parser.add_argument(
         "--resume", action="store_true", help="keep the finished runs in --out, run the rest"
     )
+
+
+def grid_parser(
+    description: str, tasks: Sequence[str], default_rounds: dict[str, int]
+) -> argparse.ArgumentParser:
+    """A grid benchmark's parser: ``--tasks`` and the common options; the grid adds its axes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--tasks", nargs="+", default=list(tasks), choices=tasks)
+    add_common_arguments(parser, default_rounds)
+    return parser
+
+
+def grid_results(
+    args: argparse.Namespace, default_rounds: dict[str, int], entries: str, **fields: object
+) -> dict:
+    """A grid's results file before its first run: what every grid records, ``fields`` (the
+    grid's own axes and settings) and an empty ``entries`` list."""
+    return {
+        "tasks": args.tasks,
+        "strategies": args.strategies,
+        **fields,
+        "rounds": {t: args.rounds or default_rounds[t] for t in args.tasks},
+        "num_factories": NUM_FACTORIES,
+        "seed": args.seed,
+        "privacy": PRIVACY,
+        entries: [],
+        "seconds": {},
+    }
+
+
+def grid_overrides(task: str, strategy: str, rounds: int, seed: int) -> list[str]:
+    """The overrides every federation of a grid starts with: task, strategy and size."""
+    return [
+        f"task={task}",
+        f"strategy={strategy}",
+        f"federation.num_factories={NUM_FACTORIES}",
+        f"federation.num_rounds={rounds}",
+        f"seed={seed}",
+    ]
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One federation of a grid: its key among the finished entries of an interrupted grid
+    (the key :func:`run_grid` is given computes the same from an entry), the label of its
+    progress line, and ``run``, which runs it on the grid's runner and returns its entry."""
+
+    key: tuple
+    label: str
+    run: Callable[[BenchRunner], dict]
+
+
+def run_grid(
+    args: argparse.Namespace,
+    name: str,
+    results: dict,
+    entries: str,
+    key: Callable[[dict], tuple],
+    plan: Callable[[str], list[GridRun]],
+    status: Callable[[dict], str],
+    report: Callable[[dict], None],
+) -> None:
+    """Run every task's ``plan`` in one scratch runner, saving ``results`` after every run.
+
+    With ``--resume`` the entries an interrupted run of the same grid left in ``--out`` (same
+    rounds and, where the grid has them, ``overrides``) are kept and not run again. A task's
+    time counts on from the interrupted run's. After every run the file is written and a
+    progress line printed (``status`` of a finished entry, or its error); at the end
+    ``report`` prints the tables (and may add a summary to ``results``), the file is written a
+    last time and every task's run count and time are printed.
+    """
+    out = output_path(args.out, name, args.quick)
+    rounds = results["rounds"]
+    same = {k: results[k] for k in ("rounds", "overrides") if k in results}
+    done, prior = finished_runs(out, entries, key, same) if args.resume else ({}, {})
+    t_all = time.monotonic()
+    with scratch_runner(name.replace("_", "-"), args.data_root, args.keep_runs) as bench:
+        for task in args.tasks:
+            t_task = time.monotonic()
+            runs = plan(task)
+            for i, run in enumerate(runs, 1):
+                entry = done.get(run.key)
+                if entry is None:
+                    entry = run.run(bench)
+                results[entries].append(entry)
+                results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
+                results["noise_plans"] = dict(bench.noise_plans)
+                out.write_text(json.dumps(results, indent=1))
+                print(
+                    f"[{task} {i}/{len(runs)}] {run.label}: {entry.get('error') or status(entry)}"
+                    f"  ({entry['seconds']:.1f} s)",
+                    flush=True,
+                )
+            print(f"{task}: {len(runs)} runs in {results['seconds'][task] / 60:.1f} min")
+    results["seconds"]["total"] = time.monotonic() - t_all
+    report(results)
+    out.write_text(json.dumps(results, indent=1))
+    for task in args.tasks:
+        n = sum(1 for e in results[entries] if e["task"] == task)
+        seconds = results["seconds"][task]
+        print(
+            f"{task}: {n} runs, {rounds[task]} rounds each, "
+            f"{seconds / 60:.1f} min ({seconds / n:.1f} s/run)"
+        )
+    print(f"results: {out}")
 
 
 def output_path(out: Path | None, name: str, quick: bool) -> Path:
