@@ -30,7 +30,7 @@ How the robust rules are told about the attackers:
 DP noise is drawn from OS entropy (a factory's privacy must not depend on a known seed), so two
 runs of one cell differ; the benchmark repeats FedAvg's clean run (``--repeats``) and prints
 the spread, the yardstick for which drops are real. Each factory's noise multiplier is planned
-once per data set and reused across runs (:func:`experiments.inprocess.memoized_noise_planning`:
+once per data set and reused across runs (:func:`experiments.benchkit.memoized_noise_planning`:
 the same values, without re-running Opacus's search in every run).
 
     python -m experiments.bench_robustness                      # full table, both tasks
@@ -54,7 +54,6 @@ import statistics
 from collections.abc import Sequence
 
 from experiments import benchkit
-from experiments.inprocess import BenchRunner
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 MORE_STRATEGIES = ("fedprox", "fedadam", "fedyogi", "fedavgm")
@@ -92,7 +91,7 @@ def defence(
 
 
 def run_cell(
-    bench: BenchRunner,
+    bench: benchkit.BenchRunner,
     task: str,
     strategy: str,
     attack: str,

@@ -39,7 +39,6 @@ from __future__ import annotations
 import statistics
 
 from experiments import benchkit
-from experiments.inprocess import BenchRunner
 from fl_server.config import CONF_DIR
 
 STRATEGIES = tuple(sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml")))
@@ -68,7 +67,13 @@ def rounds_to(curve: list[float], target: float) -> int | None:
 
 
 def run_one(
-    bench: BenchRunner, task: str, strategy: str, alpha: float, rounds: int, seed: int, rep: int
+    bench: benchkit.BenchRunner,
+    task: str,
+    strategy: str,
+    alpha: float,
+    rounds: int,
+    seed: int,
+    rep: int,
 ) -> dict:
     """One federation on the ``alpha`` split; returns its record (curve, test, time, error)."""
     name = f"strategies-{task}-{strategy}-a{alpha}-s{seed}-r{rep}"

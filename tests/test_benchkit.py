@@ -81,7 +81,7 @@ def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
 
 def test_benchmark_runs_keep_the_products_scoring_and_rewards(tmp_path):
     """A benchmark measures the federation a user runs: GTG scoring and rewards stay on."""
-    from experiments.inprocess import BenchRunner
+    from experiments.benchkit import BenchRunner
     from fl_server.config import compose_config
 
     product = compose_config([])

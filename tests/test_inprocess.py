@@ -22,13 +22,8 @@ from run_helpers import (
     small_run_config,
 )
 
-from experiments.inprocess import (
-    InProcessGrid,
-    memoized_noise_planning,
-    run_inprocess,
-    server_identity,
-    unchanged_rounds,
-)
+from experiments.benchkit import memoized_noise_planning, unchanged_rounds
+from experiments.inprocess import InProcessGrid, run_inprocess, server_identity
 from fl_client.privacy import plan_noise_multiplier
 from fl_server.checkpoint import load_latest
 
