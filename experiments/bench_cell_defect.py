@@ -162,27 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         f"SGD batch {args.central_batch_size}, lr in {args.central_lrs}, up to "
         f"{args.central_epochs} epochs; F1 and balanced accuracy at the validation-best threshold"
     )
-    for col in (
-        "training",
-        "PR-AUC",
-        "vs central (pts)",
-        "F1",
-        "bal. acc",
-        "eps spent",
-        "model",
-        "seconds",
-    ):
+    for col in ("training", "PR-AUC", "vs central (pts)", "F1", "bal. acc", "eps spent",
+                "model", "seconds"):
         table.add_column(col, justify="left" if col in ("training", "model") else "right")
     for label, (ap, f1, bacc), eps, how, secs in rows:
         table.add_row(
-            label,
-            f"{ap:.3f}",
-            f"{100 * (ap - central):+.1f}",
-            f"{f1:.3f}",
-            f"{bacc:.3f}",
-            eps,
-            how,
-            f"{secs:.0f}",
+            label, f"{ap:.3f}", f"{100 * (ap - central):+.1f}", f"{f1:.3f}", f"{bacc:.3f}", eps,
+            how, f"{secs:.0f}",
         )
     console.print(table)
 
