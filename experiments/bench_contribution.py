@@ -35,6 +35,9 @@ flipped-label factory's rank; then the guards' error rates; then the scaling cas
 factories on ``molding_quality``: seconds per round against the round's training, evaluations,
 and Spearman against a high-budget KernelSHAP reference).
 
+One job, comparing the estimators on identical rounds; its length is what that takes: the
+planted factories, the rounds they train and the summaries printed above.
+
     python -m experiments.bench_contribution                 # everything, 5 seeds (hours)
     python -m experiments.bench_contribution --tasks molding_quality --seeds 3 --scaling
     python -m experiments.bench_contribution --quick         # 1 seed, 2 rounds, no scaling

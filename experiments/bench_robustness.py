@@ -30,7 +30,7 @@ How the robust rules are told about the attackers:
 DP noise is drawn from OS entropy (a factory's privacy must not depend on a known seed), so two
 runs of one cell differ; the benchmark repeats FedAvg's clean run (``--repeats``) and prints
 the spread, the yardstick for which drops are real. Each factory's noise multiplier is planned
-once per data set and reused across runs (:func:`experiments.inprocess.memoized_noise_planning`:
+once per data set and reused across runs (:func:`experiments.benchkit.memoized_noise_planning`:
 the same values, without re-running Opacus's search in every run).
 
     python -m experiments.bench_robustness                      # full table, both tasks
@@ -49,29 +49,17 @@ markdown table per task and attack.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
-import time
 from collections.abc import Sequence
 
-from experiments.benchkit import (
-    add_common_arguments,
-    finished_runs,
-    output_path,
-    prepare_process,
-    run_recorded,
-    scratch_runner,
-)
-from experiments.inprocess import BenchRunner
+from experiments import benchkit
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 MORE_STRATEGIES = ("fedprox", "fedadam", "fedyogi", "fedavgm")
 ATTACKS = ("sign_flip", "scale", "label_flip", "noise", "nan")
 KS = (0, 1, 2, 3)
 TASKS = ("tep_fault", "molding_quality")
-NUM_FACTORIES = 10
 #: Rounds per task, sized so the full table (6 strategies x 16 cells, plus 2 repeats) takes
 #: about 40 minutes per task on the 2-core development machine (shared with other jobs):
 #: measured about 1.2 s + 1.1 s per round for a 10-factory tep_fault run and 1.5 s + 3 s per
@@ -103,7 +91,7 @@ def defence(
 
 
 def run_cell(
-    bench: BenchRunner,
+    bench: benchkit.BenchRunner,
     task: str,
     strategy: str,
     attack: str,
@@ -115,9 +103,11 @@ def run_cell(
 ) -> dict:
     """One federation; returns the cell's record (metric, curve, rejections, time or error).
 
-    ``extra``: Hydra overrides applied on top (the bench's ``--overrides``, e.g. a split).
+    ``tag`` names a repeat of a cell (``-rep1``...) and is kept in the record; every clean
+    FedAvg cell is marked ``repeat``, the runs the spread is taken over. ``extra``: Hydra
+    overrides applied on top (the bench's ``--overrides``, e.g. a split).
     """
-    overrides, f, beyond = defence(strategy, k, NUM_FACTORIES)
+    overrides, f, beyond = defence(strategy, k, benchkit.NUM_FACTORIES)
     attack_args = ["attack=none"] if k == 0 else [f"attack={attack}", f"attack.num_malicious={k}"]
     name = f"robust-{task}-{strategy}-{attack if k else 'clean'}-k{k}-s{seed}{tag}"
     record: dict = {
@@ -130,18 +120,13 @@ def run_cell(
         "rounds": rounds,
         "seed": seed,
     }
-    done = run_recorded(
+    if tag:
+        record["tag"] = tag
+    if strategy == "fedavg" and k == 0:
+        record["repeat"] = True
+    done = benchkit.run_recorded(
         bench,
-        [
-            f"task={task}",
-            f"strategy={strategy}",
-            f"federation.num_factories={NUM_FACTORIES}",
-            f"federation.num_rounds={rounds}",
-            f"seed={seed}",
-            *attack_args,
-            *overrides,
-            *extra,
-        ],
+        [*benchkit.grid_overrides(task, strategy, rounds, seed), *attack_args, *overrides, *extra],
         name,
         record,
     )
@@ -229,9 +214,8 @@ def print_tables(results: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the grid of (task, strategy, attack, k) federations and print the tables."""
-    prepare_process()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    benchkit.prepare_process()
+    parser = benchkit.grid_parser(__doc__.splitlines()[0], TASKS, DEFAULT_ROUNDS)
     parser.add_argument(
         "--strategies",
         nargs="+",
@@ -248,7 +232,6 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         help="Hydra overrides for every run, e.g. partition=dirichlet partition.alpha=10",
     )
-    add_common_arguments(parser, DEFAULT_ROUNDS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.rounds or 2
@@ -258,82 +241,42 @@ def main(argv: list[str] | None = None) -> None:
             [0, 2],
             1,
         )
-    out = output_path(args.out, "bench_robustness", args.quick)
-    rounds = {t: args.rounds or DEFAULT_ROUNDS[t] for t in args.tasks}
     ks = sorted(set(args.ks) | {0})
-    results: dict = {
-        "tasks": args.tasks,
-        "strategies": args.strategies,
-        "attacks": args.attacks,
-        "ks": ks,
-        "rounds": rounds,
-        "num_factories": NUM_FACTORIES,
-        "seed": args.seed,
-        "privacy": "dp epsilon 8 (conf default)",
-        "overrides": list(args.overrides),
-        "cells": [],
-        "seconds": {},
-    }
-    done, prior = (
-        finished_runs(
-            out,
-            "cells",
-            lambda c: (c["task"], c["strategy"], c["attack"], c["k"], c.get("tag", "")),
-            {"rounds": rounds, "overrides": list(args.overrides)},
-        )
-        if args.resume
-        else ({}, {})
+    results = benchkit.grid_results(
+        args, DEFAULT_ROUNDS, "cells", attacks=args.attacks, ks=ks, overrides=list(args.overrides)
     )
-    t_all = time.monotonic()
-    with scratch_runner("bench-robustness", args.data_root, args.keep_runs) as bench:
-        for task in args.tasks:
-            t_task = time.monotonic()
-            plan = [(s, "none", 0, "") for s in args.strategies]
-            plan += [(s, a, k, "") for s in args.strategies for a in args.attacks for k in ks if k]
-            if "fedavg" in args.strategies:
-                plan += [("fedavg", "none", 0, f"-rep{r}") for r in range(1, args.repeats)]
-            for i, (strategy, attack, k, tag) in enumerate(plan, 1):
-                cell = done.get((task, strategy, attack if k else "none", k, tag))
-                if cell is None:
-                    cell = run_cell(
-                        bench,
-                        task,
-                        strategy,
-                        attack,
-                        k,
-                        rounds[task],
-                        args.seed,
-                        tag,
-                        args.overrides,
-                    )
-                if tag:
-                    cell["tag"] = tag
-                if strategy == "fedavg" and k == 0:
-                    cell["repeat"] = True
-                results["cells"].append(cell)
-                results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
-                results["noise_plans"] = dict(bench.noise_plans)
-                out.write_text(json.dumps(results, indent=1))
-                status = cell.get("error") or (
-                    f"{cell['main_metric']}={cell['test']:.4f} rejected={cell['rejected']} "
-                    f"unchanged={cell['unchanged_rounds']}"
-                )
-                print(
-                    f"[{task} {i}/{len(plan)}] {strategy:13s} {attack:10s} k={k}{tag}: "
-                    f"{status}  ({cell['seconds']:.1f} s)",
-                    flush=True,
-                )
-            print(f"{task}: {len(plan)} runs in {results['seconds'][task] / 60:.1f} min")
-    results["seconds"]["total"] = time.monotonic() - t_all
-    out.write_text(json.dumps(results, indent=1))
-    print_tables(results)
-    for task in args.tasks:
-        n = sum(1 for c in results["cells"] if c["task"] == task)
-        print(
-            f"{task}: {n} runs, {rounds[task]} rounds each, "
-            f"{results['seconds'][task] / 60:.1f} min ({results['seconds'][task] / n:.1f} s/run)"
-        )
-    print(f"results: {out}")
+
+    def plan(task: str) -> list[benchkit.GridRun]:
+        rounds = results["rounds"][task]
+
+        def cell(strategy: str, attack: str, k: int, tag: str = "") -> benchkit.GridRun:
+            return benchkit.GridRun(
+                (task, strategy, attack if k else "none", k, tag),
+                f"{strategy:13s} {attack:10s} k={k}{tag}",
+                lambda bench: run_cell(
+                    bench, task, strategy, attack, k, rounds, args.seed, tag, args.overrides
+                ),
+            )
+
+        cells = [cell(s, "none", 0) for s in args.strategies]
+        cells += [cell(s, a, k) for s in args.strategies for a in args.attacks for k in ks if k]
+        if "fedavg" in args.strategies:
+            cells += [cell("fedavg", "none", 0, f"-rep{r}") for r in range(1, args.repeats)]
+        return cells
+
+    benchkit.run_grid(
+        args,
+        "bench_robustness",
+        results,
+        "cells",
+        key=lambda c: (c["task"], c["strategy"], c["attack"], c["k"], c.get("tag", "")),
+        plan=plan,
+        status=lambda c: (
+            f"{c['main_metric']}={c['test']:.4f} rejected={c['rejected']} "
+            f"unchanged={c['unchanged_rounds']}"
+        ),
+        report=print_tables,
+    )
 
 
 if __name__ == "__main__":

@@ -36,26 +36,14 @@ prints one markdown table per task.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-import time
 
-from experiments.benchkit import (
-    add_common_arguments,
-    finished_runs,
-    output_path,
-    prepare_process,
-    run_recorded,
-    scratch_runner,
-)
-from experiments.inprocess import BenchRunner
+from experiments import benchkit
 from fl_server.config import CONF_DIR
 
 STRATEGIES = tuple(sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml")))
 ALPHAS = (0.1, 0.5, 10.0)
 TASKS = ("tep_fault", "molding_quality")
-NUM_FACTORIES = 10
 TARGET_FRACTION = 0.9
 #: Rounds per task: about 25 minutes per task for the 30 runs on the 2-core development
 #: machine (10-factory runs measured at ~1.2 s + 1.1 s per round for tep_fault and
@@ -66,7 +54,7 @@ DEFAULT_ROUNDS = {"tep_fault": 30, "molding_quality": 12}
 def strategy_overrides(strategy: str) -> list[str]:
     """Overrides that size a strategy for 10 factories without attackers."""
     if strategy == "multikrum":
-        return [f"strategy.flower.num_nodes_to_select={NUM_FACTORIES}"]
+        return [f"strategy.flower.num_nodes_to_select={benchkit.NUM_FACTORIES}"]
     return []
 
 
@@ -79,7 +67,13 @@ def rounds_to(curve: list[float], target: float) -> int | None:
 
 
 def run_one(
-    bench: BenchRunner, task: str, strategy: str, alpha: float, rounds: int, seed: int, rep: int
+    bench: benchkit.BenchRunner,
+    task: str,
+    strategy: str,
+    alpha: float,
+    rounds: int,
+    seed: int,
+    rep: int,
 ) -> dict:
     """One federation on the ``alpha`` split; returns its record (curve, test, time, error)."""
     name = f"strategies-{task}-{strategy}-a{alpha}-s{seed}-r{rep}"
@@ -92,16 +86,12 @@ def run_one(
         "repeat": rep,
     }
     overrides = [
-        f"task={task}",
-        f"strategy={strategy}",
+        *benchkit.grid_overrides(task, strategy, rounds, seed),
         "partition=dirichlet",
         f"partition.alpha={alpha}",
-        f"federation.num_factories={NUM_FACTORIES}",
-        f"federation.num_rounds={rounds}",
-        f"seed={seed}",
         *strategy_overrides(strategy),
     ]
-    done = run_recorded(bench, overrides, name, record)
+    done = benchkit.run_recorded(bench, overrides, name, record)
     if done is not None:
         summary, _ = done
         record["failures"] = [(f["round"], f["factory"], f["status"]) for f in summary["failures"]]
@@ -194,84 +184,59 @@ def print_tables(results: dict, rows: list[dict]) -> None:
     )
 
 
+def report(results: dict) -> None:
+    """Add the per-cell summary to ``results`` and print its tables."""
+    results["summary"] = summarise(results)
+    print_tables(results, results["summary"])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run every (task, alpha, strategy) federation and print the tables."""
-    prepare_process()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    benchkit.prepare_process()
+    parser = benchkit.grid_parser(__doc__.splitlines()[0], TASKS, DEFAULT_ROUNDS)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS))
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell (DP noise)")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 3 strategies, 1 alpha")
-    add_common_arguments(parser, DEFAULT_ROUNDS)
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds = args.rounds or 3
         args.strategies, args.alphas = ["fedavg", "fedmedian", "krum"], [0.5]
-    out = output_path(args.out, "bench_strategies", args.quick)
-    rounds = {t: args.rounds or DEFAULT_ROUNDS[t] for t in args.tasks}
-    results: dict = {
-        "tasks": args.tasks,
-        "strategies": args.strategies,
-        "alphas": args.alphas,
-        "rounds": rounds,
-        "num_factories": NUM_FACTORIES,
-        "seed": args.seed,
-        "target_fraction": TARGET_FRACTION,
-        "privacy": "dp epsilon 8 (conf default)",
-        "runs": [],
-        "seconds": {},
-    }
-    done, prior = (
-        finished_runs(
-            out,
-            "runs",
-            lambda r: (r["task"], r["strategy"], r["alpha"], r["repeat"]),
-            {"rounds": rounds},
-        )
-        if args.resume
-        else ({}, {})
+    results = benchkit.grid_results(
+        args, DEFAULT_ROUNDS, "runs", alphas=args.alphas, target_fraction=TARGET_FRACTION
     )
-    t_all = time.monotonic()
-    with scratch_runner("bench-strategies", args.data_root, args.keep_runs) as bench:
-        for task in args.tasks:
-            t_task = time.monotonic()
-            plan = [
-                (alpha, strategy, rep)
-                for alpha in args.alphas
-                for strategy in args.strategies
-                for rep in range(args.repeats)
-            ]
-            for i, (alpha, strategy, rep) in enumerate(plan, 1):
-                record = done.get((task, strategy, alpha, rep))
-                if record is None:
-                    record = run_one(bench, task, strategy, alpha, rounds[task], args.seed, rep)
-                results["runs"].append(record)
-                results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
-                out.write_text(json.dumps(results, indent=1))
-                status = record.get("error") or (
-                    f"test {record['main_metric']}={record['test']:.4f} "
-                    f"val {record['val_curve'][-1]:.4f} failures={len(record['failures'])} "
-                    f"unchanged={record['unchanged_rounds']}"
-                )
-                print(
-                    f"[{task} {i}/{len(plan)}] alpha={alpha:g} {strategy:13s}: {status}  "
-                    f"({record['seconds']:.1f} s)",
-                    flush=True,
-                )
-            print(f"{task}: {len(plan)} runs in {results['seconds'][task] / 60:.1f} min")
-    results["seconds"]["total"] = time.monotonic() - t_all
-    rows = summarise(results)
-    results["summary"] = rows
-    out.write_text(json.dumps(results, indent=1))
-    print_tables(results, rows)
-    for task in args.tasks:
-        n = sum(1 for r in results["runs"] if r["task"] == task)
-        print(
-            f"{task}: {n} runs, {rounds[task]} rounds each, "
-            f"{results['seconds'][task] / 60:.1f} min ({results['seconds'][task] / n:.1f} s/run)"
-        )
-    print(f"results: {out}")
+
+    def plan(task: str) -> list[benchkit.GridRun]:
+        rounds = results["rounds"][task]
+
+        def run(strategy: str, alpha: float, rep: int) -> benchkit.GridRun:
+            return benchkit.GridRun(
+                (task, strategy, alpha, rep),
+                f"alpha={alpha:g} {strategy:13s}",
+                lambda bench: run_one(bench, task, strategy, alpha, rounds, args.seed, rep),
+            )
+
+        return [
+            run(strategy, alpha, rep)
+            for alpha in args.alphas
+            for strategy in args.strategies
+            for rep in range(args.repeats)
+        ]
+
+    benchkit.run_grid(
+        args,
+        "bench_strategies",
+        results,
+        "runs",
+        key=lambda r: (r["task"], r["strategy"], r["alpha"], r["repeat"]),
+        plan=plan,
+        status=lambda r: (
+            f"test {r['main_metric']}={r['test']:.4f} "
+            f"val {r['val_curve'][-1]:.4f} failures={len(r['failures'])} "
+            f"unchanged={r['unchanged_rounds']}"
+        ),
+        report=report,
+    )
 
 
 if __name__ == "__main__":

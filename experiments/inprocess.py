@@ -39,9 +39,7 @@ Writes ``outputs/inprocess/<time>-<task>-<strategy>/`` (``config.yaml``, ``flowe
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import gc
 import json
 import logging
 import random
@@ -301,44 +299,6 @@ def flower_log(path: Path, quiet: bool) -> Iterator[None]:
         handler.close()
 
 
-@contextmanager
-def memoized_noise_planning() -> Iterator[dict[str, int]]:
-    """Reuse each factory's DP noise plan across the runs of a benchmark (same values, exactly).
-
-    A factory plans its run's noise multiplier once, before its first round, with Opacus's
-    ``get_noise_multiplier`` (from :func:`fl_client.privacy.plan_noise_multiplier`): a search
-    over sigma that evaluates the RDP curve at fractional orders in pure Python. Measured here:
-    0.5-2 s per factory for ``molding_quality`` and about 9 s for ``tep_fault`` (sample rate
-    near 0.1); 90 of a 3-round 10-factory ``tep_fault`` run's 110 s. The search is a pure
-    function of (epsilon, delta, sample rate, steps, accountant, tolerance), and a benchmark
-    repeats it with the same arguments in every run on the same data, so inside this context
-    ``fl_client.privacy`` calls a memoized copy: the first run pays, later runs get the same
-    float back. Nothing else changes (the ledger, the accountant and the spend are untouched).
-    The yielded dict counts ``hits`` and ``misses``. Benchmarks only; a deployed factory plans
-    once per run anyway.
-    """
-    import fl_client.privacy as privacy
-
-    original = privacy.get_noise_multiplier
-    stats = {"hits": 0, "misses": 0}
-    cache: dict[tuple, float] = {}
-
-    def memoized(**kwargs: object) -> float:
-        key = tuple(sorted(kwargs.items()))
-        if key in cache:
-            stats["hits"] += 1
-        else:
-            stats["misses"] += 1
-            cache[key] = original(**kwargs)
-        return cache[key]
-
-    privacy.get_noise_multiplier = memoized
-    try:
-        yield stats
-    finally:
-        privacy.get_noise_multiplier = original
-
-
 def default_output_dir(cfg: DictConfig) -> Path:
     """``outputs/inprocess/<date>/<time>-<task>-<strategy>`` under the repository."""
     stamp = datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
@@ -378,90 +338,6 @@ def run_inprocess(cfg: DictConfig, quiet: bool = False) -> dict:
     summary["grid"] = "inprocess"
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def unchanged_rounds(summary: dict) -> list[int]:
-    """Rounds after which the global model was left as it was (no aggregation happened).
-
-    Read from the summary's per-round central evaluation: a round whose validation metrics
-    (loss included) equal the previous round's to the last bit kept the previous model, which
-    happens when too few updates were accepted or the strategy declined to aggregate (Bulyan
-    with fewer than 4f + 3 replies). Any real aggregation moves the loss.
-    """
-    rounds = summary.get("rounds") or []
-    return [
-        int(cur["round"])
-        for prev, cur in zip(rounds, rounds[1:], strict=False)
-        if {k: v for k, v in cur.items() if k != "round"}
-        == {k: v for k, v in prev.items() if k != "round"}
-    ]
-
-
-class BenchRunner:
-    """Many in-process federations for a benchmark, sharing one scratch MLflow store.
-
-    Every run composes ``conf/`` with the benchmark's overrides on the product's defaults:
-    contribution scoring and rewards stay on (a benchmark about turning them off says so in
-    its overrides, e.g. ``contribution=none``), so a benchmark measures the federation a user
-    runs. Only what a benchmark never looks at is changed: ``tracking.register_model=false``,
-    MLflow in ``<workdir>/mlflow.db`` (artifacts beside it) and the run's folder in
-    ``<workdir>/runs/<name>``. Data lives in ``data_root`` and is
-    reused between benchmarks (its folders are named by their parameters). Noise plans are
-    memoized across runs (:func:`memoized_noise_planning`) unless ``memoize_noise`` is false.
-    Use it as a context manager.
-    """
-
-    def __init__(
-        self, workdir: Path, data_root: Path, quiet: bool = True, memoize_noise: bool = True
-    ) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.data_root = Path(data_root).resolve()
-        self.quiet = quiet
-        self.memoize_noise = memoize_noise
-        self.noise_plans: dict[str, int] = {"hits": 0, "misses": 0}
-        self._memo: contextlib.AbstractContextManager[dict[str, int]] | None = None
-
-    def __enter__(self) -> BenchRunner:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.memoize_noise:
-            self._memo = memoized_noise_planning()
-            self.noise_plans = self._memo.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._memo is not None:
-            self._memo.__exit__(None, None, None)
-            self._memo = None
-        gc.unfreeze()
-
-    def config(self, overrides: list[str], name: str) -> DictConfig:
-        """The finalised config of run ``name`` (``overrides`` come last and win)."""
-        cfg = compose_config(
-            [
-                "tracking.register_model=false",
-                f"tracking.uri=sqlite:///{self.workdir / 'mlflow.db'}",
-                f"tracking.artifact_root={self.workdir / 'mlartifacts'}",
-                f"data_root={self.data_root}",
-                f"run_name={name}",
-                *overrides,
-            ]
-        )
-        return finalize(cfg, base=APP_DIR, output_dir=self.workdir / "runs" / name)
-
-    def run(self, overrides: list[str], name: str) -> tuple[dict, DictConfig]:
-        """Run one federation; returns its summary and config.
-
-        Before the run, everything alive is moved out of the garbage collector's sight
-        (``gc.freeze``). Flower's Bulyan converts every reply with
-        ``ArrayRecord.to_numpy_ndarrays(keep_input=False)``, which calls ``gc.collect()`` each
-        time: a full collection over this process's ~700k objects (torch, MLflow, Flower) took
-        0.3-0.8 s, i.e. several seconds per Bulyan round. Frozen objects are skipped, so that
-        cost drops to the run's own objects; results are unchanged.
-        """
-        cfg = self.config(overrides, name)
-        gc.collect()
-        gc.freeze()
-        return run_inprocess(cfg, quiet=self.quiet), cfg
 
 
 def main(argv: list[str] | None = None) -> float:

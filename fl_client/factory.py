@@ -20,6 +20,8 @@ Order of a DP round, chosen so that privacy spend is never lost or exceeded:
 In simulated robustness benches a factory the server names as malicious poisons its training
 labels (after step 1, on the in-memory dataset) or its trained weights (after step 5); see
 :mod:`fl_client.attacks`. Every other factory runs exactly the steps above.
+
+One job, the factory's round; its length is the privacy steps 0-4, each checked before training.
 """
 
 from __future__ import annotations

@@ -231,6 +231,25 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
+def _key_usage(*allowed: str) -> x509.KeyUsage:
+    """A KeyUsage extension that allows exactly the ``allowed`` uses (KeyUsage's field names)."""
+    uses = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    unknown = set(allowed) - set(uses)
+    if unknown:
+        raise ValueError(f"unknown key usage {sorted(unknown)}; known: {', '.join(uses)}")
+    return x509.KeyUsage(**{use: use in allowed for use in uses})
+
+
 def make_ca_certificate(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
     """A self-signed CA certificate for ``key`` (may sign leaf certificates only)."""
     name = _name("factoryfed federation CA")
@@ -244,20 +263,7 @@ def make_ca_certificate(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Cert
         .not_valid_before(_now() - dt.timedelta(minutes=5))
         .not_valid_after(_now() + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage("digital_signature", "key_cert_sign", "crl_sign"), critical=True)
         .add_extension(ski, critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
@@ -291,20 +297,7 @@ def make_server_certificate(
         .not_valid_after(min(_now() + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage("digital_signature", "key_agreement"), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(

@@ -14,6 +14,8 @@ code draws a 4-factory run and a synthetic 100-factory one. The summary keys rea
 
 Missing keys read as empty, so a run with scoring or DP off still gets its description.
 The plots use matplotlib's object API on the Agg canvas (no GUI backend, no global state).
+
+One job, the run's report from its summary; its length is the five plots and the description.
 """
 
 from __future__ import annotations

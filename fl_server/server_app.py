@@ -8,6 +8,9 @@ aggregates and hands the round's :class:`~strategies.reports.RoundRecord` to the
 its validation set and the recorder writes the round (MLflow batch, payout into the
 hash-chained ledger, failures, checkpoint, run state). After the last round the server scores
 the model on its test set, logs it and writes ``summary.json``.
+
+One job, a run from config to summary on the operator's side; its length is the run's two ends
+(opening the MLflow run, resuming, and finishing: test scores, model logging, statements).
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ prediction, predictive maintenance...). Each task lives in its own folder with t
 (``dataset.py`` for schema and loader, ``model.py``, ``loss.py``, ``metrics.py``, ``source.py``
 for the data source) and exposes one :class:`StandardTask` object, so a newcomer finds every
 piece in the same place and the server and client code never branch on task names.
+
+One job, the task contract; its length is the machinery every task inherits from it (schema
+checks, the privacy-unit datasets, the windowed time-series base), which keeps each task
+folder small.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
 
 def test_benchmark_runs_keep_the_products_scoring_and_rewards(tmp_path):
     """A benchmark measures the federation a user runs: GTG scoring and rewards stay on."""
-    from experiments.inprocess import BenchRunner
+    from experiments.benchkit import BenchRunner
     from fl_server.config import compose_config
 
     product = compose_config([])
@@ -91,3 +91,57 @@ def test_benchmark_runs_keep_the_products_scoring_and_rewards(tmp_path):
     assert cfg.strategy.name == "fedmedian" and cfg.output_dir == str(tmp_path / "runs" / "cell")
     off = BenchRunner(tmp_path, tmp_path / "data").config(["contribution=none"], "off")
     assert off.contribution.method == "none"  # a benchmark about turning it off can
+
+
+def test_a_grid_keeps_its_finished_runs_and_saves_after_every_run(tmp_path, capsys):
+    from experiments.benchkit import GridRun, grid_results, run_grid
+
+    args = SimpleNamespace(
+        tasks=["tep"],
+        strategies=["fedavg"],
+        rounds=2,
+        seed=0,
+        data_root=tmp_path / "data",
+        keep_runs=False,
+        out=tmp_path / "grid.json",
+        resume=True,
+        quick=False,
+    )
+    interrupted = grid_results(args, {"tep": 5}, "runs")
+    interrupted["runs"] = [
+        {"task": "tep", "name": "a", "test": 0.5, "seconds": 1.0},
+        {"task": "tep", "name": "b", "error": "RuntimeError: boom", "seconds": 1.0},
+    ]
+    interrupted["seconds"] = {"tep": 10.0}
+    args.out.write_text(json.dumps(interrupted))
+    saved_before: dict[str, list[str]] = {}
+
+    def run(name):
+        def one(bench):
+            saved = json.loads(args.out.read_text())["runs"]
+            saved_before[name] = [e["name"] for e in saved]
+            return {"task": "tep", "name": name, "test": 0.7, "seconds": 2.0}
+
+        return one
+
+    reported = []
+    run_grid(
+        args,
+        "grid",
+        grid_results(args, {"tep": 5}, "runs"),
+        "runs",
+        key=lambda e: (e["task"], e["name"]),
+        plan=lambda task: [GridRun((task, n), f"run {n}", run(n)) for n in ("a", "b", "c")],
+        status=lambda e: f"test={e['test']}",
+        report=lambda results: reported.append([e["name"] for e in results["runs"]]),
+    )
+    # "a" finished before and is kept; the failed "b" runs again, then "c".
+    assert saved_before == {"b": ["a"], "c": ["a", "b"]}
+    assert reported == [["a", "b", "c"]]
+    saved = json.loads(args.out.read_text())
+    assert [(e["name"], e["test"]) for e in saved["runs"]] == [("a", 0.5), ("b", 0.7), ("c", 0.7)]
+    assert saved["seconds"]["tep"] >= 10.0 and "total" in saved["seconds"]
+    assert saved["num_factories"] == 10 and saved["rounds"] == {"tep": 2}
+    printed = capsys.readouterr().out
+    assert "[tep 3/3] run c: test=0.7  (2.0 s)" in printed
+    assert "tep: 3 runs, 2 rounds each" in printed

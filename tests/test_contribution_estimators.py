@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from shapley_helpers import Game, brute_force_shapley
 
 from strategies.contribution import (
     METHODS,
@@ -21,8 +22,6 @@ from strategies.contribution import (
     gtg_shapley,
     leave_one_out,
 )
-
-Game = Callable[[Coalition], float]
 
 
 class Recorder:
@@ -71,20 +70,6 @@ def dominated_game(c: Coalition) -> float:
     """Two factories whose update alone nearly saturates the round's gain; six marginal ones."""
     quality = [6.0, 5.0, 0.05, 0.05, 0.04, 0.03, 0.02, 0.01]
     return 0.3 * (1.0 - math.exp(-sum(quality[i] for i in c)))
-
-
-def brute_force_shapley(n: int, game: Game) -> np.ndarray:
-    """Average marginal contribution over all n! orderings (the definition)."""
-    scores = np.zeros(n)
-    for order in itertools.permutations(range(n)):
-        prefix: set[int] = set()
-        before = 0.0
-        for player in order:
-            prefix.add(player)
-            after = game(frozenset(prefix))
-            scores[player] += after - before
-            before = after
-    return scores / math.factorial(n)
 
 
 # --- UtilityCache ----------------------------------------------------------------------------

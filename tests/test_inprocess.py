@@ -15,19 +15,17 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from mlflow.tracking import MlflowClient
-
-from experiments.inprocess import (
-    InProcessGrid,
-    memoized_noise_planning,
-    run_inprocess,
-    server_identity,
-    unchanged_rounds,
+from run_helpers import (
+    BROKEN_RUN,
+    break_factory_data,
+    check_run_with_a_broken_factory,
+    small_run_config,
 )
+
+from experiments.benchkit import memoized_noise_planning, unchanged_rounds
+from experiments.inprocess import InProcessGrid, run_inprocess, server_identity
 from fl_client.privacy import plan_noise_multiplier
 from fl_server.checkpoint import load_latest
-from fl_server.config import compose_config, finalize
-from fl_server.data import ensure_data
-from fl_server.rewards.ledger import RewardLedger, verify_ledger
 
 toy = ClientApp()
 
@@ -111,73 +109,24 @@ def test_unchanged_rounds_spots_a_kept_model():
     assert unchanged_rounds({"rounds": rounds}) == [1]
 
 
-def _config(tmp_path, name, *overrides):
-    cfg = compose_config(
-        [
-            "task=molding_quality",
-            "federation.num_factories=3",
-            "federation.num_rounds=2",
-            "federation.min_factories=2",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"tracking.artifact_root={tmp_path / 'artifacts'}",
-            f"data_root={tmp_path / 'data'}",
-            *overrides,
-        ]
-    )
-    return finalize(cfg, base=tmp_path, output_dir=tmp_path / name)
-
-
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_inprocess_federation_end_to_end(tmp_path):
-    cfg = _config(
-        tmp_path,
-        "out",
-        "privacy.epsilon=4",
-        "contribution=exact",
-        "rewards=per_run",
-        "rewards.amount=1001",
-        "tracking.register_model=false",
-    )
-    data_dir, _ = ensure_data(cfg)
-    (data_dir / "factory_002.parquet").write_bytes(b"not a parquet file")
+    cfg = small_run_config(tmp_path, "out", *BROKEN_RUN, "tracking.register_model=false")
+    break_factory_data(cfg)
 
     summary = run_inprocess(cfg, quiet=True)
 
     assert summary["grid"] == "inprocess" and summary["wall_seconds"] > 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
-    client = MlflowClient(tracking_uri=cfg.tracking.uri)
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["federation.num_factories"] == "3"
-    main = f"server/{summary['main_metric']}"
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, main)) == [0, 1, 2]
-    for name in ("accepted", "round_seconds", "epsilon_max", "contribution_evaluations"):
-        history = client.get_metric_history(run.info.run_id, f"server/{name}")
-        assert [m.step for m in history] == [1, 2], name
-    for fid in ("factory_000", "factory_001"):
-        for name in ("epsilon", "train_loss", "num_examples", "participated", "contribution"):
-            history = client.get_metric_history(run.info.run_id, f"factory/{fid}/{name}")
-            assert [m.step for m in history] == [1, 2], (fid, name)
-        eps = [
-            m.value for m in client.get_metric_history(run.info.run_id, f"factory/{fid}/epsilon")
-        ]
-        assert 0 < eps[0] < eps[1] <= 4.0
-        privacy = json.loads((tmp_path / "out" / "privacy" / f"{fid}.json").read_text())
-        assert privacy["factory_id"] == fid
-    failed = client.get_metric_history(run.info.run_id, "factory/factory_002/failed")
-    assert [m.value for m in failed] == [1.0, 1.0]
-    assert {f["status"] for f in summary["failures"]} == {"data-error"}
-    assert all("factory_002.parquet" in f["reason"] for f in summary["failures"])
-    assert {f["factory"] for f in summary["failures"]} == {"factory_002"}
-
-    assert verify_ledger(summary["ledger"], expected_head=summary["ledger_head"]).ok
-    entries = RewardLedger(summary["ledger"]).entries(run_id=summary["mlflow_run_id"])
-    assert {e.factory_id for e in entries} == {"factory_000", "factory_001"}
-    assert sum(e.payout for e in entries) + summary["reward_carry"] == 1001
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config", "summary.json", "failures.json", "rewards"} <= artifacts
+    check_run_with_a_broken_factory(
+        MlflowClient(tracking_uri=cfg.tracking.uri),
+        summary,
+        tmp_path / "out",
+        factory_metrics=("epsilon", "train_loss", "num_examples", "participated", "contribution"),
+        server_metrics=("accepted", "round_seconds", "epsilon_max", "contribution_evaluations"),
+    )
     assert load_latest(tmp_path / "out" / "checkpoints")["round"] == 2
     assert (tmp_path / "out" / "flower.log").read_text().count("[factoryfed] round") == 3
 
@@ -186,8 +135,8 @@ def test_inprocess_federation_end_to_end(tmp_path):
 @pytest.mark.timeout(300)
 def test_inprocess_runs_are_reproducible_without_dp(tmp_path):
     common = ("privacy=none", "contribution=none", "tracking.register_model=false")
-    first = run_inprocess(_config(tmp_path, "a", *common), quiet=True)
-    second = run_inprocess(_config(tmp_path, "b", *common), quiet=True)
+    first = run_inprocess(small_run_config(tmp_path, "a", *common), quiet=True)
+    second = run_inprocess(small_run_config(tmp_path, "b", *common), quiet=True)
     assert first["mlflow_run_id"] != second["mlflow_run_id"]
     assert first["rounds"] == second["rounds"]
     assert first["test"] == second["test"]
@@ -202,8 +151,8 @@ def test_inprocess_matches_the_flower_simulation_without_dp(tmp_path):
     from experiments.run import run_simulation
 
     common = ("privacy=none", "contribution=none", "tracking.register_model=false")
-    inprocess = run_inprocess(_config(tmp_path, "inprocess", *common), quiet=True)
-    simulated = run_simulation(_config(tmp_path, "simulation", *common))
+    inprocess = run_inprocess(small_run_config(tmp_path, "inprocess", *common), quiet=True)
+    simulated = run_simulation(small_run_config(tmp_path, "simulation", *common))
     # Equal up to float32 rounding: Ray's workers run torch with a different thread count, so
     # sums are reduced in another order (seen: a loss differing in its 7th digit).
     assert len(inprocess["rounds"]) == len(simulated["rounds"])

@@ -4,7 +4,6 @@ One factory's data file is corrupted: its error must reach the server and MLflow
 other factories' round goes on.
 """
 
-import json
 import os
 import time
 from pathlib import Path
@@ -13,12 +12,15 @@ import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from run_helpers import (
+    BROKEN_RUN,
+    break_factory_data,
+    check_run_with_a_broken_factory,
+    small_run_config,
+)
 
 from experiments.run import run_simulation
 from fl_server.checkpoint import load_latest
-from fl_server.config import compose_config, finalize
-from fl_server.data import ensure_data
-from fl_server.rewards.ledger import RewardLedger, verify_ledger
 from standard_models.registry import get_task
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -38,38 +40,17 @@ def _processes_in(folder) -> list[int]:
 
 
 def test_federation_end_to_end(tmp_path):
-    db = tmp_path / "mlflow.db"
-    cfg = compose_config(
-        [
-            "federation.num_factories=3",
-            "federation.num_rounds=2",
-            "federation.min_factories=2",
-            f"tracking.uri=sqlite:///{db}",
-            f"data_root={tmp_path / 'data'}",
-            f"tracking.artifact_root={tmp_path / 'artifacts'}",
-            "privacy.epsilon=4",
-            "contribution=exact",
-            "rewards=per_run",
-            "rewards.amount=1001",
-        ]
-    )
-    cfg = finalize(cfg, base=tmp_path, output_dir=tmp_path / "out")
-    data_dir, _ = ensure_data(cfg)
-    (data_dir / "factory_002.parquet").write_bytes(b"not a parquet file")
+    cfg = small_run_config(tmp_path, "out", *BROKEN_RUN, task="tep_fault")
+    data_dir = break_factory_data(cfg)
 
     summary = run_simulation(cfg)
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
-    assert float(run.data.params["privacy.epsilon"]) == 4.0
-    assert run.data.params["federation.num_factories"] == "3"
-
-    main = f"server/{summary['main_metric']}"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, main)]
-    assert sorted(steps) == [0, 1, 2]
-    for fid in ("factory_000", "factory_001"):
-        for name in (
+    client = MlflowClient(tracking_uri=cfg.tracking.uri)
+    run = check_run_with_a_broken_factory(
+        client,
+        summary,
+        tmp_path / "out",
+        factory_metrics=(
             "epsilon",
             "noise_multiplier",
             "sample_rate",
@@ -77,45 +58,23 @@ def test_federation_end_to_end(tmp_path):
             "train_loss",
             "num_examples",
             "participated",
-        ):
-            history = client.get_metric_history(run.info.run_id, f"factory/{fid}/{name}")
-            assert [m.step for m in history] == [1, 2], (fid, name)
-        eps = [
-            m.value for m in client.get_metric_history(run.info.run_id, f"factory/{fid}/epsilon")
-        ]
-        assert 0 < eps[0] < eps[1] <= 4.0
-        ledger = json.loads((tmp_path / "out" / "privacy" / f"{fid}.json").read_text())
-        assert ledger["factory_id"] == fid
-    broken = client.get_metric_history(run.info.run_id, "factory/factory_002/failed")
-    assert [m.value for m in broken] == [1.0, 1.0]
+            # Contributions of the two working factories, paid from the pool through the ledger.
+            "contribution",
+            "contribution_cumulative",
+            "payout_cumulative",
+        ),
+        server_metrics=("contribution_evaluations", "contribution_seconds"),
+    )
+    assert float(run.data.params["privacy.epsilon"]) == 4.0
     participated = client.get_metric_history(run.info.run_id, "factory/factory_002/participated")
     assert [m.value for m in participated] == [0.0, 0.0]
-    failures = summary["failures"]
-    assert {f["status"] for f in failures} == {"data-error"}
-    assert all("factory_002.parquet" in f["reason"] for f in failures)
-
-    # Contributions of the two working factories, paid from the pool through the ledger.
-    for fid in ("factory_000", "factory_001"):
-        for name in ("contribution", "contribution_cumulative", "payout_cumulative"):
-            history = client.get_metric_history(run.info.run_id, f"factory/{fid}/{name}")
-            assert [m.step for m in history] == [1, 2], (fid, name)
-    for name in ("contribution_evaluations", "contribution_seconds"):
-        history = client.get_metric_history(run.info.run_id, f"server/{name}")
-        assert [m.step for m in history] == [1, 2], name
     evaluations = client.get_metric_history(run.info.run_id, "server/contribution_evaluations")
     assert [m.value for m in evaluations] == [3.0, 3.0]  # exact over 2 players
-    ledger_path = Path(summary["ledger"])
-    assert verify_ledger(ledger_path, expected_head=summary["ledger_head"]).ok
-    entries = RewardLedger(ledger_path).entries(run_id=summary["mlflow_run_id"])
-    assert {e.factory_id for e in entries} == {"factory_000", "factory_001"}
-    assert sum(e.payout for e in entries) + summary["reward_carry"] == 1001
     assert run.data.tags["ledger_head"] == summary["ledger_head"]
 
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config", "summary.json", "failures.json", "rewards"} <= artifacts
     versions = client.search_model_versions(f"name='factoryfed-{cfg.task.name}'")
     assert versions and versions[0].run_id == run.info.run_id
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
+    mlflow.set_tracking_uri(cfg.tracking.uri)
     exported = mlflow.pytorch.load_model(
         f"models:/factoryfed-{cfg.task.name}/{versions[0].version}"
     )

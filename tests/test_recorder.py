@@ -168,26 +168,14 @@ def test_each_written_round_calls_back(run):
 
 def test_failures_accumulate_and_each_round_is_paid_once(run, tmp_path):
     tracker, recorder, client = run
-    first = _record(
-        1,
-        [
-            FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10}),
-            FactoryOutcome("f1", REJECTED, "NaN"),
-        ],
-        scores={"f0": 1.0},
-    )
-    recorder.receive(first)
-    recorder.record(1, _scores(0.4), STATE)
-    second = _record(
-        2,
-        [
-            FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10}),
-            FactoryOutcome("f3", ERROR, "crash"),
-        ],
-        scores={"f0": 1.0},
-    )
-    recorder.receive(second)
-    recorder.record(2, _scores(0.6), STATE)
+    f0 = FactoryOutcome("f0", ACCEPTED, metrics={"num-examples": 10})
+    for server_round, failed, f1 in (
+        (1, FactoryOutcome("f1", REJECTED, "NaN"), 0.4),
+        (2, FactoryOutcome("f3", ERROR, "crash"), 0.6),
+    ):
+        last = _record(server_round, [f0, failed], scores={"f0": 1.0})
+        recorder.receive(last)
+        recorder.record(server_round, _scores(f1), STATE)
     failures = _failures(client, tracker.run_id, tmp_path / "b")
     assert [(f["round"], f["factory"], f["status"]) for f in failures] == [
         (1, "f1", "rejected"),
@@ -212,7 +200,7 @@ def test_failures_accumulate_and_each_round_is_paid_once(run, tmp_path):
         factory_rounds=load_run_state(recorder.out_dir)["factory_rounds"],
     )
     again.record(2, _scores(0.6), STATE)  # the evaluation of the checkpoint resumed from
-    again.desk.settle(2, second.contribution, {})  # a settle of a paid round pays nothing
+    again.desk.settle(2, last.contribution, {})  # a settle of round 2, paid already, pays nothing
     ledger = RewardLedger(ledger_path)
     assert ledger.rounds(tracker.run_id) == {1, 2}
     assert [e.payout for e in ledger.entries(run_id=tracker.run_id)] == [90, 90]

@@ -13,39 +13,22 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from run_helpers import small_run_config
 
 from experiments.inprocess import run_inprocess
-from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
 from fl_server.report import PLOTS
 from fl_server.server_app import NothingTrained
 from fl_server.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG
 
-
-def small_run_config(tmp_path: Path, name: str, *overrides: str):
-    """A 3-factory, 2-round molding_quality run with its MLflow store in ``tmp_path``."""
-    cfg = compose_config(
-        [
-            "task=molding_quality",
-            "federation.num_factories=3",
-            "federation.num_rounds=2",
-            "federation.min_factories=2",
-            "contribution=exact",
-            "rewards=per_run",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-            f"tracking.artifact_root={tmp_path / 'artifacts'}",
-            f"data_root={tmp_path / 'data'}",
-            f"run_name={name}",
-            *overrides,
-        ]
-    )
-    return finalize(cfg, base=tmp_path, output_dir=tmp_path / name)
+#: The operator's records come from scoring and paying: exact Shapley values, paid per run.
+SCORED = ("contribution=exact", "rewards=per_run")
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_finished_run_tells_the_operator_everything(tmp_path: Path) -> None:
-    summary = run_inprocess(small_run_config(tmp_path, "ok"), quiet=True)
+    summary = run_inprocess(small_run_config(tmp_path, "ok", *SCORED), quiet=True)
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -99,7 +82,7 @@ def test_a_finished_run_tells_the_operator_everything(tmp_path: Path) -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_a_run_that_trains_nothing_fails_and_registers_no_model(tmp_path: Path) -> None:
-    cfg = small_run_config(tmp_path, "nothing")
+    cfg = small_run_config(tmp_path, "nothing", *SCORED)
     data_dir, _ = ensure_data(cfg)
     for i in range(3):
         (data_dir / f"factory_{i:03d}.parquet").write_bytes(b"not a parquet file")
