@@ -373,7 +373,8 @@ def audit_task(
     ``generate`` factories are generated; ``jobs`` models are trained at a time; ``null``
     adds the null model's row.
     """
-    wanted = 4 * members if split == "paired" else 2 * members
+    # a pair takes two units, and a recording with an odd count leaves one out
+    wanted = 5 * members // 2 if split == "paired" else 2 * members
     d = audit_data(task_name, unit, factory, wanted, generate, epochs)
     n_ref = len(d.reference)  # type: ignore[arg-type]
     levels: list[float | None] = [None, *epsilons]
