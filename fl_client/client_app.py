@@ -22,6 +22,9 @@ simulated factory uses ``factory_<partition-id>.parquet`` and ``<output-dir>/pri
 Every failure is answered, never raised: the reply carries the factory id, a status
 (``declined`` for budget or privacy policy, ``data-error`` for an unusable file, ``error``
 otherwise) and the reason, so the server records it and the round goes on with the other factories.
+Once the factory's site is known, every reply also states its own epsilon budget and the unit
+its epsilon counts (:func:`privacy_facts`), so the operator counts its epsilon left against the
+factory's budget rather than the federation's.
 
 What the server sends and what the factory answers is defined once, in
 :mod:`fl_common.protocol` (:class:`~fl_common.protocol.TrainInstruction`,
