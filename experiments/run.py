@@ -168,6 +168,15 @@ def _run_locked(cfg: DictConfig, out: Path, verbose: bool) -> dict:
     return summary
 
 
+def unit_label(unit: str | None, summary: dict) -> str:
+    """A factory's privacy unit as the summary table prints it: ``window (declared)`` for the
+    task's own unit, ``machine (coarser, factory's choice)`` for one a factory chose."""
+    if not unit:
+        return "-"
+    declared = (summary.get("privacy") or {}).get("unit")
+    return f"{unit} (declared)" if unit == declared else f"{unit} (coarser, factory's choice)"
+
+
 def print_summary(summary: dict, cfg: DictConfig) -> None:
     """Global metrics, per-factory privacy spend and rewards, failures and how to open MLflow."""
     metric = summary["main_metric"]
@@ -190,15 +199,19 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
         per.add_column(f"contribution ({summary.get('contribution')})", justify="right")
         per.add_column("share", justify="right")
         per.add_column("paid", justify="right")
+        per.add_column("privacy unit")
         per.add_column("epsilon spent", justify="right")
         per.add_column(f"left of {summary['epsilon_budget']}", justify="right")
         for r in rows:
             left = "-" if r.epsilon_left is None else f"{r.epsilon_left:.3f}"
+            if r.own_budget and r.epsilon_budget != summary["epsilon_budget"]:
+                left += f" of its own {r.epsilon_budget:g}"
             per.add_row(
                 r.factory_id,
                 "-" if r.contribution is None else f"{r.contribution:+.4f}",
                 "-" if r.share is None else f"{100 * r.share:.1f} %",
                 "-" if r.payout_minor is None else money(r.payout_minor, currency),
+                unit_label(r.privacy_unit, summary),
                 "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.3f}",
                 left + (" (declines next run)" if r.below_minimum else ""),
             )

@@ -22,6 +22,9 @@ simulated factory uses ``factory_<partition-id>.parquet`` and ``<output-dir>/pri
 Every failure is answered, never raised: the reply carries the factory id, a status
 (``declined`` for budget or privacy policy, ``data-error`` for an unusable file, ``error``
 otherwise) and the reason, so the server records it and the round goes on with the other factories.
+Once the factory's site is known, every reply also states its own epsilon budget and the unit
+its epsilon counts (:func:`privacy_facts`), so the operator counts its epsilon left against the
+factory's budget rather than the federation's.
 
 What the server sends and what the factory answers is defined once, in
 :mod:`fl_common.protocol` (:class:`~fl_common.protocol.TrainInstruction`,
@@ -40,7 +43,9 @@ and every factory when the config has no attack, train exactly as before.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -129,6 +134,27 @@ def site_of(context: Context, factory_id: str, instruction: TrainInstruction) ->
     )
 
 
+def privacy_facts(site: FactorySite | None, instruction: TrainInstruction | None) -> dict[str, Any]:
+    """What a reply tells the server about this factory's privacy, once the site is known.
+
+    The factory's own lifetime budget (when finite) and the unit its epsilon counts, by name
+    and by rank among the task's units (0: the declared unit; see
+    :class:`~fl_common.protocol.TrainReply`). Empty before the site is known; the unit is left
+    out when the task or the unit is unknown (that reply is an error anyway).
+    """
+    if site is None or instruction is None:
+        return {}
+    facts: dict[str, Any] = {}
+    if math.isfinite(site.epsilon_budget) and site.epsilon_budget > 0:
+        facts["epsilon_budget"] = float(site.epsilon_budget)
+    try:
+        task = get_task(instruction.task)
+        unit = task.get_privacy_unit(site.privacy_unit).name
+    except (KeyError, ValueError):
+        return facts
+    return {**facts, "privacy_unit": unit, "privacy_unit_rank": task.unit_names().index(unit)}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round with DP-SGD and reply with weights and metrics, or say why not.
@@ -164,9 +190,13 @@ def train(msg: Message, context: Context) -> Message:
             attack=attack,
         )
     except PolicyDeclined as exc:
-        return TrainReply(factory_id, DECLINED, str(exc), metrics=marks).to_message(msg)
+        facts = privacy_facts(site, instruction)
+        return TrainReply(factory_id, DECLINED, str(exc), metrics=marks, **facts).to_message(msg)
     except DataValidationError as exc:
-        return TrainReply(factory_id, DATA_ERROR, str(exc), metrics=marks).to_message(msg)
+        facts = privacy_facts(site, instruction)
+        return TrainReply(factory_id, DATA_ERROR, str(exc), metrics=marks, **facts).to_message(
+            msg
+        )
     except BudgetExhausted as exc:
         spent = dict(marks)
         if site is not None and instruction is not None and site.ledger_path.exists():
@@ -178,11 +208,16 @@ def train(msg: Message, context: Context) -> Message:
                 site.accountant or instruction.accountant,
             )
             spent[EPSILON] = ledger.spent_epsilon()
-        return TrainReply(factory_id, DECLINED, str(exc), metrics=spent).to_message(msg)
+        facts = privacy_facts(site, instruction)
+        return TrainReply(factory_id, DECLINED, str(exc), metrics=spent, **facts).to_message(msg)
     except Exception as exc:  # the factory answers with the reason instead of vanishing
         return TrainReply(factory_id, ERROR, f"{type(exc).__name__}: {exc}").to_message(msg)
     context.state[_STATE_KEY] = ConfigRecord({"history": json.dumps(result.history)})
     reply = TrainReply(
-        factory_id, ACCEPTED, arrays=ArrayRecord(result.state_dict), metrics=result.metrics
+        factory_id,
+        ACCEPTED,
+        arrays=ArrayRecord(result.state_dict),
+        metrics=result.metrics,
+        **privacy_facts(site, instruction),
     )
     return reply.to_message(msg)

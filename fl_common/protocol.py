@@ -52,6 +52,9 @@ STEPS = "steps"
 TRAIN_TIME = "train_time"
 DP = "dp"  # 1 if the round ran DP-SGD, else 0
 MALICIOUS = "malicious"  # simulated robustness benches only: 1.0 for an attacking factory
+#: The factory's privacy facts, from its reply record (see :func:`reply_metrics`).
+EPSILON_BUDGET = "epsilon_budget"  # the factory's own lifetime epsilon budget
+PRIVACY_UNIT_RANK = "privacy_unit_rank"  # 0: the task's declared unit; k: its k-th coarser one
 
 
 class ProtocolError(ValueError):
@@ -197,6 +200,14 @@ class TrainReply:
     ``factory_id`` is None only for a reply without a reply record (a plain Flower client);
     its status is then ``accepted``. ``arrays`` holds the trained weights of an accepted reply.
     ``metrics`` holds int/float values only (MetricRecord refuses numpy scalars and bools).
+
+    The factory's privacy facts travel in the reply record, optional so that a factory that
+    does not send them still speaks the protocol: ``epsilon_budget`` its own lifetime budget
+    (its node config, or the federation's default it took), ``privacy_unit`` the name of the
+    unit its epsilon counts and ``privacy_unit_rank`` where that unit stands among the task's
+    units (``StandardTask.unit_names()``: 0 the declared unit, ``k`` the ``k``-th coarser one).
+    They sit outside the MetricRecord, which Flower's strategies require to hold the same keys
+    in every reply.
     """
 
     factory_id: str | None
@@ -204,6 +215,9 @@ class TrainReply:
     reason: str = ""
     arrays: ArrayRecord | None = None
     metrics: dict[str, float | int] = field(default_factory=dict)
+    epsilon_budget: float | None = None
+    privacy_unit: str = ""
+    privacy_unit_rank: int | None = None
 
     def to_record(self) -> RecordDict:
         """The reply's content: the reply record, ``arrays`` if any, and ``metrics``."""
@@ -211,17 +225,18 @@ class TrainReply:
             raise ProtocolError(
                 f"reply status must be one of {', '.join(REPLY_STATUSES)}, got {self.status!r}"
             )
-        content = RecordDict(
-            {
-                REPLY_RECORD: ConfigRecord(
-                    {
-                        "factory-id": str(self.factory_id or ""),
-                        "status": self.status,
-                        "reason": self.reason,
-                    }
-                )
-            }
-        )
+        info: dict[str, Any] = {
+            "factory-id": str(self.factory_id or ""),
+            "status": self.status,
+            "reason": self.reason,
+        }
+        if self.epsilon_budget is not None:
+            info["epsilon-budget"] = float(self.epsilon_budget)
+        if self.privacy_unit:
+            info["privacy-unit"] = str(self.privacy_unit)
+        if self.privacy_unit_rank is not None:
+            info["privacy-unit-rank"] = int(self.privacy_unit_rank)
+        content = RecordDict({REPLY_RECORD: ConfigRecord(info)})
         if self.arrays is not None:
             content[ARRAYS_RECORD] = self.arrays
         content[METRICS_RECORD] = MetricRecord(dict(self.metrics))
@@ -248,12 +263,18 @@ class TrainReply:
             if len(content.array_records) != 1 or len(content.metric_records) != 1:
                 raise ProtocolError("reply must hold one ArrayRecord and one MetricRecord")
             arrays = next(iter(content.array_records.values()))
+        facts = _privacy_facts(info)
         return cls(
             factory_id=claimed_factory_id(content),
             status=status,
             reason=str(info.get("reason", "")),
             arrays=arrays,
             metrics=_numeric_metrics(content),
+            epsilon_budget=facts.get(EPSILON_BUDGET),
+            privacy_unit=str(info.get("privacy-unit", "")),
+            privacy_unit_rank=None if PRIVACY_UNIT_RANK not in facts else int(
+                facts[PRIVACY_UNIT_RANK]
+            ),
         )
 
     @classmethod
@@ -262,6 +283,38 @@ class TrainReply:
         return cls.from_record(msg.content)
 
 
+def _privacy_facts(info: Mapping[str, Any]) -> dict[str, float]:
+    """``epsilon_budget`` and ``privacy_unit_rank`` of a reply record, where it holds them.
+
+    Raises:
+        ProtocolError: a value of the wrong type or out of range; the message names the key.
+    """
+    out: dict[str, float] = {}
+    budget = info.get("epsilon-budget")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not budget > 0:
+            raise ProtocolError(f"reply key 'epsilon-budget' must be a positive number, got "
+                                f"{budget!r}")
+        out[EPSILON_BUDGET] = float(budget)
+    rank = info.get("privacy-unit-rank")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ProtocolError(f"reply key 'privacy-unit-rank' must be an integer >= 0, got "
+                                f"{rank!r}")
+        out[PRIVACY_UNIT_RANK] = float(rank)
+    return out
+
+
 def reply_metrics(content: RecordDict) -> dict[str, float]:
-    """The numeric metrics of any reply content, even one that breaks the protocol."""
-    return _numeric_metrics(content)
+    """The numeric metrics of any reply content, even one that breaks the protocol.
+
+    The factory's privacy facts in the reply record are added as ``epsilon_budget`` and
+    ``privacy_unit_rank`` when they are there and well formed (a malformed one is left out
+    here; :meth:`TrainReply.from_record` names it).
+    """
+    out = _numeric_metrics(content)
+    try:
+        out.update(_privacy_facts(content.config_records.get(REPLY_RECORD, ConfigRecord())))
+    except ProtocolError:
+        pass
+    return out

@@ -7,6 +7,10 @@ receives both and owns everything written about the round:
 
 * the MLflow metrics, in one batch per round; every ``server/*`` and ``factory/<id>/*`` name
   is built by the functions of this module;
+* each factory's privacy facts as params, the first time it reports them:
+  ``factory/<id>/privacy_unit`` (the unit its epsilon counts), ``factory/<id>/privacy_unit_choice``
+  (``declared``: the task's unit, ``coarser``: one the factory chose in its node config) and
+  ``factory/<id>/epsilon_budget`` (its own lifetime budget);
 * the payout: the round is settled once through the :class:`~fl_server.rewards.desk.PayoutDesk`
   and the ledger is logged as an artifact with its head as the ``ledger_head`` tag;
 * ``failures.json`` (every failed or refused reply of the run so far), re-logged whenever a
@@ -16,15 +20,16 @@ receives both and owns everything written about the round:
 * the checkpoint of the global model and the run state a restarted server resumes from;
 * the progress line in the server log.
 
-MLflow is reached through the tracker's methods only (``log_metrics``, ``log_dict``,
-``log_artifact``, ``set_tags``), so tests pass a recording tracker and no MLflow server.
+MLflow is reached through the tracker's methods only (``log_metrics``, ``log_params``,
+``log_dict``, ``log_artifact``, ``set_tags``), so tests pass a recording tracker and no MLflow
+server.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
-from logging import INFO
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,9 +43,11 @@ from fl_common.protocol import (
     DELTA,
     DP,
     EPSILON,
+    EPSILON_BUDGET,
     ERROR,
     MALICIOUS,
     NUM_EXAMPLES,
+    PRIVACY_UNIT_RANK,
     REJECTED,
 )
 from fl_server.checkpoint import save_checkpoint, save_run_state
@@ -52,7 +59,7 @@ from strategies.reports import RoundRecord, RoundReport
 #: Reply metric names that MLflow shows under another name (Flower's dashed convention).
 _RENAMES = {NUM_EXAMPLES: "num_examples"}
 #: Reply metrics that are constant over a run (the run's params say them): not charted.
-_CONSTANT = {DELTA, DP}
+_CONSTANT = {DELTA, DP, EPSILON_BUDGET, PRIVACY_UNIT_RANK}
 #: The operator's pinned health metrics. MLflow's UI draws one section per name prefix, in
 #: name order: ``dashboard/`` sorts before ``factory/``, ``server/`` and ``test/``.
 HEALTH_PREFIX = "dashboard/"
@@ -66,6 +73,7 @@ class Tracker(Protocol):
     """What the recorder needs from :class:`fl_server.tracking.MlflowTracker`."""
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_params(self, params: dict[str, str]) -> None: ...
     def log_dict(self, data: Any, artifact_file: str) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
@@ -96,8 +104,10 @@ def factory_metrics(
     A factory that did not answer this round still gets ``participated = 0`` so gaps are
     visible on the operator's charts rather than silently missing. Reply metrics that are
     constant over a run (``delta``, ``dp``) are params, not charts; ``malicious`` is charted
-    only for a factory that attacked. With an ``epsilon_budget``, a factory that reported its
-    spend also gets ``epsilon_remaining`` (the budget left, never below 0).
+    only for a factory that attacked. A factory that reported its spend also gets
+    ``epsilon_remaining`` (the budget left, never below 0), counted against the budget the
+    factory reported as its own (``epsilon_budget`` of its reply record) or, when it said
+    none, against ``epsilon_budget`` (the federation's).
     """
     out: dict[str, float] = {}
     for factory_id in sorted(set(known_factories) | set(report.outcomes)):
@@ -113,10 +123,45 @@ def factory_metrics(
                 if name in _CONSTANT or (name == MALICIOUS and not value):
                     continue
                 out[prefix + _RENAMES.get(name, name)] = float(value)
-            if epsilon_budget is not None and EPSILON in outcome.metrics:
-                left = float(epsilon_budget) - float(outcome.metrics[EPSILON])
+            budget = outcome.metrics.get(EPSILON_BUDGET, epsilon_budget)
+            if budget is not None and EPSILON in outcome.metrics:
+                left = float(budget) - float(outcome.metrics[EPSILON])
                 out[prefix + "epsilon_remaining"] = max(left, 0.0)
     return out
+
+
+def factory_privacy(
+    report: RoundReport, privacy_units: Sequence[str]
+) -> dict[str, dict[str, Any]]:
+    """Each replying factory's privacy facts, where its reply carried them.
+
+    ``{factory: {"unit", "choice", "epsilon_budget"}}``: ``unit`` the name of the unit its
+    epsilon counts (``privacy_units[rank]``, the task's units with the declared one first),
+    ``choice`` ``declared`` or ``coarser`` (a unit the factory chose in its node config),
+    ``epsilon_budget`` its own lifetime budget. A fact the reply did not carry (an older
+    factory) is left out; a rank outside ``privacy_units`` is reported as ``unit #<rank>``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for factory_id, outcome in sorted(report.outcomes.items()):
+        facts: dict[str, Any] = {}
+        if PRIVACY_UNIT_RANK in outcome.metrics:
+            rank = int(outcome.metrics[PRIVACY_UNIT_RANK])
+            facts["unit"] = privacy_units[rank] if rank < len(privacy_units) else f"unit #{rank}"
+            facts["choice"] = "declared" if rank == 0 else "coarser"
+        if EPSILON_BUDGET in outcome.metrics:
+            facts["epsilon_budget"] = float(outcome.metrics[EPSILON_BUDGET])
+        if facts:
+            out[factory_id] = facts
+    return out
+
+
+def privacy_params(factory_id: str, facts: Mapping[str, Any]) -> dict[str, str]:
+    """The MLflow params of one factory's privacy facts (:func:`factory_privacy`)."""
+    names = {"unit": "privacy_unit", "choice": "privacy_unit_choice"}
+    return {
+        f"factory/{factory_id}/{names.get(k, k)}": (f"{v:g}" if isinstance(v, float) else str(v))
+        for k, v in facts.items()
+    }
 
 
 def outcome_counts(report: RoundReport) -> dict[str, float]:
@@ -212,6 +257,8 @@ class RoundRecorder:
         :meth:`factory_round`).
     on_round : called with the round number after each round is written (the run's
         description is refreshed there).
+    privacy_units : the task's privacy units, the declared one first
+        (``StandardTask.unit_names()``), to name the unit each factory reports by rank.
     """
 
     def __init__(
@@ -229,6 +276,7 @@ class RoundRecorder:
         epsilon_budget: float | None = None,
         factory_rounds: list[dict] | None = None,
         on_round: Callable[[int], None] | None = None,
+        privacy_units: Sequence[str] = (),
     ) -> None:
         self.tracker = tracker
         self.out_dir = Path(out_dir)
@@ -248,6 +296,10 @@ class RoundRecorder:
         self.known_factories: set[str] = set()
         #: Each factory's last reported cumulative epsilon (the summary's ``factory_epsilon``).
         self.factory_epsilon: dict[str, float] = {}
+        self.privacy_units = tuple(privacy_units)
+        #: Each factory's privacy facts as last reported (:func:`factory_privacy`).
+        self.factory_privacy: dict[str, dict[str, Any]] = {}
+        self._logged_params: set[str] = set()
         self._pending: RoundRecord | None = None
         self._round_start = time.monotonic()
 
@@ -259,6 +311,7 @@ class RoundRecorder:
         self._pending = record
         self.known_factories |= set(record.report.outcomes)
         self.factory_epsilon.update(record.epsilons)
+        self._record_privacy(record.report)
 
     def record(
         self,
@@ -350,6 +403,25 @@ class RoundRecorder:
                 "factory_rounds": self.factory_rounds,
             },
         )
+
+    def _record_privacy(self, report: RoundReport) -> None:
+        """Keep each factory's privacy facts; log as params those not logged yet.
+
+        An MLflow param cannot change, so each one is logged once, the first time the
+        factory reports it; the summary keeps the latest value.
+        """
+        new: dict[str, str] = {}
+        for factory_id, facts in factory_privacy(report, self.privacy_units).items():
+            self.factory_privacy.setdefault(factory_id, {}).update(facts)
+            for key, value in privacy_params(factory_id, facts).items():
+                if key not in self._logged_params:
+                    new[key] = value
+        if new:
+            try:
+                self.tracker.log_params(new)
+            except Exception as exc:  # a resumed run whose factory changed its node config
+                log(WARNING, "Privacy params not logged (%s): %s", ", ".join(sorted(new)), exc)
+            self._logged_params |= set(new)
 
     def _record_failures(self, report: RoundReport) -> None:
         """Add the round's failed or refused replies; re-log ``failures.json`` if there were."""

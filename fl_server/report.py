@@ -9,6 +9,9 @@ code draws a 4-factory run and a synthetic 100-factory one. The summary keys rea
 * ``privacy``: ``enabled``, ``epsilon`` (the budget), ``delta``, ``unit``, ``min_run_epsilon``;
 * ``reward_currency``, ``payout_cumulative`` (minor units), ``contribution_cumulative``;
 * ``factory_epsilon`` (each factory's last reported cumulative spend), ``failures``;
+* ``factory_privacy`` (optional): per factory the facts its replies carried, ``unit``,
+  ``choice`` (``declared`` or ``coarser``) and ``epsilon_budget`` (its own budget, which its
+  epsilon left is counted against instead of the federation's);
 * ``factory_rounds``: one entry per training round, ``{"round", "status": {factory: status},
   "epsilon": {factory: spent}, "contribution": {factory: score}}``.
 
@@ -67,6 +70,9 @@ class FactoryRow:
     below_minimum: bool  # less left than privacy.min_run_epsilon: it declines the next run
     rounds: int  # rounds whose update was accepted
     problems: tuple[str, ...]  # "round 3 declined: <reason>"
+    privacy_unit: str | None = None  # the unit its epsilon counts, as the factory reported it
+    epsilon_budget: float | None = None  # the budget its epsilon left is counted against
+    own_budget: bool = False  # the factory reported its own budget (else: the federation's)
 
 
 def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
@@ -77,6 +83,7 @@ def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
     contrib = summary.get("contribution_cumulative") or {}
     paid = summary.get("payout_cumulative") or {}
     spent = summary.get("factory_epsilon") or {}
+    facts = summary.get("factory_privacy") or {}
     per_round = summary.get("factory_rounds") or []
     failures = summary.get("failures") or []
     ids = set(contrib) | set(paid) | set(spent) | {f["factory"] for f in failures}
@@ -86,7 +93,9 @@ def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
     rows = []
     for fid in ids:
         eps = spent.get(fid)
-        left = None if budget is None or eps is None else max(float(budget) - float(eps), 0.0)
+        own = (facts.get(fid) or {}).get("epsilon_budget")
+        limit = own if own is not None and budget is not None else budget
+        left = None if limit is None or eps is None else max(float(limit) - float(eps), 0.0)
         c = contrib.get(fid)
         rows.append(
             FactoryRow(
@@ -105,6 +114,9 @@ def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
                     for f in failures
                     if f["factory"] == fid
                 ),
+                privacy_unit=(facts.get(fid) or {}).get("unit") or privacy.get("unit"),
+                epsilon_budget=None if limit is None else float(limit),
+                own_budget=own is not None and budget is not None,
             )
         )
     return sorted(rows, key=lambda r: (-(r.payout_minor or 0), -(r.share or 0.0), r.factory_id))
@@ -178,10 +190,16 @@ def run_description(
             f"{f' of {budget:g}' if budget is not None else ''} | rounds | rejected / failed |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
+    declared = privacy.get("unit")
     for r in rows[:max_factories]:
         left = _num(r.epsilon_left, ".3f")
+        if r.own_budget and r.epsilon_budget is not None and r.epsilon_budget != budget:
+            left += f" of its own {r.epsilon_budget:g}"
         if r.below_minimum:
             left += " (declines next run)"
+        spent = _num(r.epsilon_spent, ".3f")
+        if r.epsilon_spent is not None and r.privacy_unit and r.privacy_unit != declared:
+            spent += f" per {r.privacy_unit}"
         lines.append(
             "| "
             + " | ".join(
@@ -189,7 +207,7 @@ def run_description(
                     _cell(r.factory_id),
                     "-" if r.share is None else f"{100 * r.share:.1f} %",
                     "-" if r.payout_minor is None else money(r.payout_minor, currency),
-                    _num(r.epsilon_spent, ".3f"),
+                    _cell(spent),
                     left,
                     str(r.rounds),
                     _cell("; ".join(r.problems)) or "none",

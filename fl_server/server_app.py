@@ -145,7 +145,7 @@ def open_run(
         return run_id, offset, state
     run_id = tracker.start(
         str(cfg.run_name),
-        flat_params(cfg),
+        flat_params(cfg) | privacy_unit_params(get_task(str(cfg.task.name))),
         tags={
             "task": str(cfg.task.name),
             "strategy": str(cfg.strategy.name),
@@ -162,6 +162,17 @@ def open_run(
     save_run_state(out_dir, state)
     log(INFO, "MLflow run %s (%s) in %s", run_id, cfg.run_name, cfg.tracking.uri)
     return run_id, 0, state
+
+
+def privacy_unit_params(task: StandardTask) -> dict[str, str]:
+    """The run's privacy-unit params: the unit the task declares (what every epsilon of the
+    run counts unless a factory chose a coarser one) and the coarser units a factory may choose
+    in its node config (each factory's own choice is logged when it reports it)."""
+    return {
+        "privacy_unit": task.privacy_unit.name,
+        "privacy_unit_choice": "declared",
+        "privacy_units_coarser": ", ".join(task.unit_names()[1:]) or "none",
+    }
 
 
 def _user() -> str:
@@ -199,8 +210,10 @@ def run_summary(
             "epsilon": float(p.epsilon),
             "delta": float(p.delta),
             "unit": task.privacy_unit.name,
+            "units": task.unit_names(),
             "min_run_epsilon": float(p.min_run_epsilon),
         },
+        "factory_privacy": recorder.factory_privacy,
         "rounds_run": recorder.num_rounds,
         "epsilon_client_level": budget.epsilon(recorder.num_rounds) if budget else None,
         "failures": recorder.failures,
@@ -276,6 +289,7 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
         resumed_round=offset if offset > 0 else None,
         epsilon_budget=float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
         factory_rounds=state.get("factory_rounds"),
+        privacy_units=task.unit_names(),
     )
 
     def describe(server_round: int) -> None:

@@ -188,6 +188,15 @@ class MlflowTracker:
         for i in range(0, len(items), _BATCH_METRICS):
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH_METRICS])
 
+    def log_params(self, params: dict[str, str]) -> None:
+        """Log params in one batch (a param, once logged, keeps its value)."""
+        from mlflow.entities import Param
+
+        assert self.run_id is not None
+        items = [Param(k, str(v)[:_PARAM_MAX_LEN]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), _BATCH_PARAMS):
+            self.client.log_batch(self.run_id, params=items[i : i + _BATCH_PARAMS])
+
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
