@@ -371,6 +371,7 @@ def log_statements(
         "epsilon_budget": summary["epsilon_budget"],
         "privacy_unit": summary["privacy"]["unit"],
         "factory_epsilon": summary["factory_epsilon"],
+        "factory_privacy": summary.get("factory_privacy") or {},
     }
     paths: list[Path] = []
     for fid in known_factories(entries, desk.run_id):

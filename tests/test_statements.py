@@ -130,6 +130,22 @@ def test_statement_states_share_epsilon_left_run_and_date(recorded) -> None:
     assert "epsilon 1.250 per shot, 6.750 left of 8" in title
 
 
+def test_statement_counts_epsilon_left_against_the_factorys_own_budget(recorded) -> None:
+    path, _, _ = recorded
+    entries, verification = audit_ledger(path)
+    context = {
+        "epsilon_budget": 8.0,
+        "privacy_unit": "window",
+        "factory_epsilon": {"f2": 1.25},
+        "factory_privacy": {"f2": {"epsilon_budget": 3.0, "unit": "machine"}},
+    }
+    doc = factory_statement(entries, "f2", verification, run_id=RUN, context=context)
+    totals = doc["totals"]
+    assert totals["epsilon_budget"] == 3.0 and totals["epsilon_left"] == 1.75
+    assert totals["privacy_unit"] == "machine"
+    assert "epsilon 1.250 per machine, 1.750 left of 3" in statement_title(doc)
+
+
 def test_verify_accepts_a_head_prefix_and_refuses_a_short_one(recorded, capsys) -> None:
     path, ledger, _ = recorded
     head = ledger.head()

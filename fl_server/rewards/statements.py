@@ -64,7 +64,9 @@ def factory_statement(
     ``verification`` the result of verifying the whole chain, whose head the statement quotes.
     ``context`` adds what the ledger does not hold: ``currency`` (default EUR), ``run_name``,
     ``date``, ``privacy_unit``, ``epsilon_budget`` and ``factory_epsilon`` (each factory's
-    final spend); the statement then states the epsilon left of the budget.
+    final spend), and ``factory_privacy`` (what each factory's replies stated: its own
+    ``epsilon_budget`` and ``unit``, which take precedence over the federation's); the
+    statement then states the epsilon left of the factory's budget.
 
     Raises:
         ValueError: ``factory_id`` has no entries (in ``run_id``); the message lists the known
@@ -111,7 +113,8 @@ def factory_statement(
     spent = (ctx.get("factory_epsilon") or {}).get(factory_id)
     if spent is None:
         spent = next((e.epsilon for e in reversed(mine) if e.epsilon is not None), None)
-    budget = ctx.get("epsilon_budget")
+    own = (ctx.get("factory_privacy") or {}).get(factory_id) or {}
+    budget = own.get("epsilon_budget", ctx.get("epsilon_budget"))
     return {
         "factory_id": factory_id,
         "run_ids": list(per_run),
@@ -134,7 +137,7 @@ def factory_statement(
             "epsilon_left": (
                 None if budget is None or spent is None else max(float(budget) - spent, 0.0)
             ),
-            "privacy_unit": ctx.get("privacy_unit"),
+            "privacy_unit": own.get("unit", ctx.get("privacy_unit")),
             "per_run": per_run,
         },
         "entries": [
