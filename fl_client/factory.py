@@ -369,6 +369,17 @@ def run_factory_round(
     model.load_state_dict(global_state)
     cfg = local_train_config(instruction, reproducible_dp)
 
+    def train(noise_multiplier: float | None) -> TrainResult:
+        return train_local(
+            model,
+            dataset,
+            task.loss_fn(),
+            cfg,
+            noise_multiplier=noise_multiplier,
+            global_state=global_state,
+            supports_ghost=task.supports_ghost,
+        )
+
     ledger_path = Path(site.ledger_path)
     if not cfg.dp:
         if ledger_path.exists():
@@ -381,15 +392,7 @@ def run_factory_round(
         else:
             history = [list(e) for e in normalize_history(carried_history)]
             epsilon = epsilon_of(history, delta, accountant)
-        result = train_local(
-            model,
-            dataset,
-            task.loss_fn(),
-            cfg,
-            noise_multiplier=None,
-            global_state=global_state,
-            supports_ghost=task.supports_ghost,
-        )
+        result = train(None)
         metrics = _metrics(result, epsilon, delta, False)
         state = _attacked(result.state_dict, global_state, attack, factory_id, server_round)
         _mark(metrics, attack, malicious)
@@ -416,15 +419,7 @@ def run_factory_round(
     )
     epsilon = ledger.reserve_round(run_id, server_round, noise_multiplier, sample_rate, round_steps)
 
-    result = train_local(
-        model,
-        dataset,
-        task.loss_fn(),
-        cfg,
-        noise_multiplier=noise_multiplier,
-        global_state=global_state,
-        supports_ghost=task.supports_ghost,
-    )
+    result = train(noise_multiplier)
     if result.steps != round_steps or result.sample_rate != sample_rate:
         raise RuntimeError(
             f"trained {result.steps} steps at sample rate {result.sample_rate}; "
