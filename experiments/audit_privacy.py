@@ -1,5 +1,8 @@
 """Empirical privacy audit: membership inference on a factory's DP-SGD model, per privacy unit.
 
+One job (the audit); its length is the two ways of drawing members, the two attacks (loss
+threshold and offline LiRA) and the null model that says what a draw alone gives.
+
 Usage::
 
     python -m experiments.audit_privacy [--tasks tep_fault rul] [--epsilons 1 3 8]

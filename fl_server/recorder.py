@@ -1,5 +1,7 @@
 """The round recorder: turns each round's record and central evaluation into the run's records.
 
+One job (everything written about a round); its length is the list below, each item small.
+
 Per round the strategy hands the server one :class:`~strategies.reports.RoundRecord` (every
 factory's outcome, the contribution scores, the factories aggregated, their reported epsilons)
 and the server evaluates the new global model on its validation set. :class:`RoundRecorder`
