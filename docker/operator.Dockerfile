@@ -61,7 +61,7 @@ COPY experiments experiments
 RUN --mount=type=bind,source=docker/.build,target=/build \
     if [ -f /build/ca/ca-bundle.crt ]; then export PIP_CERT=/build/ca/ca-bundle.crt; fi \
     && pip install --no-deps -e . \
-    && python -c "import fl_server.server_app, psycopg2" \
+    && python -c "import fl_server.server_app, psycopg" \
     && mkdir -p /srv/factoryfed/operator /srv/factoryfed/mlflow /srv/factoryfed/data \
                 /srv/factoryfed/outputs \
     && chown -R factoryfed:factoryfed /srv/factoryfed
