@@ -9,7 +9,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup run test test-slow test-all lint bench clean
+.PHONY: setup run test test-slow test-all lint bench clean images
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.bench_dp
+
+# Container images factoryfed-factory and factoryfed-operator (podman or docker); makes a
+# Debian base with debootstrap where no registry answers. See docker/README.md.
+images:
+	bash docker/build-images.sh
 
 clean:
 	rm -rf outputs multirun mlartifacts mlflow.db .pytest_cache
