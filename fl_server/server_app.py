@@ -274,6 +274,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
         epsilon_budget=float(cfg.privacy.epsilon) if cfg.privacy.enabled else None,
         factory_rounds=state.get("factory_rounds"),
     )
+    if scorer is not None:  # a resumed run's guards continue from its recorded rounds
+        scorer.resume(recorder.factory_rounds)
 
     def describe(server_round: int) -> None:
         """Refresh the run's description after each round (one tag write)."""
