@@ -41,7 +41,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     "privacy.grad_sample_mode": ("bk", "ghost", "hooks", "functorch"),  # fl_client.training
     "partition.scheme": ("natural", "dirichlet", "iid"),  # standard_models.base.PartitionConfig
     # strategies.contribution.scorer.METHODS
-    "contribution.method": ("none", "exact", "gtg", "loo", "kernel", "linearised"),
+    "contribution.method": ("none", "exact", "gtg", "loo", "kernel", "linearised", "auto"),
     # fl_server.rewards.allocation.SCHEDULES
     "rewards.schedule": ("per_round", "per_run", "end_of_run"),
     "attack.name": (
@@ -145,7 +145,7 @@ class GuardsSchema:
 
 @dataclass
 class ContributionSchema:
-    method: str = "gtg"
+    method: str = "auto"
     guards: GuardsSchema = field(default_factory=GuardsSchema)
     max_players: int | None = None
     within_tol: float | None = None

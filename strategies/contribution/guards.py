@@ -240,19 +240,33 @@ def duplicate_pairs(
     """Pairs ``(i, j)``, ``i < j``, of one round whose updates are near-duplicates.
 
     Independent DP noise makes the cosine of two updates fluctuate by about ``1 / sqrt(d)``
-    around what they share with the population (``d`` parameters). A pair is flagged when its
-    :func:`excess_cosines` is above ``min_excess`` *and* above ``1 / sqrt(d)`` times the
-    ``alpha`` normal quantile, Bonferroni-corrected over the round's pairs: far above what
-    independent noise allows.
+    around what they share with the population (``d`` parameters), and honest factories' data
+    make it fluctuate too (without DP noise, two IID factories' updates can share 0.15 more
+    than either shares with the rest). A pair is flagged when its :func:`excess_cosines` is
+    above ``min_excess``, above ``1 / sqrt(d)`` times the ``alpha`` normal quantile
+    (Bonferroni-corrected over the round's pairs), *and* that many robust standard deviations
+    above the median excess of the round's pairs: far above what independent noise allows and
+    an outlier among the round's pairs (median and 1.4826 times the median absolute
+    deviation). The median and spread are taken over the pairs of factories whose updates are
+    clearly aligned with the others' (:func:`alignment_statistic` above the ``alpha`` quantile;
+    all pairs when fewer than three such pairs exist), so that the very negative excess of every
+    pair with a noise sender does not widen the spread.
     """
     deltas = np.asarray(deltas, dtype=np.float64)
     n, dim = deltas.shape
     if n < 3 or dim < 2:
         return []
     excess = excess_cosines(deltas)
-    needed = float(stats.norm.isf(alpha / (n * (n - 1) / 2))) / math.sqrt(dim)
+    quantile = float(stats.norm.isf(alpha / (n * (n - 1) / 2)))
     iu, ju = np.triu_indices(n, k=1)
-    hit = (excess[iu, ju] > min_excess) & (excess[iu, ju] > needed)
+    values = excess[iu, ju]
+    aligned = alignment_statistic(deltas, np.ones(n)) > stats.norm.isf(alpha)
+    reference = values[aligned[iu] & aligned[ju]]
+    reference = reference if reference.size >= 3 else values
+    centre = float(np.median(reference))
+    spread = 1.4826 * float(np.median(np.abs(reference - centre)))
+    needed = max(quantile / math.sqrt(dim), centre + quantile * spread)
+    hit = (values > min_excess) & (values > needed)
     return [(int(i), int(j)) for i, j in zip(iu[hit], ju[hit], strict=True)]
 
 

@@ -26,6 +26,7 @@ from standard_models.base import StandardTask
 from strategies.contribution.coalitions import (
     CoalitionAggregator,
     State,
+    WeightedMeanAggregator,
     merge_players,
     round_updates,
 )
@@ -33,8 +34,17 @@ from strategies.contribution.estimators import estimate
 from strategies.contribution.guards import ContributionGuard, GuardConfig, flat_deltas
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 
-#: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off.
-METHODS = ("none", "exact", "gtg", "loo", "kernel", "linearised")
+#: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off, ``auto``
+#: picks the estimator from the round's aggregation rule (:data:`AUTO_PARAMS`).
+METHODS = ("none", "exact", "gtg", "loo", "kernel", "linearised", "auto")
+
+#: What ``auto`` resolves to, with the options each takes: ``linearised`` where the coalition
+#: models are a weighted mean (FedAvg, FedProx; its output mixture is that rule's first-order
+#: expansion), ``gtg`` with every other rule.
+AUTO_PARAMS: dict[str, tuple[str, ...]] = {
+    "linearised": ("surrogate_evaluations", "batch_size"),
+    "gtg": ("within_tol", "between_tol", "convergence_tol", "max_permutations", "batch_size"),
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,9 @@ class ContributionScorer:
     Parameters
     ----------
     method : ``exact``, ``gtg``, ``loo``, ``kernel`` or ``linearised`` (see
-        :mod:`strategies.contribution.estimators`).
+        :mod:`strategies.contribution.estimators`), or ``auto``: ``linearised`` in rounds whose
+        coalition models are a weighted mean, ``gtg`` otherwise (each with its own options of
+        ``params``).
     score_models : main metric of each of a batch of parameter sets on the validation set.
     sign : ``1`` when greater metric values are better, ``-1`` for error metrics.
     params : estimator options from the ``contribution`` config group.
@@ -142,10 +154,14 @@ class ContributionScorer:
             self.sign,
             evaluator=self.evaluator,
         )
-        params = dict(self.params)
-        if self.method in ("gtg", "kernel", "linearised"):
+        method, params = self.method, dict(self.params)
+        if method == "auto":
+            mean = isinstance(utility.aggregator, WeightedMeanAggregator)
+            method = "linearised" if mean else "gtg"
+            params = {k: v for k, v in params.items() if k in AUTO_PARAMS[method]}
+        if method in ("gtg", "kernel", "linearised"):
             params["seed"] = self.seed * 1_000_003 + int(server_round)
-        result = estimate(self.method, len(players), utility, **params)
+        result = estimate(method, len(players), utility, **params)
         scores: dict[str, float] = {}
         for members, value in zip(players, result.scores, strict=True):
             for m in members:
@@ -161,7 +177,7 @@ class ContributionScorer:
             }
         return RoundContribution(
             server_round=int(server_round),
-            method=self.method,
+            method=method,
             scores={fid: scores[fid] for fid in ids},
             evaluations=int(result.evaluations),
             seconds=time.perf_counter() - start,
