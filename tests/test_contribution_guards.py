@@ -85,9 +85,13 @@ def test_noise_test_on_synthetic_round_statistics():
     assert verdicts["honest"].z == pytest.approx(11.5 / 2)
     assert verdicts["honest"].paid
     assert verdicts["absent"] == NoiseVerdict(0.0, 0, False)
-    # At the threshold: z = 3.09 (alpha 1e-3) is not enough, a little more is.
-    assert not noise_test({"f": [3.0902]})["f"].paid
-    assert noise_test({"f": [3.0903]})["f"].paid
+    # At the threshold: z = 3.2905 (alpha 1e-3, half of it per test) is not enough, a little
+    # more is.
+    assert not noise_test({"f": [3.2905]})["f"].paid
+    assert noise_test({"f": [3.2906]})["f"].paid
+    # A strong first round is proof enough however many noise-like rounds follow ...
+    assert noise_test({"f": [8.0] + [0.0] * 30})["f"].paid
+    assert not noise_test({"f": [3.5] + [0.0] * 30})["f"].paid  # ... a borderline one is not
     with pytest.raises(ValueError, match="alpha"):
         noise_test({}, alpha=0.0)
 
