@@ -144,8 +144,9 @@ def guard_lines(summary: Mapping[str, Any]) -> list[str]:
     groups = sorted({tuple(g) for r in scored for g in r.get("duplicate_groups") or []})
     lines = []
     if held:
+        names = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
         lines.append(
-            f"**Pay withheld** from {', '.join(held)}: over their rounds their updates could not "
+            f"**Pay withheld** from {names}: over their rounds their updates could not "
             "be told from random noise (noise test of `contribution.guards`)."
         )
     for group in groups:

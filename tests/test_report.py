@@ -176,3 +176,11 @@ def test_the_description_says_who_was_paid_less_and_why() -> None:
     assert "**Pay withheld** from factory_003" in text
     assert "**Scored as one factory**: factory_000, factory_002" in text
     assert "Pay withheld" not in run_description(_summary())
+
+
+def test_a_long_list_of_withheld_factories_is_cut_short() -> None:
+    summary = _summary()
+    held = [f"factory_{i:03d}" for i in range(100)]
+    summary["factory_rounds"] = [{**summary["factory_rounds"][-1], "withheld": held}]
+    text = run_description(summary)
+    assert "factory_009 and 90 more: over their rounds" in text and "factory_010" not in text
