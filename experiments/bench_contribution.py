@@ -110,6 +110,7 @@ def shipped(method: str) -> tuple[str, dict]:
     options = OmegaConf.to_container(OmegaConf.load(CONF / f"{method}.yaml"), resolve=True)
     assert isinstance(options, dict)
     name = str(options.pop("method"))
+    options.pop("guards", None)  # the guards are the scorer's, not the estimator's
     return name, {k: v for k, v in options.items() if v is not None}
 
 
@@ -321,7 +322,8 @@ def federated_run(
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records.
 
     Estimators named in ``product_guards`` also score every round through the server's scorer
-    with its default guards (records' ``guarded``).
+    with its default guards (records' ``guarded``); a name with ``+sketch`` also gives that
+    scorer the groups of the factories' record sketches, as if reporting one were required.
     """
     with tempfile.TemporaryDirectory(prefix="bench-contribution-") as tmp:
         workdir = Path(tmp)
@@ -332,19 +334,25 @@ def federated_run(
         evaluator = BatchedEvaluator(task, task.build_model(), validation)
         rng = np.random.default_rng(seed)
         records = []
-        scorers = {
-            label: ContributionScorer(
-                estimators[label][0],
+        scorers = {}
+        by_data = fingerprint_groups(
+            {f.fid: f.fingerprint for f in factories if f.fingerprint is not None}
+        )
+        for label in product_guards:
+            base = label.removesuffix("+sketch")
+            if base not in estimators:
+                continue
+            scorers[label] = ContributionScorer(
+                estimators[base][0],
                 evaluator.scores,
                 evaluator.sign,
-                params=estimators[label][1],
+                params=estimators[base][1],
                 seed=seed,
                 evaluator=evaluator,
                 guards=GuardConfig(),
             )
-            for label in product_guards
-            if label in estimators
-        }
+            if label.endswith("+sketch"):
+                scorers[label].guard.known_groups = list(by_data)
         for r in range(1, rounds + 1):
             accepted = train_round(
                 task, factories, global_state, r, rounds, seed, workdir, rng, epsilon
@@ -506,6 +514,36 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
             solo = row["solo" + suffix]
             row["dup_gain" + suffix] = row["pair" + suffix] / solo if solo else float("nan")
         out[est] = row
+    return out
+
+
+def product_rows(runs: list[dict], solo_runs: list[dict]) -> dict:
+    """Pay through the server's guarded scorer (``--product-guards``): the duplicate pair's
+    share against the original's alone, the noise free-rider's pay, groups found."""
+    out = {}
+    for label in runs[0]["rounds"][0].get("guarded", {}):
+        pair, solo, free, found = [], [], [], 0
+        for run, alone in zip(runs, solo_runs, strict=True):
+            paid = payouts(run, label, True)
+            pair.append(_share(paid, ("clean_a", "duplicate")))
+            free.append(sum(v for f, v in paid.items() if _kind(f) in FREE_RIDERS))
+            found += any(rec["guarded"][label]["groups"] for rec in run["rounds"])
+            if alone is not None and label in alone["rounds"][0].get("guarded", {}):
+                solo.append(_share(payouts(alone, label, True), ("clean_a",)))
+        row = {
+            "pair": float(np.mean(pair)),
+            "solo": float(np.mean(solo)) if solo else float("nan"),
+            "free_paid_max": int(max(free)),
+            "runs_with_group": f"{found}/{len(runs)}",
+        }
+        row["dup_gain"] = row["pair"] / row["solo"] if solo else float("nan")
+        out[label] = row
+        print(
+            f"product path {label:<18} pair {row['pair']:.1%} vs original alone "
+            f"{row['solo']:.1%}: {row['dup_gain']:.2f}x; noise free-rider paid "
+            f"{row['free_paid_max']}; copy merged in {row['runs_with_group']} runs",
+            flush=True,
+        )
     return out
 
 
@@ -675,7 +713,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         stats = summarise(runs, solos)
         rates = guard_rates(runs + solos)
-        report["tasks"][task_name] = {"estimators": stats, "guards": rates}
+        product_stats = product_rows(runs, solos)
+        report["tasks"][task_name] = {
+            "estimators": stats,
+            "guards": rates,
+            "product": product_stats,
+        }
         _print_table(f"{task_name} ({args.seeds} seeds, {len(KINDS)} factories)", stats)
         print(f"guards: {rates}")
     if args.scaling:

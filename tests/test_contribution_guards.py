@@ -246,13 +246,13 @@ def test_a_factory_alone_in_its_rounds_has_no_evidence_and_is_withheld():
     assert found.withheld == ("only",) and found.verdicts["only"].rounds == 1
 
 
-def test_merged_players_enter_with_the_smallest_member_weight():
+def test_merged_players_enter_as_one_member_with_the_smallest_weight():
     states = [{"w": np.array([1.0, 0.0])}, {"w": np.array([0.0, 4.0])}, {"w": np.array([3.0, 3.0])}]
     agg = WeightedMeanAggregator(states, [1.0, 3.0, 2.0])
     merged = merge_players(agg, [[0, 2], [1]])
     assert isinstance(merged, WeightedMeanAggregator)
     updates, weights = round_updates(merged)
-    np.testing.assert_allclose(updates[0]["w"], [(1 + 2 * 3) / 3, 2.0])  # members' weighted mean
+    np.testing.assert_allclose(updates[0]["w"], [1.0, 0.0])  # the first member's update
     assert weights == [1.0, 3.0]
     assert merge_players(agg, [[0], [1], [2]]) is agg
     grouped = GroupedAggregator(agg, [[0, 2], [1]])

@@ -38,7 +38,10 @@ on ``molding_quality``), so the second rule compares keyed MinHash sketches of t
 records, which a factory computes at home and reports without revealing a record.
 :func:`split_group_credit` then pays each group as one factory: its members' summed score is
 replaced by their mean (what one copy of the shared data is worth when both copies are
-present), split equally among the members.
+present), split equally among the members. The server does better (:class:`ContributionGuard`,
+used by :class:`~strategies.contribution.scorer.ContributionScorer`): it scores the round with
+one player per group, so the copy's doubled weight does not also lower everyone else's
+marginal contribution, which no re-split of the pair's own scores undoes.
 """
 
 from __future__ import annotations
@@ -433,7 +436,8 @@ class GuardConfig:
     noise_test: withhold pay from a factory whose updates, over its rounds so far, cannot be
         told from pure noise (:func:`noise_test`).
     noise_alpha: the probability that a pure-noise sender is paid in a run, in ``(0, 1)``.
-    merge_duplicates: score each detected duplicate group as one player (:func:`player_groups`).
+    merge_duplicates: score each detected duplicate group as one player
+        (:func:`~strategies.contribution.coalitions.merge_players`).
     duplicate_min_excess, duplicate_alpha: :func:`duplicate_pairs`' thresholds.
     duplicate_min_fraction: :func:`duplicate_groups`' share of rounds a pair must be flagged in.
     """
@@ -511,6 +515,9 @@ class ContributionGuard:
         self.config = config or GuardConfig()
         self._z: dict[str, list[float]] = {}
         self._rounds: list[tuple[list[str], list[tuple[int, int]]]] = []
+        #: Groups known from elsewhere (e.g. :func:`fingerprint_groups` of sketches the
+        #: factories had to report), scored as one player like detected ones.
+        self.known_groups: list[frozenset[str]] = []
 
     def _add(self, ids: Sequence[str], z: Mapping[str, float], pairs: Sequence[tuple[str, str]]):
         for fid in ids:
@@ -543,7 +550,8 @@ class ContributionGuard:
         groups: list[tuple[str, ...]] = []
         if cfg.merge_duplicates:
             present = set(ids)
-            for group in duplicate_groups(self._rounds, cfg.duplicate_min_fraction):
+            detected = duplicate_groups(self._rounds, cfg.duplicate_min_fraction)
+            for group in merge_groups([], detected + list(self.known_groups)):
                 members = tuple(sorted(group & present))
                 if len(members) > 1:
                     groups.append(members)
