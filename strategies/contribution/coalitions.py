@@ -95,9 +95,8 @@ class WeightedMeanAggregator(CoalitionAggregator):
         *smallest* member weight: a duplicate group enters the round as one factory of its
         honest size, and a copy cannot raise the group's weight by claiming more rows. Not the
         members' mean: copies trained on the same records carry independent DP noise, so their
-        mean is a less noisy update of the same data, worth more than one factory's and exactly
-        what a copier would be paid for (in the contribution benchmark the mean gave the pair
-        1.28x the original's pay alone, one member 1.0x).
+        mean is a less noisy update of the same data, worth more than one factory's, and that
+        surplus is exactly what a copier would be paid for.
         """
         out = copy.copy(self)
         rows, weights = [], []
