@@ -25,7 +25,13 @@ Planted factories (IID shares of the task's data, so that only the planted behav
 
 Pay follows the default ``end_of_run`` rule (the pool split by positive cumulative scores), with
 and without the guards of :mod:`strategies.contribution.guards` (no pay for updates that cannot
-be told from noise; duplicate groups paid as one factory).
+be told from noise; duplicate groups paid as one factory). "Guarded" pay of the estimators in
+``--product-guards`` (default ``linearised``) is the product's: the server's
+:class:`~strategies.contribution.scorer.ContributionScorer` with its default guards scores each
+round (a duplicate group detected from the updates is merged into one player before scoring)
+and the last round's withheld factories take no part in the split, as the payout desk does.
+The other estimators' guarded pay splits the group's scores after the fact and also uses the
+factories' record sketches (:func:`guard_outcome`).
 
 Printed: per task and estimator, the Spearman rank correlation of per-round scores with exact
 Shapley, evaluations as a fraction of exact's, seconds per round, the free-riders' pay, the
@@ -70,6 +76,7 @@ from standard_models.registry import get_task
 from strategies.contribution.coalitions import WeightedMeanAggregator
 from strategies.contribution.estimators import estimate
 from strategies.contribution.guards import (
+    GuardConfig,
     alignment_statistic,
     duplicate_groups,
     duplicate_pairs,
@@ -81,6 +88,7 @@ from strategies.contribution.guards import (
     split_group_credit,
     withhold_unproven,
 )
+from strategies.contribution.scorer import ContributionScorer
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 from strategies.validation import ValidationRules, validate_update
 
@@ -105,6 +113,7 @@ def shipped(method: str) -> tuple[str, dict]:
     options = OmegaConf.to_container(OmegaConf.load(CONF / f"{method}.yaml"), resolve=True)
     assert isinstance(options, dict)
     name = str(options.pop("method"))
+    options.pop("guards", None)  # the guards are the scorer's, not the estimator's
     return name, {k: v for k, v in options.items() if v is not None}
 
 
@@ -311,8 +320,14 @@ def federated_run(
     kinds: tuple[str, ...] = KINDS,
     extra_clean: int = 0,
     rows: int | None = None,
+    product_guards: tuple[str, ...] = (),
 ) -> dict:
-    """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records."""
+    """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records.
+
+    Estimators named in ``product_guards`` also score every round through the server's scorer
+    with its default guards (records' ``guarded``); a name with ``+sketch`` also gives that
+    scorer the groups of the factories' record sketches, as if reporting one were required.
+    """
     with tempfile.TemporaryDirectory(prefix="bench-contribution-") as tmp:
         workdir = Path(tmp)
         factories, validation = planted_factories(task, seed, workdir, kinds, extra_clean, rows)
@@ -322,6 +337,25 @@ def federated_run(
         evaluator = BatchedEvaluator(task, task.build_model(), validation)
         rng = np.random.default_rng(seed)
         records = []
+        scorers = {}
+        by_data = fingerprint_groups(
+            {f.fid: f.fingerprint for f in factories if f.fingerprint is not None}
+        )
+        for label in product_guards:
+            base = label.removesuffix("+sketch")
+            if base not in estimators:
+                continue
+            scorers[label] = ContributionScorer(
+                estimators[base][0],
+                evaluator.scores,
+                evaluator.sign,
+                params=estimators[base][1],
+                seed=seed,
+                evaluator=evaluator,
+                guards=GuardConfig(),
+            )
+            if label.endswith("+sketch"):
+                scorers[label].guard.known_groups = list(by_data)
         for r in range(1, rounds + 1):
             accepted = train_round(
                 task, factories, global_state, r, rounds, seed, workdir, rng, epsilon
@@ -330,6 +364,21 @@ def federated_run(
                 label: score(method, params, accepted, evaluator, seed)
                 for label, (method, params) in estimators.items()
             }
+            guarded = {}
+            for label, scorer in scorers.items():
+                got = scorer.score_round(
+                    r,
+                    accepted.ids,
+                    WeightedMeanAggregator(accepted.updates, accepted.weights),
+                    global_state,
+                )
+                guarded[label] = {
+                    "scores": got.scores,
+                    "withheld": list(got.withheld),
+                    "groups": [list(g) for g in got.groups],
+                    "seconds": got.seconds,
+                    "evaluations": got.evaluations,
+                }
             deltas = flat_deltas(accepted.updates, global_state)
             z = alignment_statistic(deltas, accepted.weights)
             pairs = duplicate_pairs(deltas)
@@ -342,6 +391,7 @@ def federated_run(
                     "train_seconds": accepted.train_seconds,
                     "metric": evaluator.scores([global_state])[0],
                     "scored": scored,
+                    "guarded": guarded,
                     "alignment": dict(zip(accepted.ids, map(float, z), strict=True)),
                     "duplicate_pairs": [(accepted.ids[i], accepted.ids[j]) for i, j in pairs],
                     "rejected": accepted.rejected,
@@ -369,8 +419,19 @@ def guard_outcome(run: dict) -> tuple[dict, list[frozenset[str]]]:
 
 
 def payouts(run: dict, estimator: str, guarded: bool) -> dict[str, int]:
-    """End-of-run pay from ``estimator``'s cumulative scores, with or without the guards."""
+    """End-of-run pay from ``estimator``'s cumulative scores, with or without the guards.
+
+    Guarded pay of an estimator scored through the product's scorer is the product's (merged
+    duplicate groups, the last round's withheld factories out of the split).
+    """
     cumulative = {f: 0.0 for f in run["ids"]}
+    if guarded and estimator in run["rounds"][0].get("guarded", {}):
+        for rec in run["rounds"]:
+            for f, v in rec["guarded"][estimator]["scores"].items():
+                cumulative[f] += v
+        held = set(run["rounds"][-1]["guarded"][estimator]["withheld"])
+        paid = allocate(POOL, {f: v for f, v in cumulative.items() if f not in held})
+        return {f: paid.get(f, 0) for f in cumulative}
     for rec in run["rounds"]:
         for f, v in rec["scored"][estimator]["scores"].items():
             cumulative[f] += v
@@ -394,8 +455,11 @@ def _share(paid: dict[str, int], kinds: tuple[str, ...]) -> float:
 
 
 def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact") -> dict:
-    """Per-estimator statistics over seeds (scores compared with ``reference``'s)."""
+    """Per-estimator statistics over seeds (scores compared with ``reference``'s; the first
+    estimator's when ``reference`` was not run)."""
     out = {}
+    if reference not in runs[0]["rounds"][0]["scored"]:
+        reference = next(iter(runs[0]["rounds"][0]["scored"]))
     for est in runs[0]["rounds"][0]["scored"]:
         rhos, evals, secs, flip_rank = [], [], [], []
         stats: dict[str, list] = {
@@ -453,6 +517,36 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
             solo = row["solo" + suffix]
             row["dup_gain" + suffix] = row["pair" + suffix] / solo if solo else float("nan")
         out[est] = row
+    return out
+
+
+def product_rows(runs: list[dict], solo_runs: list[dict]) -> dict:
+    """Pay through the server's guarded scorer (``--product-guards``): the duplicate pair's
+    share against the original's alone, the noise free-rider's pay, groups found."""
+    out = {}
+    for label in runs[0]["rounds"][0].get("guarded", {}):
+        pair, solo, free, found = [], [], [], 0
+        for run, alone in zip(runs, solo_runs, strict=True):
+            paid = payouts(run, label, True)
+            pair.append(_share(paid, ("clean_a", "duplicate")))
+            free.append(sum(v for f, v in paid.items() if _kind(f) in FREE_RIDERS))
+            found += any(rec["guarded"][label]["groups"] for rec in run["rounds"])
+            if alone is not None and label in alone["rounds"][0].get("guarded", {}):
+                solo.append(_share(payouts(alone, label, True), ("clean_a",)))
+        row = {
+            "pair": float(np.mean(pair)),
+            "solo": float(np.mean(solo)) if solo else float("nan"),
+            "free_paid_max": int(max(free)),
+            "runs_with_group": f"{found}/{len(runs)}",
+        }
+        row["dup_gain"] = row["pair"] / row["solo"] if solo else float("nan")
+        out[label] = row
+        print(
+            f"product path {label:<18} pair {row['pair']:.1%} vs original alone "
+            f"{row['solo']:.1%}: {row['dup_gain']:.2f}x; noise free-rider paid "
+            f"{row['free_paid_max']}; copy merged in {row['runs_with_group']} runs",
+            flush=True,
+        )
     return out
 
 
@@ -579,26 +673,55 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling-rows", type=int, default=500, help="rows per factory")
     parser.add_argument("--reference-per-player", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, no scaling")
+    parser.add_argument(
+        "--estimators", nargs="*", default=list(ESTIMATORS), help="estimators to run"
+    )
+    parser.add_argument(
+        "--product-guards",
+        nargs="*",
+        default=["linearised"],
+        help="estimators whose guarded pay goes through the server's scorer",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_contribution.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.quick:
         args.seeds, args.rounds, args.scaling = 1, 2, []
     report: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "tasks": {}}
+    chosen = {k: ESTIMATORS[k] for k in args.estimators}
+    solo_chosen = {k: v for k, v in chosen.items() if k in SOLO_ESTIMATORS}
+    product = tuple(args.product_guards)
     for task_name in args.tasks:
         task = get_task(task_name)
         runs, solos = [], []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            runs.append(federated_run(task, seed, args.rounds, ESTIMATORS, args.epsilon))
+            runs.append(
+                federated_run(
+                    task, seed, args.rounds, chosen, args.epsilon, product_guards=product
+                )
+            )
             solo_kinds = tuple(k for k in KINDS if k != "duplicate")
             solos.append(
-                federated_run(task, seed, args.rounds, SOLO_ESTIMATORS, args.epsilon, solo_kinds)
+                federated_run(
+                    task,
+                    seed,
+                    args.rounds,
+                    solo_chosen,
+                    args.epsilon,
+                    solo_kinds,
+                    product_guards=product,
+                )
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         stats = summarise(runs, solos)
         rates = guard_rates(runs + solos)
-        report["tasks"][task_name] = {"estimators": stats, "guards": rates}
+        product_stats = product_rows(runs, solos)
+        report["tasks"][task_name] = {
+            "estimators": stats,
+            "guards": rates,
+            "product": product_stats,
+        }
         _print_table(f"{task_name} ({args.seeds} seeds, {len(KINDS)} factories)", stats)
         print(f"guards: {rates}")
     if args.scaling:

@@ -41,7 +41,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     "privacy.grad_sample_mode": ("bk", "ghost", "hooks", "functorch"),  # fl_client.training
     "partition.scheme": ("natural", "dirichlet", "iid"),  # standard_models.base.PartitionConfig
     # strategies.contribution.scorer.METHODS
-    "contribution.method": ("none", "exact", "gtg", "loo", "kernel", "linearised"),
+    "contribution.method": ("none", "exact", "gtg", "loo", "kernel", "linearised", "auto"),
     # fl_server.rewards.allocation.SCHEDULES
     "rewards.schedule": ("per_round", "per_run", "end_of_run"),
     "attack.name": (
@@ -134,8 +134,19 @@ class TrackingSchema:
 
 
 @dataclass
+class GuardsSchema:
+    noise_test: bool = True
+    noise_alpha: float = 0.001
+    merge_duplicates: bool = True
+    duplicate_min_excess: float = 0.05
+    duplicate_alpha: float = 0.001
+    duplicate_min_fraction: float = 0.5
+
+
+@dataclass
 class ContributionSchema:
-    method: str = "gtg"
+    method: str = "auto"
+    guards: GuardsSchema = field(default_factory=GuardsSchema)
     max_players: int | None = None
     within_tol: float | None = None
     between_tol: float | None = None
@@ -355,6 +366,17 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
     ):
         if _get(cfg, f"contribution.{key}") is not None:
             _at_least(cfg, f"contribution.{key}", 1)
+    for key in ("noise_alpha", "duplicate_alpha"):  # strategies.contribution.guards.GuardConfig
+        if _get(cfg, f"contribution.guards.{key}") is not None:
+            value = _number(cfg, f"contribution.guards.{key}")
+            if not 0 < value < 1:
+                raise ConfigError(f"contribution.guards.{key}", value, "must be in (0, 1)")
+    if _get(cfg, "contribution.guards.duplicate_min_fraction") is not None:
+        _in_range(cfg, "contribution.guards.duplicate_min_fraction", 0.0, 1.0, "(0, 1]")
+        if _number(cfg, "contribution.guards.duplicate_min_fraction") == 0:
+            raise ConfigError("contribution.guards.duplicate_min_fraction", 0, "must be in (0, 1]")
+    if _get(cfg, "contribution.guards.duplicate_min_excess") is not None:
+        _in_range(cfg, "contribution.guards.duplicate_min_excess", 0.0, math.inf, "[0, inf)")
     if method == "exact":
         cap = _at_least(cfg, "contribution.max_players", 1)
         if n > cap:

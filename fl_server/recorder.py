@@ -213,7 +213,34 @@ def contribution_metrics(contribution: RoundContribution) -> dict[str, float]:
     if contribution.method == "gtg":
         out["server/contribution_permutations"] = float(contribution.permutations)
         out["server/contribution_truncated"] = 1.0 if contribution.truncated else 0.0
+    out.update(guard_metrics(contribution))
     return out
+
+
+def guard_metrics(contribution: RoundContribution) -> dict[str, float]:
+    """The guards' findings (none when they are off): per factory seen, ``withheld`` (1: its
+    pay is withheld, its updates cannot yet be told from noise) and ``noise_z`` (the test's
+    statistic over its rounds); per scored factory ``duplicate`` (1: scored in a duplicate
+    group); and ``server/withheld``, ``server/duplicate_groups`` (counts)."""
+    if not contribution.noise_z:
+        return {}
+    held = set(contribution.withheld)
+    grouped = {m for g in contribution.groups for m in g}
+    out: dict[str, float] = {}
+    for fid, z in contribution.noise_z.items():
+        out[f"factory/{fid}/withheld"] = 1.0 if fid in held else 0.0
+        out[f"factory/{fid}/noise_z"] = float(z)
+    for fid in contribution.scores:
+        out[f"factory/{fid}/duplicate"] = 1.0 if fid in grouped else 0.0
+    out["server/withheld"] = float(len(held))
+    out["server/duplicate_groups"] = float(len(contribution.groups))
+    return out
+
+
+def guard_tags(contribution: RoundContribution) -> dict[str, str]:
+    """``factory/<id>/duplicate_group``: the members of the group it was scored in this round
+    (comma-separated, itself included)."""
+    return {f"factory/{m}/duplicate_group": ",".join(g) for g in contribution.groups for m in g}
 
 
 def payout_metrics(
@@ -343,6 +370,8 @@ class RoundRecorder:
             self.factory_rounds.append(self.factory_round(record))
             if record.contribution is not None:
                 metrics.update(contribution_metrics(record.contribution))
+                if record.contribution.groups:
+                    self.tracker.set_tags(guard_tags(record.contribution))
             if self.desk is not None:
                 metrics.update(self._settle(record))
         metrics.update(health_metrics(metrics, self.main_metric))
@@ -372,7 +401,18 @@ class RoundRecorder:
     @staticmethod
     def factory_round(record: RoundRecord) -> dict:
         """One round of the per-factory history: ``{"round", "status", "epsilon",
-        "contribution"}``, each a ``{factory: value}`` map (plain JSON)."""
+        "contribution"}``, each a ``{factory: value}`` map (plain JSON), and with the guards on
+        ``"withheld"`` (ids), ``"duplicate_groups"`` (lists of ids), ``"alignment"`` and
+        ``"duplicate_pairs"`` (what a resumed run's guards are restored from)."""
+        guards = {}
+        c = record.contribution
+        if c is not None and c.noise_z:
+            guards = {
+                "withheld": list(c.withheld),
+                "duplicate_groups": [list(g) for g in c.groups],
+                "alignment": {f: float(v) for f, v in sorted(c.alignment.items())},
+                "duplicate_pairs": [list(p) for p in c.pairs],
+            }
         return {
             "round": record.server_round,
             "status": {f: o.status for f, o in sorted(record.report.outcomes.items())},
@@ -382,6 +422,7 @@ class RoundRecorder:
                 if record.contribution is not None
                 else {}
             ),
+            **guards,
         }
 
     def log_failures(self) -> None:

@@ -144,6 +144,33 @@ def outcome_counts(summary: Mapping[str, Any]) -> list[dict[str, int]]:
     return out
 
 
+def guard_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Why factories were paid less (the contribution guards), as description lines.
+
+    From the per-round records: the factories withheld after the last scored round (their
+    updates cannot be told from noise) and every duplicate group scored as one factory.
+    Empty when the guards found nothing or were off.
+    """
+    scored = [r for r in summary.get("factory_rounds") or [] if "withheld" in r]
+    if not scored:
+        return []
+    held = list(scored[-1].get("withheld") or [])
+    groups = sorted({tuple(g) for r in scored for g in r.get("duplicate_groups") or []})
+    lines = []
+    if held:
+        names = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
+        lines.append(
+            f"**Pay withheld** from {names}: over their rounds their updates could not "
+            "be told from random noise (noise test of `contribution.guards`)."
+        )
+    for group in groups:
+        lines.append(
+            f"**Scored as one factory**: {', '.join(group)} sent copies of each other's updates; "
+            "the group's credit is split equally."
+        )
+    return [*lines, ""] if lines else []
+
+
 def run_description(
     summary: Mapping[str, Any], failure: str | None = None, max_factories: int = 50
 ) -> str:
@@ -219,6 +246,7 @@ def run_description(
         lines.append(f"\n... and {len(rows) - max_factories} more factories (see summary.json)")
     low = [r.factory_id for r in rows if r.below_minimum]
     lines.append("")
+    lines += guard_lines(summary)
     if low:
         lines += [
             f"**{len(low)} of {len(rows)} factories have less epsilon left than "

@@ -291,6 +291,8 @@ def run_federation(grid: Grid, cfg: DictConfig) -> dict:
         factory_rounds=state.get("factory_rounds"),
         privacy_units=task.unit_names(),
     )
+    if scorer is not None:  # a resumed run's guards continue from its recorded rounds
+        scorer.resume(recorder.factory_rounds)
 
     def describe(server_round: int) -> None:
         """Refresh the run's description after each round (one tag write)."""

@@ -278,3 +278,17 @@ def test_end_of_run_pays_only_final_positive_contributions() -> None:
     for r in (1, 2, 3):
         nobody.settle(r, {"a": -0.1})
     assert nobody.cumulative_payout == {"a": 0} and nobody.carry == 1000
+
+
+def test_withheld_factories_keep_their_contribution_but_take_no_part_in_the_split() -> None:
+    book = RewardBook(RewardPolicy(1000, "per_round"))
+    paid = book.settle(1, {"a": 1.0, "b": 1.0, "noise": 2.0}, withheld=["noise"])
+    assert paid == {"a": 500, "b": 500, "noise": 0}
+    assert book.cumulative_contribution["noise"] == 2.0
+    # Once it is proven it shares by its whole cumulative contribution.
+    paid = book.settle(2, {"a": 0.0, "b": 0.0, "noise": 0.0})
+    assert paid == {"a": 250, "b": 250, "noise": 500}
+    # Everyone withheld: the pool is carried, money is conserved.
+    paid = book.settle(3, {}, withheld=["a", "b", "noise"])
+    assert set(paid.values()) == {0} and book.carry == 1000
+    assert sum(book.cumulative_payout.values()) + book.carry == book.released

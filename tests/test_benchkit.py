@@ -80,13 +80,13 @@ def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
 
 
 def test_benchmark_runs_keep_the_products_scoring_and_rewards(tmp_path):
-    """A benchmark measures the federation a user runs: GTG scoring and rewards stay on."""
+    """A benchmark measures the federation a user runs: default scoring and rewards stay on."""
     from experiments.benchkit import BenchRunner
     from fl_server.config import compose_config
 
     product = compose_config([])
     cfg = BenchRunner(tmp_path, tmp_path / "data").config(["strategy=fedmedian"], "cell")
-    assert cfg.contribution == product.contribution and cfg.contribution.method == "gtg"
+    assert cfg.contribution == product.contribution and cfg.contribution.method == "auto"
     assert cfg.rewards == product.rewards
     assert cfg.strategy.name == "fedmedian" and cfg.output_dir == str(tmp_path / "runs" / "cell")
     off = BenchRunner(tmp_path, tmp_path / "data").config(["contribution=none"], "off")

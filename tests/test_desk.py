@@ -50,3 +50,29 @@ def test_the_rewards_group_builds_the_policy():
     assert reward_policy(cfg) == RewardPolicy(500, "per_round", int(cfg.federation.num_rounds))
     with pytest.raises(ValueError, match="rewards.schedule"):
         reward_policy(compose_config(["rewards.schedule=weekly"]))
+
+
+def test_withheld_and_grouped_factories_are_named_in_the_ledger(tmp_path):
+    desk = PayoutDesk(RewardPolicy(900, "per_round"), tmp_path / "l.sqlite", "r")
+    guarded = RoundContribution(
+        1,
+        "exact",
+        {"a": 0.5, "b": 0.25, "c": 0.25, "noise": 0.5},
+        evaluations=7,
+        seconds=0.1,
+        grand_utility=1.5,
+        withheld=("noise",),
+        groups=(("b", "c"),),
+    )
+    entries = {e.factory_id: e for e in desk.settle(1, guarded, {})}
+    assert entries["noise"].withheld and entries["noise"].payout == 0
+    assert entries["b"].duplicate_group == entries["c"].duplicate_group == "b,c"
+    assert [entries[f].payout for f in "abc"] == [450, 225, 225]
+    # An unscored round brings no new evidence: the noise sender stays withheld, also after a
+    # restart of the server.
+    restarted = PayoutDesk(RewardPolicy(900, "per_round"), tmp_path / "l.sqlite", "r")
+    assert restarted.withheld == ("noise",)
+    second = {e.factory_id: e for e in restarted.settle(2, None, {})}
+    assert second["noise"].withheld and second["noise"].payout == 0
+    assert sum(e.payout for e in second.values()) == 900
+    assert verify_ledger(desk.path).ok

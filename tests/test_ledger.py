@@ -24,12 +24,14 @@ from fl_server.cli import main
 from fl_server.rewards.allocation import RewardBook
 from fl_server.rewards.ledger import (
     GENESIS,
+    TABLE,
     LedgerFileError,
     LedgerRow,
     RewardLedger,
     canonical_json,
     entry_hash,
     read_entries,
+    round_rows,
     verify_ledger,
 )
 
@@ -164,9 +166,11 @@ def test_unique_constraint_and_guards(recorded) -> None:
     try:
         row = _raw_rows(path)[0]
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            forged = {**row, "seq": 99, "hash": "f" * 64}
             conn.execute(
-                "INSERT INTO reward_ledger VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                [99, *list(row.values())[1:-1], "f" * 64],
+                f"INSERT INTO reward_ledger ({', '.join(forged)}) "
+                f"VALUES ({', '.join('?' * len(forged))})",
+                list(forged.values()),
             )
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             conn.execute("UPDATE reward_ledger SET payout = 1 WHERE seq = 1")
@@ -370,3 +374,83 @@ def test_cli_verify_exit_codes(recorded, tmp_path: Path, capsys) -> None:
     junk.write_bytes(b"\x00garbage" * 200)
     assert main(["ledger", "verify", str(junk)]) == 2
     assert str(junk) in capsys.readouterr().err
+
+
+# -- the guards' flags -------------------------------------------------------------------------
+def _flagged_run(path: Path) -> RewardLedger:
+    """Two rounds: f3 withheld in both, f1 and f2 scored as one duplicate group in round 2."""
+    ledger = RewardLedger(path)
+    book = RewardBook(POLICY)
+    rounds = [
+        ({"f1": 1.0, "f2": 0.5, "f3": 0.25}, (), ()),
+        ({"f1": 0.5, "f2": 0.5, "f3": 0.25}, ("f3",), (("f1", "f2"),)),
+    ]
+    for server_round, (scores, withheld, groups) in enumerate(rounds, start=1):
+        payouts = book.settle(server_round, scores, withheld)
+        rows = round_rows(book, scores, payouts, None, withheld, groups)
+        ledger.record_round(RUN, server_round, rows)
+        assert ledger.record_round(RUN, server_round, rows) == ledger.entries(run_id=RUN)[
+            -3:
+        ]  # idempotent, flags included
+    return ledger
+
+
+def test_guard_flags_are_stored_hashed_and_verified(tmp_path: Path) -> None:
+    ledger = _flagged_run(tmp_path / "l.db")
+    entries = ledger.entries(run_id=RUN)
+    last = {e.factory_id: e for e in entries if e.round == 2}
+    assert last["f3"].withheld and last["f3"].payout == 0
+    assert (last["f1"].duplicate_group, last["f2"].duplicate_group) == ("f1,f2", "f1,f2")
+    assert not last["f1"].withheld and last["f3"].duplicate_group == ""
+    assert sum(e.payout for e in entries) + last["f1"].carry == POLICY.released(2)
+    assert verify_ledger(ledger.path, expected_head=ledger.head()).ok
+    # Flags are part of the hash: clearing one is found at its entry.
+    tamper(ledger.path, f"UPDATE {TABLE} SET withheld = 0 WHERE seq = {last['f3'].seq}")
+    result = verify_ledger(ledger.path)
+    assert (result.ok, result.kind, result.seq) == (False, "edited", last["f3"].seq)
+
+
+def test_unflagged_entries_hash_as_in_version_1() -> None:
+    values = {
+        "seq": 1,
+        "run_id": "run-1",
+        "round": 1,
+        "factory_id": "f1",
+        "score": 0.1,
+        "cumulative_score": -0.0,
+        "payout": 5,
+        "cumulative_payout": 5,
+        "epsilon": None,
+        "carry": 0,
+        "prev_hash": GENESIS,
+    }
+    pinned = "f3324df0f25654b250815223303d6e7dfbad5c8fc304979f8b3d9687f945665e"
+    assert entry_hash({**values, "withheld": False, "duplicate_group": ""}) == pinned
+    assert entry_hash({**values, "withheld": True}) != pinned
+    assert entry_hash({**values, "duplicate_group": "f1,f2"}) != pinned
+    with pytest.raises(TypeError, match="withheld"):
+        entry_hash({**values, "withheld": 2})
+
+
+def test_a_withheld_row_cannot_be_paid() -> None:
+    with pytest.raises(ValueError, match="withheld but paid"):
+        LedgerRow("f1", 1.0, 1.0, 3, 3, 0, withheld=True)
+
+
+def test_a_version_1_ledger_is_read_verified_and_upgraded(recorded) -> None:
+    path, ledger, book = recorded
+    head = ledger.head()
+    # Turn the file into what version 1 wrote: no flag columns.
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        f"""DROP TRIGGER {TABLE}_no_update; DROP TRIGGER {TABLE}_no_delete;
+        ALTER TABLE {TABLE} DROP COLUMN withheld; ALTER TABLE {TABLE} DROP COLUMN duplicate_group;
+        UPDATE ledger_meta SET value = '1' WHERE key = 'version';"""
+    )
+    conn.close()
+    old = read_entries(path)
+    assert len(old) == 8 and not any(e.withheld or e.duplicate_group for e in old)
+    assert verify_ledger(path, expected_head=head).ok
+    upgraded = RewardLedger(path)  # opened for writing: the columns are added
+    play(upgraded, RUN, [({"f1": 0.5}, {})], book)
+    assert len(upgraded.entries()) == 11 and verify_ledger(path).ok

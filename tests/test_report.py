@@ -164,3 +164,23 @@ def test_plots_stay_legible_with_few_and_many_factories(num_factories: int, tmp_
     paths = save_plots(summary, tmp_path)
     assert sorted(p.name for p in paths) == sorted(f"{name}.png" for name in PLOTS)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_the_description_says_who_was_paid_less_and_why() -> None:
+    summary = _summary()
+    summary["factory_rounds"] = [
+        {**r, "withheld": ["factory_003"], "duplicate_groups": [["factory_000", "factory_002"]]}
+        for r in summary["factory_rounds"]
+    ]
+    text = run_description(summary)
+    assert "**Pay withheld** from factory_003" in text
+    assert "**Scored as one factory**: factory_000, factory_002" in text
+    assert "Pay withheld" not in run_description(_summary())
+
+
+def test_a_long_list_of_withheld_factories_is_cut_short() -> None:
+    summary = _summary()
+    held = [f"factory_{i:03d}" for i in range(100)]
+    summary["factory_rounds"] = [{**summary["factory_rounds"][-1], "withheld": held}]
+    text = run_description(summary)
+    assert "factory_009 and 90 more: over their rounds" in text and "factory_010" not in text

@@ -165,3 +165,33 @@ def test_statement_file_names_stay_inside_the_output_folder() -> None:
     assert statement_stem("f1") == "f1-statement"
     assert statement_stem("../../outside/f1") == "_.._outside_f1-statement"
     assert "/" not in statement_stem("a/b") and "\\" not in statement_stem("a\\b")
+
+
+def test_a_statement_says_why_a_factory_was_paid_less(tmp_path: Path) -> None:
+    from fl_server.rewards.allocation import RewardPolicy
+    from fl_server.rewards.ledger import round_rows
+    from fl_server.rewards.statements import csv_rows
+
+    ledger = RewardLedger(tmp_path / "l.db")
+    book = RewardBook(RewardPolicy(1000, "per_round"))
+    for r, withheld, groups in ((1, ("f3",), ()), (2, ("f3",), (("f1", "f3"),))):
+        scores = {"f1": 1.0, "f2": 1.0, "f3": 1.0}
+        payouts = book.settle(r, scores, withheld)
+        ledger.record_round(RUN, r, round_rows(book, scores, payouts, None, withheld, groups))
+    entries, verification = audit_ledger(ledger.path)
+    doc = factory_statement(entries, "f3", verification, run_id=RUN)
+    assert [e["withheld"] for e in doc["entries"]] == [True, True]
+    assert doc["totals"]["payout"] == 0
+    assert len(doc["paid_less"]) == 2
+    assert doc["paid_less"][0].startswith("Pay withheld in 2 round(s) (rounds 1, 2)")
+    assert "f1, f3 were copies of each other" in doc["paid_less"][1]
+    rows = csv_rows(doc)
+    assert [(r["withheld"], r["duplicate_group"]) for r in rows] == [
+        ("true", ""),
+        ("true", "f1,f3"),
+    ]
+    title = statement_title(doc)
+    assert "paid less: withheld in 2 round(s)" in title
+    assert "paid less: scored as one factory with its copies (f1,f3)" in title
+    clean = factory_statement(entries, "f2", verification, run_id=RUN)
+    assert clean["paid_less"] == [] and "paid less" not in statement_title(clean)

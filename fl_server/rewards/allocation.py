@@ -201,13 +201,21 @@ class RewardBook:
         """Total minor units released through :attr:`last_round`."""
         return self._policy.released(self._last_round)
 
-    def settle(self, server_round: int, contributions: Mapping[str, float]) -> dict[str, int]:
+    def settle(
+        self,
+        server_round: int,
+        contributions: Mapping[str, float],
+        withheld: Iterable[str] = (),
+    ) -> dict[str, int]:
         """Add round ``server_round``'s contributions and pay out its pool.
 
         The pool is the installments of every round since the last settled one (normally just
         ``installment(server_round)``; a round that was never settled behaves like a round in
         which nobody could be paid) plus the carry. Factories absent from ``contributions``
-        keep their cumulative contribution and still share the pool.
+        keep their cumulative contribution and still share the pool. Factories in ``withheld``
+        (their contribution is not yet distinguishable from noise) keep their cumulative
+        contribution but take no part in this round's split: they are paid 0 and the pool goes
+        to the others (or is carried when nobody else can be paid).
 
         Args:
             server_round: the round to settle; must be after :attr:`last_round`, so a round can
@@ -238,7 +246,9 @@ class RewardBook:
             - self._policy.released(self._last_round)
             + self._carry
         )
-        payouts = allocate(pool, cumulative)
+        excluded = set(withheld)
+        payouts = allocate(pool, {f: v for f, v in cumulative.items() if f not in excluded})
+        payouts = {f: payouts.get(f, 0) for f in cumulative}
         self._contribution = cumulative
         self._payout = {f: self._payout.get(f, 0) + payouts[f] for f in cumulative}
         self._carry = pool - sum(payouts.values())

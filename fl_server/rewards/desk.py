@@ -48,7 +48,14 @@ class PayoutDesk:
         self.policy = policy
         self.ledger = RewardLedger(ledger_path)
         self.run_id = run_id
-        self.book = RewardBook.restore(policy, self.ledger.entries(run_id=run_id))
+        entries = self.ledger.entries(run_id=run_id)
+        self.book = RewardBook.restore(policy, entries)
+        #: Factories whose pay is withheld, as the last scored round decided (an unscored
+        #: round has no new evidence, so it keeps them withheld).
+        self.withheld: tuple[str, ...] = ()
+        if entries:
+            last = max(e.round for e in entries)
+            self.withheld = tuple(e.factory_id for e in entries if e.round == last and e.withheld)
 
     @property
     def path(self) -> Path:
@@ -63,13 +70,20 @@ class PayoutDesk:
         """Pay round ``server_round`` (once) and return its ledger entries.
 
         An unscored round (no contribution: too few updates, or scoring failed) still settles:
-        its instalment is carried to the next round, and the ledger shows that it was.
+        its instalment is carried to the next round, and the ledger shows that it was. The
+        guards' findings go into the entries: a withheld factory takes no part in the split
+        (see :meth:`~fl_server.rewards.allocation.RewardBook.settle`), and each factory's
+        duplicate group is named.
         """
         if server_round in self.ledger.rounds(self.run_id):
             return [e for e in self.ledger.entries(run_id=self.run_id) if e.round == server_round]
         scores = dict(contribution.scores) if contribution else {}
-        payouts = self.book.settle(server_round, scores)
-        rows = round_rows(self.book, scores, payouts, epsilons)
+        if contribution is not None:
+            self.withheld = tuple(contribution.withheld)
+        withheld = self.withheld
+        groups = contribution.groups if contribution else ()
+        payouts = self.book.settle(server_round, scores, withheld)
+        rows = round_rows(self.book, scores, payouts, epsilons, withheld, groups)
         if not rows:
             return []
         return self.ledger.record_round(self.run_id, server_round, rows)

@@ -4,9 +4,15 @@ One SQLite table holds one entry per factory per settled round. Every entry carr
 ``seq`` number (1, 2, 3, ...) and the SHA-256 ``hash`` of a canonical JSON encoding of all its
 other fields, including ``prev_hash``, the hash of the entry before it (64 zeros for the first).
 Changing, removing, inserting or reordering entries therefore breaks the chain, and
-:func:`verify_ledger` names the first break. Factories can be handed a statement of their own
-entries (:mod:`fl_server.rewards.statements`) that quotes the chain's head, so both sides can
-later check that the ledger still ends where it did.
+:func:`verify_ledger` names the first break. An entry also says why a factory was paid less
+than its score alone would give: ``withheld`` (its contribution was not yet distinguishable
+from noise, so it took no part in the round's split) and ``duplicate_group`` (the factories,
+itself included, scored as one player because their updates were copies). Both are hashed when
+set; an entry without them hashes exactly as in format version 1, so older ledgers still
+verify (and are upgraded in place, by adding the two columns, when written to again).
+Factories can be handed a statement of their own entries (:mod:`fl_server.rewards.statements`)
+that quotes the chain's head, so both sides can later check that the ledger still ends where it
+did.
 
 What the chain cannot show on its own: removing the *last* entries leaves a valid, shorter
 chain; forged entries appended at the end look like new rounds; and someone with write access
@@ -29,7 +35,7 @@ import hashlib
 import json
 import math
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,7 +48,9 @@ if TYPE_CHECKING:
 
 GENESIS = "0" * 64
 FORMAT = "factoryfed-reward-ledger"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+#: Versions this code reads; a version-1 file is upgraded to 2 (two columns added) on write.
+READABLE_VERSIONS = ("1", "2")
 TABLE = "reward_ledger"
 META_TABLE = "ledger_meta"
 
@@ -60,9 +68,18 @@ HASHED_FIELDS = (
     "carry",
     "prev_hash",
 )
+#: Hashed only when set (not False / not ""), so entries without them hash as in version 1.
+OPTIONAL_HASHED_FIELDS = ("withheld", "duplicate_group")
 _FLOAT_FIELDS = frozenset({"score", "cumulative_score", "epsilon"})
 _INT_FIELDS = frozenset({"seq", "round", "payout", "cumulative_payout", "carry"})
 _STR_FIELDS = frozenset({"run_id", "factory_id", "prev_hash"})
+
+#: What turns a version-1 table into a version-2 one.
+_UPGRADE = (
+    f"ALTER TABLE {TABLE} ADD COLUMN withheld INTEGER NOT NULL DEFAULT 0 "
+    "CHECK (withheld IN (0, 1))",
+    f"ALTER TABLE {TABLE} ADD COLUMN duplicate_group TEXT NOT NULL DEFAULT ''",
+)
 
 _SCHEMA = (
     f"CREATE TABLE {META_TABLE} (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -79,6 +96,8 @@ _SCHEMA = (
         carry INTEGER NOT NULL CHECK (carry >= 0),
         prev_hash TEXT NOT NULL,
         hash TEXT NOT NULL UNIQUE,
+        withheld INTEGER NOT NULL DEFAULT 0 CHECK (withheld IN (0, 1)),
+        duplicate_group TEXT NOT NULL DEFAULT '',
         UNIQUE (run_id, round, factory_id)
     )""",
     f"""CREATE TRIGGER {TABLE}_no_update BEFORE UPDATE ON {TABLE}
@@ -122,6 +141,7 @@ def canonical_json(values: Mapping[str, Any]) -> str:
 
     Keys sorted, no whitespace, ASCII only; floats written as ``repr`` strings (the shortest
     text that round-trips), so the hash does not depend on a JSON library's float formatting.
+    :data:`OPTIONAL_HASHED_FIELDS` are written only when set (missing means unset).
 
     Raises:
         TypeError, ValueError: a field is missing or has the wrong type (e.g. after tampering).
@@ -139,6 +159,16 @@ def canonical_json(values: Mapping[str, Any]) -> str:
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a string, got {value!r}")
             doc[name] = value
+    withheld = values.get("withheld", False)
+    if withheld not in (0, 1) or isinstance(withheld, float):
+        raise TypeError(f"withheld must be true or false, got {withheld!r}")
+    if withheld:
+        doc["withheld"] = True
+    group = values.get("duplicate_group", "")
+    if not isinstance(group, str):
+        raise TypeError(f"duplicate_group must be a string, got {group!r}")
+    if group:
+        doc["duplicate_group"] = group
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
@@ -159,6 +189,9 @@ class LedgerRow:
         cumulative_payout: minor units paid to it in the run so far.
         carry: the round's unallocated pool after this round (the same for every row).
         epsilon: its differential-privacy spend so far as it reported it, if known.
+        withheld: its pay was withheld this round (contribution not distinguishable from noise).
+        duplicate_group: the ids (comma-separated, sorted, itself included) of the duplicate
+            group it was scored in this round as one player; empty when none.
     """
 
     factory_id: str
@@ -168,6 +201,8 @@ class LedgerRow:
     cumulative_payout: int
     carry: int
     epsilon: float | None = None
+    withheld: bool = False
+    duplicate_group: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.factory_id, str) or not self.factory_id:
@@ -184,6 +219,12 @@ class LedgerRow:
             if epsilon < 0:
                 raise ValueError(f"epsilon of factory {self.factory_id!r} must be >= 0")
             object.__setattr__(self, "epsilon", epsilon)
+        if not isinstance(self.withheld, bool):
+            raise ValueError(f"withheld of factory {self.factory_id!r} must be true or false")
+        if not isinstance(self.duplicate_group, str):
+            raise ValueError(f"duplicate_group of factory {self.factory_id!r} must be a string")
+        if self.withheld and self.payout:
+            raise ValueError(f"factory {self.factory_id!r} is withheld but paid {self.payout}")
 
     @classmethod
     def coerce(cls, row: LedgerRow | Mapping[str, Any]) -> LedgerRow:
@@ -209,6 +250,8 @@ class LedgerEntry:
     carry: int
     prev_hash: str
     hash: str
+    withheld: bool = False
+    duplicate_group: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict."""
@@ -228,14 +271,19 @@ def round_rows(
     contributions: Mapping[str, float],
     payouts: Mapping[str, int],
     epsilons: Mapping[str, float] | None = None,
+    withheld: Iterable[str] = (),
+    groups: Iterable[Iterable[str]] = (),
 ) -> list[LedgerRow]:
     """The ledger rows of the round ``book`` has just settled.
 
-    ``contributions`` and ``payouts`` are that round's input to and result of
+    ``contributions``, ``payouts`` and ``withheld`` are that round's input to and result of
     :meth:`~fl_server.rewards.allocation.RewardBook.settle`; ``epsilons`` the privacy spend
-    factories reported (absent factories get ``None``).
+    factories reported (absent factories get ``None``); ``groups`` the duplicate groups scored
+    as one player in the round.
     """
     epsilons = epsilons or {}
+    held = set(withheld)
+    group_of = {m: ",".join(sorted(g)) for g in map(list, groups) for m in g}
     cumulative = book.cumulative_contribution
     paid = book.cumulative_payout
     return [
@@ -247,6 +295,8 @@ def round_rows(
             cumulative_payout=paid[factory],
             carry=book.carry,
             epsilon=None if epsilons.get(factory) is None else float(epsilons[factory]),
+            withheld=factory in held,
+            duplicate_group=group_of.get(factory, ""),
         )
         for factory in sorted(payouts)
     ]
@@ -287,22 +337,36 @@ def _tables(conn: sqlite3.Connection, path: Path) -> set[str]:
     return {row[0] for row in rows}
 
 
-def _check_ledger(conn: sqlite3.Connection, path: Path) -> None:
-    """Raise :class:`LedgerFileError` unless ``conn`` is a reward ledger of a known version."""
+def _check_ledger(conn: sqlite3.Connection, path: Path) -> str:
+    """The ledger's format version; raises :class:`LedgerFileError` unless ``conn`` is a
+    reward ledger of a readable version."""
     tables = _tables(conn, path)
     if not {TABLE, META_TABLE} <= tables:
         raise LedgerFileError(path, "not a factoryfed reward ledger (its tables are missing)")
     meta = dict(conn.execute(f"SELECT key, value FROM {META_TABLE}").fetchall())
     if meta.get("format") != FORMAT:
         raise LedgerFileError(path, "not a factoryfed reward ledger (unknown format)")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise LedgerFileError(
             path, f"reward ledger version {meta.get('version')!r} is not supported"
         )
+    return str(meta["version"])
+
+
+_DEFAULTS = {"withheld": 0, "duplicate_group": ""}
 
 
 def _entry(row: sqlite3.Row | Mapping[str, Any]) -> LedgerEntry:
-    return LedgerEntry(**{name: row[name] for name in _ENTRY_COLUMNS})
+    keys = row.keys()
+    values = {name: row[name] if name in keys else _DEFAULTS[name] for name in _ENTRY_COLUMNS}
+    values["withheld"] = bool(values["withheld"])
+    return LedgerEntry(**values)
+
+
+def _columns(conn: sqlite3.Connection) -> tuple[str, ...]:
+    """The entry columns this file's table has (a version-1 table lacks the newer ones)."""
+    have = {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
+    return tuple(c for c in _ENTRY_COLUMNS if c in have)
 
 
 def _select(
@@ -316,7 +380,7 @@ def _select(
         where.append("factory_id = ?")
         params.append(factory_id)
     clause = f" WHERE {' AND '.join(where)}" if where else ""
-    sql = f"SELECT {', '.join(_ENTRY_COLUMNS)} FROM {TABLE}{clause} ORDER BY seq"
+    sql = f"SELECT {', '.join(_columns(conn))} FROM {TABLE}{clause} ORDER BY seq"
     return [_entry(row) for row in conn.execute(sql, params)]
 
 
@@ -359,7 +423,12 @@ class RewardLedger:
                     f"INSERT INTO {META_TABLE} (key, value) VALUES (?, ?)",
                     [("format", FORMAT), ("version", FORMAT_VERSION)],
                 )
-            _check_ledger(conn, self._path)
+            if _check_ledger(conn, self._path) != FORMAT_VERSION:
+                for statement in _UPGRADE:
+                    conn.execute(statement)
+                conn.execute(
+                    f"UPDATE {META_TABLE} SET value = ? WHERE key = 'version'", (FORMAT_VERSION,)
+                )
 
     @property
     def path(self) -> Path:

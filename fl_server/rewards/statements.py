@@ -35,6 +35,8 @@ STATEMENT_COLUMNS = (
     "ledger_verified",
     "prev_hash",
     "hash",
+    "withheld",
+    "duplicate_group",
 )
 #: The currency of a statement whose ledger run did not say (the ``rewards`` config default).
 DEFAULT_CURRENCY = "EUR"
@@ -115,7 +117,7 @@ def factory_statement(
         spent = next((e.epsilon for e in reversed(mine) if e.epsilon is not None), None)
     own = (ctx.get("factory_privacy") or {}).get(factory_id) or {}
     budget = own.get("epsilon_budget", ctx.get("epsilon_budget"))
-    return {
+    doc: dict[str, Any] = {
         "factory_id": factory_id,
         "run_ids": list(per_run),
         "run_name": ctx.get("run_name"),
@@ -152,10 +154,46 @@ def factory_statement(
                 "epsilon": _json_number(e.epsilon),
                 "prev_hash": e.prev_hash,
                 "hash": e.hash,
+                "withheld": e.withheld,
+                "duplicate_group": e.duplicate_group,
             }
             for e in mine
         ],
     }
+    doc["paid_less"] = paid_less_notes(doc["entries"])
+    return doc
+
+
+def paid_less_notes(entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why a factory was paid less than its scores alone would give, one sentence per reason.
+
+    ``entries`` are the statement's entries (with ``round``, ``withheld`` and
+    ``duplicate_group``); empty when neither guard touched the factory.
+    """
+    notes = []
+    held = [e["round"] for e in entries if e.get("withheld")]
+    if held:
+        notes.append(
+            f"Pay withheld in {len(held)} round(s) ({_rounds_text(held)}): over its rounds so "
+            "far, this factory's updates could not be told from random noise (the noise test "
+            "of the contribution guards), so it took no part in those rounds' split."
+        )
+    groups: dict[str, list[int]] = {}
+    for e in entries:
+        if e.get("duplicate_group"):
+            groups.setdefault(e["duplicate_group"], []).append(e["round"])
+    for group, rounds in groups.items():
+        notes.append(
+            f"In {len(rounds)} round(s) ({_rounds_text(rounds)}) the updates of "
+            f"{group.replace(',', ', ')} were copies of each other: the group was scored as "
+            "one factory and its credit split equally among its members."
+        )
+    return notes
+
+
+def _rounds_text(rounds: Sequence[int]) -> str:
+    shown = ", ".join(str(r) for r in rounds[:8])
+    return f"rounds {shown}" + (f" and {len(rounds) - 8} more" if len(rounds) > 8 else "")
 
 
 def statement_stem(factory_id: str) -> str:
@@ -195,14 +233,17 @@ def csv_rows(statement: Mapping[str, Any]) -> list[dict[str, Any]]:
             "ledger_verified": verified,
             "prev_hash": e["prev_hash"],
             "hash": e["hash"],
+            "withheld": "true" if e.get("withheld") else "false",
+            "duplicate_group": e.get("duplicate_group", ""),
         }
         for e in statement["entries"]
     ]
 
 
 def statement_title(statement: Mapping[str, Any]) -> str:
-    """The chart's two-line title: who, how much, which run and date, share, privacy; and a
-    warning first when the ledger does not verify."""
+    """The chart's title: who, how much, which run and date, share, privacy, why it was paid
+    less (the guards, one short line each); and a warning first when the ledger does not
+    verify."""
     currency = statement.get("currency", DEFAULT_CURRENCY)
     totals = statement["totals"]
     verified = "" if statement["verified"] else "LEDGER DOES NOT VERIFY, do not rely on it: "
@@ -221,7 +262,23 @@ def statement_title(statement: Mapping[str, Any]) -> str:
         f"run {run}{date}; {totals['rounds']} rounds paid\n"
         f"{100 * totals.get('contribution_share', 0.0):.1f} % of the contributions, "
         f"{100 * totals.get('payout_share', 0.0):.1f} % of the payouts{privacy}"
+        + "".join(f"\n{line}" for line in _short_notes(statement))
     )
+
+
+def _short_notes(statement: Mapping[str, Any]) -> list[str]:
+    """One chart line per guard that touched the factory (the JSON has the full sentences)."""
+    entries = statement.get("entries") or []
+    out = []
+    held = sum(1 for e in entries if e.get("withheld"))
+    if held:
+        out.append(
+            f"paid less: withheld in {held} round(s), updates not distinguishable from noise"
+        )
+    groups = sorted({e["duplicate_group"] for e in entries if e.get("duplicate_group")})
+    for group in groups:
+        out.append(f"paid less: scored as one factory with its copies ({group})")
+    return out
 
 
 def export_statement(statement: Mapping[str, Any], out_dir: str | Path) -> dict[str, Path]:

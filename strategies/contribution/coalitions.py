@@ -88,6 +88,30 @@ class WeightedMeanAggregator(CoalitionAggregator):
         if not np.all(np.isfinite(self.weights)) or np.any(self.weights <= 0):
             raise ValueError(f"weights must be finite and positive, got {list(weights)}")
 
+    def merged(self, players: Sequence[Sequence[int]]) -> WeightedMeanAggregator:
+        """The same round with each of ``players`` (groups of update indices) as one update.
+
+        A group is represented by its first member's update (smallest index) with the
+        *smallest* member weight: a duplicate group enters the round as one factory of its
+        honest size, and a copy cannot raise the group's weight by claiming more rows. Not the
+        members' mean: copies trained on the same records carry independent DP noise, so their
+        mean is a less noisy update of the same data, worth more than one factory's, and that
+        surplus is exactly what a copier would be paid for.
+        """
+        out = copy.copy(self)
+        rows, weights = [], []
+        for members in players:
+            idx = sorted(members)
+            rows.append(self.matrix[idx[0]])
+            weights.append(float(self.weights[idx].min()))
+        out.matrix = np.stack(rows)
+        out.weights = np.asarray(weights, dtype=np.float64)
+        return out
+
+    def updates(self) -> list[State]:
+        """Each player's parameters, in player order."""
+        return self.aggregate([frozenset([i]) for i in range(len(self.weights))])
+
     def aggregate(self, coalitions: Sequence[Coalition]) -> list[State]:
         n = len(self.weights)
         mask = np.zeros((len(coalitions), n))
@@ -183,3 +207,56 @@ def coalition_aggregator(
             ]
         return WeightedMeanAggregator(updates, weights)
     return StrategyAggregator(strategy, server_round, replies, fallback)
+
+
+class GroupedAggregator(CoalitionAggregator):
+    """Players made of groups of ``inner``'s players: a coalition stands for its groups' union.
+
+    Used where a rule cannot merge updates (any strategy but the weighted mean): a duplicate
+    group then enters every coalition with all its members, as it entered the real round.
+    """
+
+    def __init__(self, inner: CoalitionAggregator, players: Sequence[Sequence[int]]) -> None:
+        self.inner = inner
+        self.players = [frozenset(p) for p in players]
+
+    def aggregate(self, coalitions: Sequence[Coalition]) -> list[State]:
+        return self.inner.aggregate(
+            [frozenset().union(*(self.players[p] for p in c)) for c in coalitions]
+        )
+
+
+def merge_players(
+    aggregator: CoalitionAggregator, players: Sequence[Sequence[int]]
+) -> CoalitionAggregator:
+    """``aggregator`` with ``players`` (disjoint groups of its update indices) as its players.
+
+    Unchanged when every player is one update; a weighted mean merges each group into one
+    update (:meth:`WeightedMeanAggregator.merged`); any other rule aggregates the union of the
+    members (:class:`GroupedAggregator`).
+    """
+    if all(len(p) == 1 for p in players) and [p[0] for p in players] == list(
+        range(len(players))
+    ):
+        return aggregator
+    if isinstance(aggregator, WeightedMeanAggregator):
+        return aggregator.merged(players)
+    return GroupedAggregator(aggregator, players)
+
+
+def round_updates(aggregator: CoalitionAggregator) -> tuple[list[State], list[float]]:
+    """The round's accepted updates and their aggregation weights, in player order.
+
+    For any other rule than the weighted mean the weight is the reply's ``num-examples``.
+    """
+    if isinstance(aggregator, WeightedMeanAggregator):
+        return aggregator.updates(), aggregator.weights.tolist()
+    if isinstance(aggregator, StrategyAggregator):
+        states, weights = [], []
+        for msg in aggregator.replies:
+            arrays = next(iter(msg.content.array_records.values()))
+            states.append({k: v.numpy() for k, v in arrays.items()})
+            metrics = next(iter(msg.content.metric_records.values()))
+            weights.append(float(metrics.get("num-examples", 1.0)))
+        return states, weights
+    raise TypeError(f"cannot read the updates of a {type(aggregator).__name__}")

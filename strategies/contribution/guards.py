@@ -11,14 +11,15 @@ factory can report; all are pure functions (numpy, pandas), tested without Flowe
 **No pay for noise** (:func:`alignment_statistic`, :func:`noise_test`). A pure-noise update
 ``delta_i = w_i - w`` of any norm is, under the DP mechanism the factories run, an isotropic
 Gaussian vector independent of everyone else's update. Its cosine with the round's consensus
-(the weighted mean update of the *other* accepted factories) is then distributed as the cosine of
+(the weighted mean direction of the *other* accepted factories) is then distributed as the cosine of
 a uniformly random direction in ``d`` dimensions, whatever its norm:
 ``t = cos * sqrt((d - 1) / (1 - cos**2))`` follows Student's t with ``d - 1`` degrees of freedom
 (about N(0, 1) at the parameter counts of the standard models). An honest update carries the
 clipped gradient signal its data shares with the others, so its ``t`` is positive. Over a
 factory's rounds, the one-sided Stouffer statistic ``Z = sum_r z_r / sqrt(R)`` (``z_r`` the
 normal quantile of round ``r``'s ``t``) is N(0, 1) for a noise sender; a factory is paid only if
-``Z`` exceeds the ``1 - alpha`` quantile. A noise free-rider is then paid with probability
+``Z`` exceeds the ``1 - alpha / 2`` quantile or its best round's ``z_r`` exceeds the
+``1 - alpha / (2R)`` quantile (:func:`noise_test`). A noise free-rider is then paid with probability
 ``alpha`` per run (default ``1e-3``), independent of how large its noise is; an honest factory
 whose update is indistinguishable from noise (tiny data under heavy DP) is withheld too, which is
 the price of the rule and is measured in the contribution benchmark. The rule is blind to an
@@ -37,7 +38,10 @@ on ``molding_quality``), so the second rule compares keyed MinHash sketches of t
 records, which a factory computes at home and reports without revealing a record.
 :func:`split_group_credit` then pays each group as one factory: its members' summed score is
 replaced by their mean (what one copy of the shared data is worth when both copies are
-present), split equally among the members.
+present), split equally among the members. The server does better (:class:`ContributionGuard`,
+used by :class:`~strategies.contribution.scorer.ContributionScorer`): it scores the round with
+one player per group, so the copy's doubled weight does not also lower everyone else's
+marginal contribution, which no re-split of the pair's own scores undoes.
 """
 
 from __future__ import annotations
@@ -85,9 +89,19 @@ def _cosine_t(cos: np.ndarray, dim: int) -> np.ndarray:
     return cos * np.sqrt((dim - 1) / (1.0 - cos**2))
 
 
+#: Bound on a round's alignment score: beyond it the tail probability underflows to 0 (an
+#: update aligned far beyond any noise), and the score must stay finite for JSON and MLflow.
+MAX_Z = 37.0
+
+
 def _t_to_z(t: np.ndarray, dim: int) -> np.ndarray:
-    """The standard normal quantile with the same upper tail as ``t`` under ``t_{dim-1}``."""
-    return -stats.norm.ppf(stats.t.sf(t, df=max(dim - 1, 1)))
+    """The standard normal quantile with the same upper tail as ``t`` under ``t_{dim-1}``,
+    within ``[-MAX_Z, MAX_Z]``."""
+    df = max(dim - 1, 1)
+    upper = stats.norm.isf(stats.t.sf(t, df=df))
+    lower = -stats.norm.isf(stats.t.cdf(t, df=df))
+    z = np.where(t > 0, upper, lower)
+    return np.clip(np.nan_to_num(z, nan=0.0, posinf=MAX_Z, neginf=-MAX_Z), -MAX_Z, MAX_Z)
 
 
 def alignment_statistic(deltas: np.ndarray, weights: Sequence[float]) -> np.ndarray:
@@ -102,6 +116,12 @@ def alignment_statistic(deltas: np.ndarray, weights: Sequence[float]) -> np.ndar
         ``z`` of shape ``(n,)``: N(0, 1) for an update that is isotropic noise independent of
         the others, positive for an update that points where the others do. A factory alone in
         its round, or whose update or the others' mean is zero, gets 0 (no evidence).
+
+    The others' consensus is the weighted mean of their *directions* (updates scaled to unit
+    length), with each weight capped at the round's median weight: one update of huge norm
+    (a noise sender's) or one inflated ``num-examples`` claim cannot swamp the consensus and so
+    hide every honest factory's alignment. The null distribution is unchanged, since a noise
+    update is independent of any direction built from the others.
     """
     deltas = np.asarray(deltas, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
@@ -111,9 +131,12 @@ def alignment_statistic(deltas: np.ndarray, weights: Sequence[float]) -> np.ndar
     out = np.zeros(n)
     if n < 2 or dim < 2:
         return out
-    total = w @ deltas
+    norms = np.linalg.norm(deltas, axis=1)
+    units = deltas / np.where(norms > 0, norms, 1.0)[:, None]
+    w = np.minimum(w, float(np.median(w)))
+    total = w @ units
     for i in range(n):
-        others = (total - w[i] * deltas[i]) / (w.sum() - w[i])
+        others = (total - w[i] * units[i]) / (w.sum() - w[i])
         na, nb = np.linalg.norm(deltas[i]), np.linalg.norm(others)
         if na == 0 or nb == 0:
             continue
@@ -139,7 +162,14 @@ class NoiseVerdict:
 def noise_test(
     round_z: Mapping[str, Sequence[float]], alpha: float = DEFAULT_ALPHA
 ) -> dict[str, NoiseVerdict]:
-    """One-sided Stouffer test per factory: is its update more aligned than noise would be?
+    """Per factory: is its update, over its rounds, more aligned than noise would be?
+
+    Two one-sided tests at level ``alpha / 2`` each, so a pure-noise sender passes with
+    probability at most ``alpha``: the Stouffer statistic ``sum(z) / sqrt(R)`` over its ``R``
+    rounds (the power for a weak but steady signal, e.g. a small factory), or its best round's
+    ``z`` against the Bonferroni threshold for ``R`` rounds (the power when the signal is strong
+    early and drowns in DP noise later, as it does once the model has learnt what the data
+    share: Stouffer alone would then withhold honest factories more the longer a run lasts).
 
     Args:
         round_z: per factory, its :func:`alignment_statistic` of every round it took part in.
@@ -150,7 +180,7 @@ def noise_test(
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    threshold = float(stats.norm.isf(alpha))
+    threshold = float(stats.norm.isf(alpha / 2))
     out = {}
     for fid, zs in round_z.items():
         arr = np.asarray(list(zs), dtype=np.float64)
@@ -158,7 +188,8 @@ def noise_test(
             out[fid] = NoiseVerdict(0.0, 0, False)
             continue
         z = float(arr.sum() / math.sqrt(arr.size))
-        out[fid] = NoiseVerdict(z, int(arr.size), z > threshold)
+        best = float(arr.max()) > float(stats.norm.isf(alpha / 2 / arr.size))
+        out[fid] = NoiseVerdict(z, int(arr.size), z > threshold or best)
     return out
 
 
@@ -221,19 +252,33 @@ def duplicate_pairs(
     """Pairs ``(i, j)``, ``i < j``, of one round whose updates are near-duplicates.
 
     Independent DP noise makes the cosine of two updates fluctuate by about ``1 / sqrt(d)``
-    around what they share with the population (``d`` parameters). A pair is flagged when its
-    :func:`excess_cosines` is above ``min_excess`` *and* above ``1 / sqrt(d)`` times the
-    ``alpha`` normal quantile, Bonferroni-corrected over the round's pairs: far above what
-    independent noise allows.
+    around what they share with the population (``d`` parameters), and honest factories' data
+    make it fluctuate too (without DP noise, two IID factories' updates can share 0.15 more
+    than either shares with the rest). A pair is flagged when its :func:`excess_cosines` is
+    above ``min_excess``, above ``1 / sqrt(d)`` times the ``alpha`` normal quantile
+    (Bonferroni-corrected over the round's pairs), *and* that many robust standard deviations
+    above the median excess of the round's pairs: far above what independent noise allows and
+    an outlier among the round's pairs (median and 1.4826 times the median absolute
+    deviation). The median and spread are taken over the pairs of factories whose updates are
+    clearly aligned with the others' (:func:`alignment_statistic` above the ``alpha`` quantile;
+    all pairs when fewer than three such pairs exist), so that the very negative excess of every
+    pair with a noise sender does not widen the spread.
     """
     deltas = np.asarray(deltas, dtype=np.float64)
     n, dim = deltas.shape
     if n < 3 or dim < 2:
         return []
     excess = excess_cosines(deltas)
-    needed = float(stats.norm.isf(alpha / (n * (n - 1) / 2))) / math.sqrt(dim)
+    quantile = float(stats.norm.isf(alpha / (n * (n - 1) / 2)))
     iu, ju = np.triu_indices(n, k=1)
-    hit = (excess[iu, ju] > min_excess) & (excess[iu, ju] > needed)
+    values = excess[iu, ju]
+    aligned = alignment_statistic(deltas, np.ones(n)) > stats.norm.isf(alpha)
+    reference = values[aligned[iu] & aligned[ju]]
+    reference = reference if reference.size >= 3 else values
+    centre = float(np.median(reference))
+    spread = 1.4826 * float(np.median(np.abs(reference - centre)))
+    needed = max(quantile / math.sqrt(dim), centre + quantile * spread)
+    hit = (values > min_excess) & (values > needed)
     return [(int(i), int(j)) for i, j in zip(iu[hit], ju[hit], strict=True)]
 
 
@@ -381,3 +426,155 @@ def split_group_credit(
         for m in members:
             out[m] = share
     return out
+
+
+# -- the guards on the product path ------------------------------------------------------------
+@dataclass(frozen=True)
+class GuardConfig:
+    """The ``contribution.guards`` config block: which guards run and at what levels.
+
+    noise_test: withhold pay from a factory whose updates, over its rounds so far, cannot be
+        told from pure noise (:func:`noise_test`).
+    noise_alpha: the probability that a pure-noise sender is paid in a run, in ``(0, 1)``.
+    merge_duplicates: score each detected duplicate group as one player
+        (:func:`~strategies.contribution.coalitions.merge_players`).
+    duplicate_min_excess, duplicate_alpha: :func:`duplicate_pairs`' thresholds.
+    duplicate_min_fraction: :func:`duplicate_groups`' share of rounds a pair must be flagged in.
+    """
+
+    noise_test: bool = True
+    noise_alpha: float = DEFAULT_ALPHA
+    merge_duplicates: bool = True
+    duplicate_min_excess: float = 0.05
+    duplicate_alpha: float = DEFAULT_ALPHA
+    duplicate_min_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("noise_alpha", "duplicate_alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+                raise ValueError(f"contribution.guards.{name} must be in (0, 1), got {value!r}")
+        value = self.duplicate_min_fraction
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError(
+                f"contribution.guards.duplicate_min_fraction must be in (0, 1], got {value!r}"
+            )
+        value = self.duplicate_min_excess
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ValueError(
+                f"contribution.guards.duplicate_min_excess must be >= 0, got {value!r}"
+            )
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, object] | None) -> GuardConfig:
+        """The config block as a :class:`GuardConfig`; missing keys keep their defaults."""
+        options = dict(options or {})
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"contribution.guards has no key {unknown[0]!r}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**{k: v for k, v in options.items() if v is not None})  # type: ignore[arg-type]
+
+    @property
+    def active(self) -> bool:
+        return self.noise_test or self.merge_duplicates
+
+
+@dataclass(frozen=True)
+class RoundGuard:
+    """What the guards found in one round.
+
+    alignment: each scored factory's :func:`alignment_statistic` this round.
+    pairs: this round's flagged :func:`duplicate_pairs`, as factory ids.
+    groups: the duplicate groups in force this round (members that took part, two or more
+        each): each is scored as one player.
+    verdicts: the noise test over every round so far, for every factory seen.
+    withheld: the factories whose pay is withheld (their verdict is not ``paid``), sorted.
+    """
+
+    alignment: dict[str, float]
+    pairs: tuple[tuple[str, str], ...]
+    groups: tuple[tuple[str, ...], ...]
+    verdicts: dict[str, NoiseVerdict]
+    withheld: tuple[str, ...]
+
+
+class ContributionGuard:
+    """The guards' state over one run: every round's alignment and flagged pairs.
+
+    :meth:`observe` takes a round's accepted updates before they are scored and says which
+    factories form duplicate groups (to be scored as one player) and whose pay is withheld. The
+    state is plain data: :meth:`restore` rebuilds it from the per-round records a resumed run
+    kept (each with ``alignment`` and ``duplicate_pairs``), so a restarted server decides as
+    the live one would.
+    """
+
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        self.config = config or GuardConfig()
+        self._z: dict[str, list[float]] = {}
+        self._rounds: list[tuple[list[str], list[tuple[int, int]]]] = []
+        #: Groups known from elsewhere (e.g. :func:`fingerprint_groups` of sketches the
+        #: factories had to report), scored as one player like detected ones.
+        self.known_groups: list[frozenset[str]] = []
+
+    def _add(self, ids: Sequence[str], z: Mapping[str, float], pairs: Sequence[tuple[str, str]]):
+        for fid in ids:
+            if fid in z:
+                self._z.setdefault(fid, []).append(float(z[fid]))
+        index = {fid: i for i, fid in enumerate(ids)}
+        self._rounds.append((list(ids), [(index[a], index[b]) for a, b in pairs]))
+
+    def observe(
+        self, factory_ids: Sequence[str], deltas: np.ndarray, weights: Sequence[float]
+    ) -> RoundGuard:
+        """Record one round's updates (``deltas``: :func:`flat_deltas`) and decide on them."""
+        ids = list(factory_ids)
+        cfg = self.config
+        z = alignment_statistic(deltas, weights) if len(ids) else np.zeros(0)
+        alignment = {fid: float(v) for fid, v in zip(ids, z, strict=True)}
+        pairs: list[tuple[str, str]] = []
+        if cfg.merge_duplicates and len(ids):
+            found = duplicate_pairs(
+                deltas, min_excess=cfg.duplicate_min_excess, alpha=cfg.duplicate_alpha
+            )
+            pairs = [(ids[i], ids[j]) for i, j in found]
+        self._add(ids, alignment, pairs)
+        return self._decide(ids, alignment, pairs)
+
+    def _decide(
+        self, ids: Sequence[str], alignment: dict[str, float], pairs: list[tuple[str, str]]
+    ) -> RoundGuard:
+        cfg = self.config
+        groups: list[tuple[str, ...]] = []
+        if cfg.merge_duplicates:
+            present = set(ids)
+            detected = duplicate_groups(self._rounds, cfg.duplicate_min_fraction)
+            for group in merge_groups([], detected + list(self.known_groups)):
+                members = tuple(sorted(group & present))
+                if len(members) > 1:
+                    groups.append(members)
+        verdicts = noise_test(self._z, cfg.noise_alpha)
+        withheld = (
+            tuple(sorted(f for f, v in verdicts.items() if not v.paid)) if cfg.noise_test else ()
+        )
+        return RoundGuard(
+            alignment=alignment,
+            pairs=tuple(pairs),
+            groups=tuple(groups),
+            verdicts=verdicts,
+            withheld=withheld,
+        )
+
+    def restore(self, rounds: Sequence[Mapping[str, object]]) -> None:
+        """Rebuild the state from earlier rounds' records (``alignment``: ``{id: z}`` of the
+        scored factories, ``duplicate_pairs``: ``[[a, b], ...]``); rounds without them (not
+        scored) are skipped."""
+        self._z, self._rounds = {}, []
+        for record in rounds:
+            alignment = record.get("alignment")
+            if not isinstance(alignment, Mapping) or not alignment:
+                continue
+            pairs = [(str(a), str(b)) for a, b in record.get("duplicate_pairs") or []]  # type: ignore[union-attr]
+            self._add(sorted(alignment), {str(k): float(v) for k, v in alignment.items()}, pairs)

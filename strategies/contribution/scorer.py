@@ -1,10 +1,17 @@
-"""Per-round contribution scoring: estimator + coalition models + validation metric.
+"""Per-round contribution scoring: estimator + coalition models + validation metric + guards.
 
 :class:`ContributionScorer` is what the strategy wrapper calls once a round's updates have been
 validated and before they are aggregated for real. It is independent of Flower's runtime: the
 coalition aggregator and the evaluator are passed in, so tests drive it with plain arrays.
 :func:`build_scorer` builds the server's scorer from the ``contribution`` config group, scoring
 coalition models on the server's validation set.
+
+With guards (``contribution.guards``, on by default; :mod:`strategies.contribution.guards`) each
+round's updates are first checked: factories detected as copies of each other are scored as
+*one player* (for a weighted-mean rule, one member's update with the group's smallest weight;
+its score split equally among the members), and every factory whose updates over the run so
+far cannot be told from noise is named in the round's ``withheld``, which the payout desk leaves
+out of the pool's split.
 """
 
 from __future__ import annotations
@@ -17,17 +24,41 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from standard_models.base import StandardTask
-from strategies.contribution.coalitions import CoalitionAggregator, State
+from strategies.contribution.coalitions import (
+    CoalitionAggregator,
+    State,
+    WeightedMeanAggregator,
+    merge_players,
+    round_updates,
+)
 from strategies.contribution.estimators import estimate
+from strategies.contribution.guards import ContributionGuard, GuardConfig, flat_deltas
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 
-#: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off.
-METHODS = ("none", "exact", "gtg", "loo", "kernel", "linearised")
+#: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off, ``auto``
+#: picks the estimator from the round's aggregation rule (:data:`AUTO_PARAMS`).
+METHODS = ("none", "exact", "gtg", "loo", "kernel", "linearised", "auto")
+
+#: What ``auto`` resolves to, with the options each takes: ``linearised`` where the coalition
+#: models are a weighted mean (FedAvg, FedProx; its output mixture is that rule's first-order
+#: expansion), ``gtg`` with every other rule.
+AUTO_PARAMS: dict[str, tuple[str, ...]] = {
+    "linearised": ("surrogate_evaluations", "batch_size"),
+    "gtg": ("within_tol", "between_tol", "convergence_tol", "max_permutations", "batch_size"),
+}
 
 
 @dataclass(frozen=True)
 class RoundContribution:
-    """The scores of one round and what computing them cost."""
+    """The scores of one round, what computing them cost, and what the guards found.
+
+    ``scores`` are the credit of each factory (a duplicate group's score already split among its
+    members). The guard fields are empty when the guards are off: ``withheld`` the factories
+    (of the whole run so far) whose pay is withheld because their updates cannot be told from
+    noise; ``groups`` the duplicate groups scored as one player this round; ``alignment`` each
+    scored factory's noise statistic this round; ``noise_z`` every factory's test statistic
+    over its rounds so far; ``pairs`` this round's flagged pairs.
+    """
 
     server_round: int
     method: str
@@ -38,6 +69,15 @@ class RoundContribution:
     permutations: int = 0
     truncated: bool = False
     extra: dict[str, float] = field(default_factory=dict)
+    withheld: tuple[str, ...] = ()
+    groups: tuple[tuple[str, ...], ...] = ()
+    alignment: dict[str, float] = field(default_factory=dict)
+    noise_z: dict[str, float] = field(default_factory=dict)
+    pairs: tuple[tuple[str, str], ...] = ()
+
+    def group_of(self, factory_id: str) -> tuple[str, ...]:
+        """The duplicate group ``factory_id`` was scored in this round (empty: none)."""
+        return next((g for g in self.groups if factory_id in g), ())
 
 
 class ContributionScorer:
@@ -46,7 +86,9 @@ class ContributionScorer:
     Parameters
     ----------
     method : ``exact``, ``gtg``, ``loo``, ``kernel`` or ``linearised`` (see
-        :mod:`strategies.contribution.estimators`).
+        :mod:`strategies.contribution.estimators`), or ``auto``: ``linearised`` in rounds whose
+        coalition models are a weighted mean, ``gtg`` otherwise (each with its own options of
+        ``params``).
     score_models : main metric of each of a batch of parameter sets on the validation set.
     sign : ``1`` when greater metric values are better, ``-1`` for error metrics.
     params : estimator options from the ``contribution`` config group.
@@ -54,6 +96,7 @@ class ContributionScorer:
         reruns agree.
     evaluator : the batched validation evaluator behind ``score_models``; the ``linearised``
         estimator needs it to score mixtures of the factories' outputs.
+    guards : the noise and duplicate guards' settings; None switches them off.
     """
 
     def __init__(
@@ -64,6 +107,7 @@ class ContributionScorer:
         params: Mapping[str, object] | None = None,
         seed: int = 0,
         evaluator: BatchedEvaluator | None = None,
+        guards: GuardConfig | None = None,
     ) -> None:
         if method not in METHODS or method == "none":
             raise ValueError(
@@ -76,6 +120,12 @@ class ContributionScorer:
         self.params = {k: v for k, v in dict(params or {}).items() if v is not None}
         self.seed = int(seed)
         self.evaluator = evaluator
+        self.guard = ContributionGuard(guards) if guards is not None and guards.active else None
+
+    def resume(self, rounds: Sequence[Mapping[str, object]]) -> None:
+        """Continue a restarted run: the guards' state from its recorded rounds."""
+        if self.guard is not None:
+            self.guard.restore(rounds)
 
     def score_round(
         self,
@@ -86,33 +136,71 @@ class ContributionScorer:
     ) -> RoundContribution:
         """Contribution of each factory in ``factory_ids`` (the players, in aggregator order)."""
         start = time.perf_counter()
+        ids = list(factory_ids)
+        found = None
+        players: list[list[int]] = [[i] for i in range(len(ids))]
+        if self.guard is not None and ids:
+            updates, weights = round_updates(aggregator)
+            found = self.guard.observe(ids, flat_deltas(updates, reference), weights)
+            index = {fid: i for i, fid in enumerate(ids)}
+            grouped = {m for g in found.groups for m in g}
+            players = [[index[f]] for f in ids if f not in grouped]
+            players += [[index[m] for m in g] for g in found.groups]
+            players.sort(key=min)
         baseline = self.score_models([reference])[0]
         utility = CoalitionUtility(
-            aggregator, self.score_models, baseline, self.sign, evaluator=self.evaluator
+            merge_players(aggregator, players),
+            self.score_models,
+            baseline,
+            self.sign,
+            evaluator=self.evaluator,
         )
-        params = dict(self.params)
-        if self.method in ("gtg", "kernel", "linearised"):
+        method, params = self.method, dict(self.params)
+        if method == "auto":
+            mean = isinstance(utility.aggregator, WeightedMeanAggregator)
+            method = "linearised" if mean else "gtg"
+            params = {k: v for k, v in params.items() if k in AUTO_PARAMS[method]}
+        if method in ("gtg", "kernel", "linearised"):
             params["seed"] = self.seed * 1_000_003 + int(server_round)
-        result = estimate(self.method, len(factory_ids), utility, **params)
+        result = estimate(method, len(players), utility, **params)
+        scores: dict[str, float] = {}
+        for members, value in zip(players, result.scores, strict=True):
+            for m in members:
+                scores[ids[m]] = float(value) / len(members)
+        guard_fields: dict = {}
+        if found is not None:
+            guard_fields = {
+                "withheld": found.withheld,
+                "groups": found.groups,
+                "alignment": found.alignment,
+                "noise_z": {f: v.z for f, v in sorted(found.verdicts.items())},
+                "pairs": found.pairs,
+            }
         return RoundContribution(
             server_round=int(server_round),
-            method=self.method,
-            scores={fid: float(v) for fid, v in zip(factory_ids, result.scores, strict=True)},
+            method=method,
+            scores={fid: scores[fid] for fid in ids},
             evaluations=int(result.evaluations),
             seconds=time.perf_counter() - start,
             grand_utility=float(result.grand_utility),
             permutations=int(result.permutations),
             truncated=bool(result.truncated),
+            **guard_fields,
         )
 
 
 def build_scorer(
     cfg: DictConfig, task: StandardTask, validation: Dataset
 ) -> ContributionScorer | None:
-    """The round scorer described by ``cfg.contribution``; ``None`` for ``method: none``."""
+    """The round scorer described by ``cfg.contribution``; ``None`` for ``method: none``.
+
+    The guards are on unless ``contribution.guards`` switches them off (a config without the
+    block, from before the guards existed, gets their defaults).
+    """
     options = OmegaConf.to_container(cfg.contribution, resolve=True)
     assert isinstance(options, dict)
     method = str(options.pop("method", "none"))
+    guards = options.pop("guards", None)
     if method == "none":
         return None
     evaluator = BatchedEvaluator(task, task.build_model(), validation)
@@ -123,4 +211,5 @@ def build_scorer(
         params=options,
         seed=int(cfg.seed),
         evaluator=evaluator,
+        guards=GuardConfig.from_options(guards),  # type: ignore[arg-type]
     )
