@@ -169,12 +169,12 @@ def _run_locked(cfg: DictConfig, out: Path, verbose: bool) -> dict:
 
 
 def unit_label(unit: str | None, summary: dict) -> str:
-    """A factory's privacy unit as the summary table prints it: ``window (declared)`` for the
-    task's own unit, ``machine (coarser, factory's choice)`` for one a factory chose."""
+    """A factory's privacy unit as the summary table prints it: ``window`` for the task's own
+    unit, ``machine (coarser)`` for a coarser one the factory chose in its node config."""
     if not unit:
         return "-"
     declared = (summary.get("privacy") or {}).get("unit")
-    return f"{unit} (declared)" if unit == declared else f"{unit} (coarser, factory's choice)"
+    return unit if unit == declared else f"{unit} (coarser)"
 
 
 def print_summary(summary: dict, cfg: DictConfig) -> None:
@@ -194,27 +194,44 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
     rows = factory_rows(summary)
     if rows:
         currency = str(summary.get("reward_currency") or "")
-        per = Table(title="per factory: contribution, rewards and privacy spend")
-        per.add_column("factory")
-        per.add_column(f"contribution ({summary.get('contribution')})", justify="right")
-        per.add_column("share", justify="right")
-        per.add_column("paid", justify="right")
-        per.add_column("privacy unit")
-        per.add_column("epsilon spent", justify="right")
-        per.add_column(f"left of {summary['epsilon_budget']}", justify="right")
+        # Fits an 80-column terminal: the unit gets a column only when a factory chose a
+        # coarser one than the task declares, and "declines next run" is a footnote mark.
+        declared = (summary.get("privacy") or {}).get("unit")
+        units = {r.privacy_unit for r in rows if r.privacy_unit}
+        unit_column = bool(units - {declared})
+        notes = [f"epsilon per {declared} (the task's privacy unit)"] if declared else []
+        if any(r.below_minimum for r in rows):
+            notes.append("* declines the next run: less than privacy.min_run_epsilon left")
+        per = Table(
+            title="per factory: contribution, rewards and privacy spend",
+            caption="; ".join(notes) or None,
+        )
+        per.add_column("factory", no_wrap=True)
+        method = summary.get("contribution")
+        per.add_column(f"{method} score" if method else "score", justify="right", no_wrap=True)
+        per.add_column("share", justify="right", no_wrap=True)
+        per.add_column("paid", justify="right", no_wrap=True)
+        if unit_column:
+            per.add_column("privacy unit")
+        per.add_column("epsilon", justify="right", no_wrap=True)
+        per.add_column(f"left of {summary['epsilon_budget']}", justify="right", no_wrap=True)
         for r in rows:
             left = "-" if r.epsilon_left is None else f"{r.epsilon_left:.3f}"
             if r.own_budget and r.epsilon_budget != summary["epsilon_budget"]:
-                left += f" of its own {r.epsilon_budget:g}"
-            per.add_row(
+                left += f" of own {r.epsilon_budget:g}"
+            cells = [
                 r.factory_id,
                 "-" if r.contribution is None else f"{r.contribution:+.4f}",
                 "-" if r.share is None else f"{100 * r.share:.1f} %",
                 "-" if r.payout_minor is None else money(r.payout_minor, currency),
-                unit_label(r.privacy_unit, summary),
+            ]
+            if unit_column:
+                cells.append(unit_label(r.privacy_unit, summary))
+            cells += [
                 "-" if r.epsilon_spent is None else f"{r.epsilon_spent:.3f}",
-                left + (" (declines next run)" if r.below_minimum else ""),
-            )
+                left + (" *" if r.below_minimum else ""),
+            ]
+            per.add_row(*cells)
         console.print(per)
     if summary.get("epsilon_client_level") is not None:
         console.print(

@@ -135,7 +135,7 @@ class TrackingSchema:
 
 @dataclass
 class GuardsSchema:
-    noise_test: bool = True
+    noise_test: bool = False
     noise_alpha: float = 0.001
     merge_duplicates: bool = True
     duplicate_min_excess: float = 0.05

@@ -72,6 +72,7 @@ def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
                 "federation.min_factories=2",
                 "partition=iid",
                 "contribution=exact",
+                "contribution.guards.noise_test=true",
                 f"rewards.amount={AMOUNT}",
                 "privacy=none",
                 "tracking.register_model=false",

@@ -216,13 +216,34 @@ def test_description_counts_epsilon_left_of_the_factorys_own_budget() -> None:
 
 
 def test_summary_table_prints_each_factorys_unit(monkeypatch: pytest.MonkeyPatch) -> None:
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=80)
     monkeypatch.setattr(run_module, "console", console)
     cfg = run_module.OmegaConf.create({"tracking": {"artifact_root": "art"}})
     run_module.print_summary(_summary(), cfg)
     text = console.export_text()
-    assert "privacy unit" in text
+    assert "privacy unit" in text and "epsilon per window (the task's privacy unit)" in text
     f1 = next(line for line in text.splitlines() if " f1 " in line)
-    assert "machine (coarser, factory's choice)" in f1 and "0.100 of its own 3" in f1
+    assert "machine" in f1 and "0.100 of own 3" in f1
     f2 = next(line for line in text.splitlines() if " f2 " in line)
-    assert "window (declared)" in f2 and "7.000" in f2
+    assert " window " in f2 and "7.000" in f2
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_summary_table_fits_80_columns_without_a_unit_column_when_all_use_the_declared_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    console = Console(record=True, width=80)
+    monkeypatch.setattr(run_module, "console", console)
+    cfg = run_module.OmegaConf.create({"tracking": {"artifact_root": "art"}})
+    summary = _summary()
+    for facts in summary["factory_privacy"].values():
+        facts["unit"] = "window"
+    summary["factory_epsilon"]["f1"] = 2.95
+    run_module.print_summary(summary, cfg)
+    text = console.export_text()
+    header = next(line for line in text.splitlines() if "factory" in line and "share" in line)
+    assert "unit" not in header
+    f1 = next(line for line in text.splitlines() if " f1 " in line)
+    assert "0.050 of own 3 *" in f1
+    assert "* declines the" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
