@@ -101,24 +101,29 @@ def test_recorded_chain_verifies(recorded) -> None:
     assert verify_ledger(path, expected_head=ledger.head()).ok
 
 
+#: A version-1 entry's hashed fields, and the hash every version of the ledger gives them.
+PINNED_VALUES = {
+    "seq": 1,
+    "run_id": "run-1",
+    "round": 1,
+    "factory_id": "f1",
+    "score": 0.1,
+    "cumulative_score": -0.0,  # stored by SQLite as 0: normalized before hashing
+    "payout": 5,
+    "cumulative_payout": 5,
+    "epsilon": None,
+    "carry": 0,
+    "prev_hash": GENESIS,
+}
+PINNED_HASH = "f3324df0f25654b250815223303d6e7dfbad5c8fc304979f8b3d9687f945665e"
+
+
 def test_hash_encoding_is_pinned() -> None:
     """Changing the canonical encoding would orphan every existing ledger."""
-    values = {
-        "seq": 1,
-        "run_id": "run-1",
-        "round": 1,
-        "factory_id": "f1",
-        "score": 0.1,
-        "cumulative_score": -0.0,  # stored by SQLite as 0: normalized before hashing
-        "payout": 5,
-        "cumulative_payout": 5,
-        "epsilon": None,
-        "carry": 0,
-        "prev_hash": GENESIS,
-    }
+    values = dict(PINNED_VALUES)
     assert canonical_json(values).startswith('{"carry":0,"cumulative_payout":5,')
     assert '"score":"0.1"' in canonical_json(values)
-    assert entry_hash(values) == "f3324df0f25654b250815223303d6e7dfbad5c8fc304979f8b3d9687f945665e"
+    assert entry_hash(values) == PINNED_HASH
 
 
 def test_awkward_floats_survive_storage(tmp_path: Path) -> None:
@@ -411,20 +416,7 @@ def test_guard_flags_are_stored_hashed_and_verified(tmp_path: Path) -> None:
 
 
 def test_unflagged_entries_hash_as_in_version_1() -> None:
-    values = {
-        "seq": 1,
-        "run_id": "run-1",
-        "round": 1,
-        "factory_id": "f1",
-        "score": 0.1,
-        "cumulative_score": -0.0,
-        "payout": 5,
-        "cumulative_payout": 5,
-        "epsilon": None,
-        "carry": 0,
-        "prev_hash": GENESIS,
-    }
-    pinned = "f3324df0f25654b250815223303d6e7dfbad5c8fc304979f8b3d9687f945665e"
+    values, pinned = dict(PINNED_VALUES), PINNED_HASH
     assert entry_hash({**values, "withheld": False, "duplicate_group": ""}) == pinned
     assert entry_hash({**values, "withheld": True}) != pinned
     assert entry_hash({**values, "duplicate_group": "f1,f2"}) != pinned

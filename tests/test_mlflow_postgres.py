@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from ci_helpers import missing
 from test_run_records import small_run_config
 
 from fl_server.launch.mlflow_server import start_mlflow
@@ -45,17 +46,6 @@ PG_ROOT = Path("/usr/lib/postgresql")
 OVERRIDES = ["federation.num_factories=2", "tracking.register_model=true"]
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _missing(message: str) -> None:
-    """Fail under CI, skip elsewhere, with the command that installs what is missing."""
-    if _in_ci():
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def postgres_bindir() -> Path:
     """The newest installed PostgreSQL server's ``bin`` folder (``initdb``, ``pg_ctl``...)."""
     candidates = sorted(
@@ -63,11 +53,11 @@ def postgres_bindir() -> Path:
         key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
     )
     if not candidates:
-        _missing(f"no PostgreSQL server under {PG_ROOT}/*/bin: {INSTALL}")
+        missing(f"no PostgreSQL server under {PG_ROOT}/*/bin: {INSTALL}")
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        _missing("the PostgreSQL driver psycopg is missing: pip install -e '.[postgres]'")
+        missing("the PostgreSQL driver psycopg is missing: pip install -e '.[postgres]'")
     return candidates[-1]
 
 
@@ -123,7 +113,7 @@ def _as_server_user() -> dict:
     try:
         entry = pwd.getpwnam("postgres")
     except KeyError:
-        _missing(f"running as root and there is no 'postgres' user to run the server: {INSTALL}")
+        missing(f"running as root and there is no 'postgres' user to run the server: {INSTALL}")
     return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 

@@ -9,10 +9,10 @@ test; elsewhere it is skipped with the command that installs it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
+import ci_helpers
 import pytest
 from test_run_records import small_run_config
 
@@ -37,10 +37,7 @@ def _browser() -> tuple[str, str]:
     except ImportError:
         missing.append("selenium (pip install -e '.[dev]')")
     if missing:
-        message = f"browser test needs {', '.join(missing)}: {INSTALL}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
+        ci_helpers.missing(f"browser test needs {', '.join(missing)}: {INSTALL}")
     assert chromium and driver
     return chromium, driver
 
