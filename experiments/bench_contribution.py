@@ -352,7 +352,7 @@ def federated_run(
                 params=estimators[base][1],
                 seed=seed,
                 evaluator=evaluator,
-                guards=GuardConfig(),
+                guards=GuardConfig(noise_test=True),
             )
             if label.endswith("+sketch"):
                 scorers[label].guard.known_groups = list(by_data)

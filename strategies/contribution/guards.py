@@ -434,7 +434,8 @@ class GuardConfig:
     """The ``contribution.guards`` config block: which guards run and at what levels.
 
     noise_test: withhold pay from a factory whose updates, over its rounds so far, cannot be
-        told from pure noise (:func:`noise_test`).
+        told from pure noise (:func:`noise_test`). Off by default, as in the shipped config:
+        under factory DP-SGD it also withholds honest factories.
     noise_alpha: the probability that a pure-noise sender is paid in a run, in ``(0, 1)``.
     merge_duplicates: score each detected duplicate group as one player
         (:func:`~strategies.contribution.coalitions.merge_players`).
@@ -442,7 +443,7 @@ class GuardConfig:
     duplicate_min_fraction: :func:`duplicate_groups`' share of rounds a pair must be flagged in.
     """
 
-    noise_test: bool = True
+    noise_test: bool = False
     noise_alpha: float = DEFAULT_ALPHA
     merge_duplicates: bool = True
     duplicate_min_excess: float = 0.05

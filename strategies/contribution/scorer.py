@@ -9,9 +9,9 @@ coalition models on the server's validation set.
 With guards (``contribution.guards``, on by default; :mod:`strategies.contribution.guards`) each
 round's updates are first checked: factories detected as copies of each other are scored as
 *one player* (for a weighted-mean rule, one member's update with the group's smallest weight;
-its score split equally among the members), and every factory whose updates over the run so
-far cannot be told from noise is named in the round's ``withheld``, which the payout desk leaves
-out of the pool's split.
+its score split equally among the members), and, with the noise test switched on (it is off by
+default), every factory whose updates over the run so far cannot be told from noise is named in
+the round's ``withheld``, which the payout desk leaves out of the pool's split.
 """
 
 from __future__ import annotations
