@@ -53,6 +53,7 @@ from fl_common.protocol import (
     REJECTED,
 )
 from fl_server.checkpoint import save_checkpoint, save_run_state
+from fl_server.report import epsilon_left
 from fl_server.rewards.desk import PayoutDesk
 from fl_server.rewards.ledger import LedgerEntry
 from strategies.contribution.scorer import RoundContribution
@@ -125,10 +126,11 @@ def factory_metrics(
                 if name in _CONSTANT or (name == MALICIOUS and not value):
                     continue
                 out[prefix + _RENAMES.get(name, name)] = float(value)
-            budget = outcome.metrics.get(EPSILON_BUDGET, epsilon_budget)
-            if budget is not None and EPSILON in outcome.metrics:
-                left = float(budget) - float(outcome.metrics[EPSILON])
-                out[prefix + "epsilon_remaining"] = max(left, 0.0)
+            left = epsilon_left(
+                outcome.metrics.get(EPSILON), outcome.metrics.get(EPSILON_BUDGET, epsilon_budget)
+            )
+            if left is not None:
+                out[prefix + "epsilon_remaining"] = left
     return out
 
 

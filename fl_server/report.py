@@ -75,6 +75,18 @@ class FactoryRow:
     own_budget: bool = False  # the factory reported its own budget (else: the federation's)
 
 
+def epsilon_left(spent: float | None, budget: float | None) -> float | None:
+    """The epsilon a factory has left of ``budget`` after ``spent``, never below 0.
+
+    ``None`` when either is unknown. The operator's metrics (:mod:`fl_server.recorder`), the
+    run description and the statements all state "epsilon left" through this one rule, against
+    the budget the factory reported as its own where it did, else the federation's.
+    """
+    if spent is None or budget is None:
+        return None
+    return max(float(budget) - float(spent), 0.0)
+
+
 def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
     """Every factory of the run, sorted by payout, then share, then id."""
     privacy = summary.get("privacy") or {}
@@ -95,7 +107,7 @@ def factory_rows(summary: Mapping[str, Any]) -> list[FactoryRow]:
         eps = spent.get(fid)
         own = (facts.get(fid) or {}).get("epsilon_budget")
         limit = own if own is not None and budget is not None else budget
-        left = None if limit is None or eps is None else max(float(limit) - float(eps), 0.0)
+        left = epsilon_left(eps, limit)
         c = contrib.get(fid)
         rows.append(
             FactoryRow(

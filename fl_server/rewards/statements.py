@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_common.storage import atomic_open, atomic_write_json
+from fl_server.report import epsilon_left
 from fl_server.rewards.ledger import LedgerEntry, VerifyResult
 
 STATEMENT_COLUMNS = (
@@ -136,9 +137,7 @@ def factory_statement(
             "payout_share": payout / pool if pool > 0 else 0.0,
             "epsilon_spent": _json_number(spent),
             "epsilon_budget": budget,
-            "epsilon_left": (
-                None if budget is None or spent is None else max(float(budget) - spent, 0.0)
-            ),
+            "epsilon_left": epsilon_left(spent, budget),
             "privacy_unit": own.get("unit", ctx.get("privacy_unit")),
             "per_run": per_run,
         },
