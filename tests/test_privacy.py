@@ -15,6 +15,7 @@ import pytest
 import torch
 from dp_accounting import dp_event, pld, rdp
 from opacus.accountants import RDPAccountant
+from opacus.accountants import utils as opacus_utils
 from round_helpers import run_round
 from tiny_task import TinyTask, make_frame, write_frame
 
@@ -111,6 +112,15 @@ def test_plan_without_prior_reaches_the_budget_by_an_independent_accountant(
     assert independent <= eps * (1 + 1e-3)
     # ... and 5% less noise would overspend it.
     assert _independent_epsilon(0.95 * sigma, q, steps, accountant) > eps
+
+
+def test_plan_without_prior_is_opacus_get_noise_multiplier_exactly() -> None:
+    # The factory's plan is Opacus's value to the last bit, computed over faster curves.
+    for eps, q, steps in [(8.0, 1 / 7, 350), (2.0, 0.05, 300), (8.0, 1.0, 25)]:
+        expected = opacus_utils.get_noise_multiplier(
+            target_epsilon=eps, target_delta=DELTA, sample_rate=q, steps=steps, accountant="rdp"
+        )
+        assert plan_noise_multiplier([], eps, DELTA, q, steps) == expected
 
 
 def test_plan_with_prior_spend_needs_more_noise_and_stays_within_budget() -> None:
