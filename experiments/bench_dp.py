@@ -3,13 +3,15 @@
 Usage::
 
     python -m experiments.bench_dp [--rounds R] [--epochs E] [--tasks tep_fault rul ...]
+                                   [--batch-size B] [--modes non-private bk ...]
 
 For each standard model, one factory's generated data (fixed small seed, in memory) is trained
 the way a factory trains in a federated round: one ``train_local`` call of ``--epochs`` local
 epochs (a *round*), at the batch size in the task's config (``conf/task/<task>.yaml``, or
 ``--batch-size``). Modes: non-private SGD and DP-SGD with each clipping implementation
 (``bk``: one-pass book-keeping clipping, the default; ``ghost``: Opacus ghost clipping;
-``hooks``: Opacus per-sample gradients). Each mode runs one warm-up round and ``--rounds``
+``hooks``: Opacus per-sample gradients; ``--modes`` picks some, non-private always runs as the
+baseline of the ratios). Each mode runs one warm-up round and ``--rounds``
 measured rounds; the modes take turns round by round, so drift of the machine affects them
 alike, and all numbers of a table come from the same process.
 
@@ -19,6 +21,10 @@ alike, and all numbers of a table come from the same process.
   whole ``train_local`` call: loaders, DP wrapping, every epoch, unwrapping, copying the
   weights) minus ``E`` steady epochs. It is paid once per round, whatever ``E``;
 * ms/round: median wall time of the whole call, so nothing is left out of the comparison;
+* CPU ms/round: median CPU time this process spent in the call (``time.process_time``; with
+  one torch thread, the training's own work). Wall times count every pause the scheduler
+  imposes, so on a machine shared with other jobs they can swing by several times from one
+  round to the next; CPU time hardly moves, and its ratio is the one to trust there;
 * peak memory: the process's peak resident set size during a round above its size just
   before it (Linux ``VmHWM`` after resetting it through ``/proc/self/clear_refs``, with free
   heap memory handed back to the OS first), max over the measured rounds. PyTorch's CPU
@@ -89,20 +95,23 @@ class RoundTiming:
     wall_s: float
     epoch_s: tuple[float, ...]
     peak_mib: float | None
+    cpu_s: float = 0.0
 
 
 def measure_round(run: Callable[[], tuple[float, ...]]) -> RoundTiming:
-    """Run one round; return its wall time, its epoch times and its peak RSS growth in MiB."""
+    """Run one round; return its wall time, epoch times, peak RSS growth (MiB) and CPU time."""
     _trim_heap()
     before = _status_kib("VmRSS")
     can_reset = before is not None and _reset_peak_rss()
+    cpu_started = time.process_time()
     started = time.perf_counter()
     epochs = run()
     wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     peak = _status_kib("VmHWM") if can_reset else None
     if peak is None or before is None:
-        return RoundTiming(wall, epochs, None)
-    return RoundTiming(wall, epochs, max(peak - before, 0) / 1024)
+        return RoundTiming(wall, epochs, None, cpu)
+    return RoundTiming(wall, epochs, max(peak - before, 0) / 1024, cpu)
 
 
 @dataclass
@@ -122,6 +131,11 @@ class ModeStats:
         return statistics.median(r.wall_s for r in self.rounds)
 
     @property
+    def cpu_s(self) -> float:
+        """Median CPU time of a whole round."""
+        return statistics.median(r.cpu_s for r in self.rounds)
+
+    @property
     def setup_s(self) -> float:
         """Median per-round cost beyond the steady epochs (setup, first-epoch extra, teardown)."""
         steady = self.epoch_s
@@ -134,15 +148,24 @@ class ModeStats:
 
 
 def bench_task(
-    task: StandardTask, rounds: int, epochs: int, batch_size: int
+    task: StandardTask,
+    rounds: int,
+    epochs: int,
+    batch_size: int,
+    modes: Sequence[str] = MODES,
 ) -> tuple[dict[str, ModeStats], int]:
-    """Time and measure every mode on the first generated factory of ``task``.
+    """Time and measure ``modes`` on the first generated factory of ``task``.
 
-    Returns the statistics per mode and the number of training examples.
+    ``"non-private"`` is always measured (first), as the baseline of every ratio. Returns the
+    statistics per mode and the number of training examples.
     """
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; choose from {list(MODES)}")
+    modes = ["non-private", *[m for m in MODES if m in modes and m != "non-private"]]
     data = task.generate(NUM_FACTORIES, DATA_SEED, PartitionConfig())
     dataset = task.to_dataset(data.factories[0])
-    stats = {mode: ModeStats() for mode in MODES}
+    stats = {mode: ModeStats() for mode in modes}
 
     def one_round(mode: str, seed: int) -> Callable[[], tuple[float, ...]]:
         def run() -> tuple[float, ...]:
@@ -169,7 +192,7 @@ def bench_task(
         return run
 
     for rnd in range(rounds + 1):
-        for mode in MODES:
+        for mode in modes:
             timing = measure_round(one_round(mode, rnd))
             if rnd > 0:  # round 0 is the warm-up
                 stats[mode].rounds.append(timing)
@@ -187,12 +210,11 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def rows(results: dict[str, dict[str, ModeStats]], batch_sizes: dict[str, int]) -> list[list[str]]:
-    """Table rows: task, mode, batch, epoch/setup/round times, memory and ratios to non-private."""
+    """Table rows: task, mode, batch, epoch/setup/round/CPU times, memory, ratios to non-private."""
     out = []
     for name, stats in results.items():
         base = stats["non-private"]
-        for mode in MODES:
-            s = stats[mode]
+        for mode, s in stats.items():
             out.append(
                 [
                     name,
@@ -203,6 +225,8 @@ def rows(results: dict[str, dict[str, ModeStats]], batch_sizes: dict[str, int]) 
                     f"{s.setup_s * 1000:.1f}",
                     f"{s.round_s * 1000:.0f}",
                     _ratio(s.round_s, base.round_s),
+                    f"{s.cpu_s * 1000:.0f}",
+                    _ratio(s.cpu_s, base.cpu_s),
                     _fmt_mem(s.mem_mib),
                     _ratio(s.mem_mib, base.mem_mib),
                 ]
@@ -219,6 +243,8 @@ HEADERS = [
     "setup ms",
     "ms/round",
     "x round",
+    "CPU ms/round",
+    "x CPU",
     "peak MiB",
     "x memory",
 ]
@@ -237,15 +263,15 @@ def print_table(table: list[list[str]], title: str) -> None:
         return
     t = Table(
         title=title,
-        caption="x epoch, x round, x memory: mode / non-private on the same task; "
-        "setup ms: per-round cost beyond the steady epochs",
+        caption="x epoch, x round, x CPU, x memory: mode / non-private on the same task; "
+        "setup ms: per-round cost beyond the steady epochs; CPU: this process's CPU time",
     )
     for h in HEADERS:
         t.add_column(h, justify="left" if h in ("task", "mode") else "right", no_wrap=True)
     for r in table:
         t.add_row(*r)
     # Wide enough for every column when the output is piped (rich then assumes 80).
-    Console(width=max(Console().width, 150)).print(t)
+    Console(width=max(Console().width, 180)).print(t)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -269,6 +295,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="torch intra-op threads (1: small models gain nothing from more, and on a busy "
         "machine extra threads contend for the cores and distort the timings)",
     )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        help="modes to measure (non-private always runs: it is the baseline of the ratios)",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.epochs < 1:
         parser.error("--rounds and --epochs must be >= 1")
@@ -289,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_sizes[name] = args.batch_size or int(
             compose_config([f"task={name}"]).task.train.batch_size
         )
-        results[name], sizes[name] = bench_task(task, args.rounds, args.epochs, batch_sizes[name])
+        results[name], sizes[name] = bench_task(
+            task, args.rounds, args.epochs, batch_sizes[name], args.modes
+        )
     title = (
         f"DP-SGD cost ({args.rounds} measured rounds of {args.epochs} local epochs per mode, "
         f"medians; {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; examples: "

@@ -22,6 +22,7 @@ import math
 import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizerFastGradientClipping
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, TensorDataset
@@ -218,25 +220,78 @@ def _generator(seed: int | None) -> torch.Generator:
     return gen
 
 
+class _PoissonBatches:
+    """Opacus's Poisson sampling, fetching each batch with one indexing per tensor.
+
+    Iterates exactly what Opacus's ``DPDataLoader`` built on the same data loader yields: for
+    each of the ``sampler.steps`` batches, one ``torch.rand(num_samples)`` draw from the
+    sampler's generator keeps every item whose draw is below ``sampler.sample_rate``
+    (:class:`~opacus.utils.uniform_sampler.UniformWithReplacementSampler`, whose attributes
+    are read here, so the rate, the step count and the random stream are Opacus's). Only the
+    fetching is shorter: the kept positions stay a tensor that indexes the data directly,
+    where the data loader turns them into a Python list, back into a tensor, and runs its
+    fetcher and collate wrapper on every batch. ``fetch`` is the dataset's ``__getitems__``
+    (``_BatchIndexed`` or :class:`~standard_models.base.UnitDataset`), which gives an empty
+    batch tensors with a leading dimension of 0, as Opacus's empty-batch collate does.
+    ``tests/test_dp_mechanism.py`` checks the batches against Opacus's loader.
+    """
+
+    def __init__(self, sampler: UniformWithReplacementSampler, fetch: Any) -> None:
+        self.sampler = sampler
+        self.sample_rate = sampler.sample_rate
+        self.fetch = fetch
+
+    def __len__(self) -> int:
+        return self.sampler.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        sampler = self.sampler
+        # The data loader draws its workers' base seed from the same generator at the start of
+        # every epoch; drawing it too keeps the batches those of Opacus's loader, number for
+        # number (it only shifts the stream: every draw stays uniform and independent).
+        torch.empty((), dtype=torch.int64).random_(generator=sampler.generator)
+        n, q, gen = sampler.num_samples, sampler.sample_rate, sampler.generator
+        for _ in range(sampler.steps):
+            mask = torch.rand(n, generator=gen) < q
+            yield self.fetch(mask.nonzero(as_tuple=False).reshape(-1))
+
+
 class _PreClippedOptimizer(DPOptimizerFastGradientClipping):
-    """Opacus's optimizer for pre-clipped gradients, with less work per step around the noise.
+    """Opacus's optimizer for pre-clipped gradients, with the noise drawn in one call per step.
 
     :class:`~fl_client.clipping.BookKeepingClipper` hands over each parameter's clipped sum as a
-    fresh ``.grad`` every step; for the small standard models the per-parameter bookkeeping
-    Opacus does around it (a ``copy.deepcopy`` per parameter, the parameter list rebuilt on
-    every access, a zero tensor allocated before each noise draw, a new tensor for the noisy
-    sum) cost as much as the clipping itself. This subclass clones instead of deep-copying,
-    keeps the parameter list, and adds the noise in place. The noise is drawn with the same
-    call, in the same order and from the same generator as Opacus's ``_generate_noise``, so a
-    seeded run gives the same weights bit for bit (``tests/test_training.py`` compares every
-    clipping mode). Step skipping, scaling by the expected batch size, the processed-gradient
-    checks and the accountant hook are Opacus's. Opacus's ``secure_mode`` noise is left to
-    Opacus.
+    fresh ``.grad`` every step. Opacus then, per parameter, deep-copies it, allocates and draws
+    a noise tensor, allocates the noisy sum and divides it by the expected batch size: four
+    to five tensor operations per parameter and step, which for the small standard models
+    cost as much as the clipping itself. Here every parameter's summed gradient is a view of
+    one flat buffer allocated once per round: the clipped sums are copied in, the noise is
+    drawn into a second preallocated buffer with one ``normal_`` call and added with one
+    addition, and the scaling is one division, so a step costs one copy per parameter and
+    three whole-buffer operations.
+
+    The privacy mechanism is Opacus's, unchanged: each coordinate of the clipped sum gets
+    independent Gaussian noise of std ``noise_multiplier * max_grad_norm`` (the adjusted
+    multiplier, if Opacus's adaptive clipping set one) from the optimizer's generator, then
+    the sum is divided by the expected batch size. Only the order in which the generator's
+    numbers land on the coordinates differs from Opacus's per-parameter draws, so a seeded run
+    is reproducible but not bit-identical to ``ghost``/``hooks`` with noise
+    (``tests/test_training.py`` checks the modes agree exactly without noise,
+    ``tests/test_dp_mechanism.py`` measures the noise). Step skipping, the processed-gradient
+    checks and the accountant hook are Opacus's. Parameters of mixed dtypes or devices, and
+    Opacus's ``secure_mode`` noise, take Opacus's own per-parameter path.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._param_list: list[nn.Parameter] = list(super().params)
+        self._numels = [p.numel() for p in self._param_list]
+        kinds = {(p.dtype, p.device) for p in self._param_list}
+        self._flat: torch.Tensor | None = None
+        self._noise: torch.Tensor | None = None
+        if len(kinds) == 1 and not self.secure_mode:
+            ((dtype, device),) = kinds
+            self._flat = torch.empty(sum(self._numels), dtype=dtype, device=device)
+            self._noise = torch.empty_like(self._flat)
 
     @property
     def params(self) -> list[nn.Parameter]:  # type: ignore[override]
@@ -245,35 +300,45 @@ class _PreClippedOptimizer(DPOptimizerFastGradientClipping):
         return list(super().params) if cached is None else cached
 
     def accumulate(self) -> None:
-        """Add each parameter's clipped gradient sum to ``summed_grad`` (a copy on first use)."""
-        for p in self._param_list:
+        """Add each parameter's clipped gradient sum to ``summed_grad`` (a view of the buffer)."""
+        if self._flat is None:
+            for p in self._param_list:
+                if p.summed_grad is not None:
+                    p.summed_grad.add_(p.grad)
+                else:
+                    p.summed_grad = p.grad.detach().clone()
+            return
+        views = torch.split(self._flat, self._numels)
+        for p, view in zip(self._param_list, views, strict=True):
             if p.summed_grad is not None:
                 p.summed_grad.add_(p.grad)
             else:
-                p.summed_grad = p.grad.detach().clone()
+                summed = view.view_as(p)
+                summed.copy_(p.grad)
+                p.summed_grad = summed
 
     def add_noise(self) -> None:
         """Add Gaussian noise of std ``noise_multiplier * max_grad_norm`` to each clipped sum."""
-        if self.secure_mode:
+        if self._flat is None or self._noise is None:
             super().add_noise()
             return
         std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
         std = std * self.max_grad_norm
         for p in self._param_list:
-            summed = p.summed_grad
-            _check_processed_flag(summed)
-            if std != 0:
-                summed.add_(
-                    torch.normal(
-                        mean=0,
-                        std=std,
-                        size=summed.shape,
-                        device=summed.device,
-                        generator=self.generator,
-                    )
-                )
-            p.grad = summed.view_as(p)
-            _mark_as_processed(summed)
+            _check_processed_flag(p.summed_grad)
+        if std != 0:
+            self._noise.normal_(mean=0.0, std=std, generator=self.generator)
+            self._flat.add_(self._noise)
+        for p in self._param_list:
+            p.grad = p.summed_grad  # already a view of the buffer in the parameter's shape
+            _mark_as_processed(p.summed_grad)
+
+    def scale_grad(self) -> None:
+        """Divide the noisy sums by the expected batch size (Opacus's ``loss_reduction="mean"``)."""
+        if self._flat is None or self.loss_reduction != "mean":
+            super().scale_grad()
+            return
+        self._flat.div_(self.expected_batch_size * self.accumulated_iterations)
 
 
 def _proximal_step(
@@ -308,9 +373,10 @@ def train_local(
 
     With ``cfg.dp`` the model, an SGD optimizer and a data loader go through Opacus with
     Poisson sampling, clipping norm ``cfg.max_grad_norm`` and the given ``noise_multiplier``
-    (``PrivacyEngine.make_private``, or for ``"bk"`` the same Opacus loader, optimizer and
-    accountant hook around :class:`~fl_client.clipping.BookKeepingClipper`, which leaves the
-    model unwrapped); the number of steps taken is checked against
+    (``PrivacyEngine.make_private``, or for ``"bk"`` the same Opacus Poisson sampler (its
+    batches fetched by :class:`_PoissonBatches`), optimizer and accountant hook around
+    :class:`~fl_client.clipping.BookKeepingClipper`, which leaves the model unwrapped); the
+    number of steps taken is checked against
     ``steps_per_epoch(len(dataset), cfg.batch_size) * cfg.local_epochs`` and the Opacus
     accountant's record, so the caller's accounting matches the training exactly. Empty
     Poisson batches still take a (noise-only) step, as the analysis assumes. The model must
@@ -404,6 +470,8 @@ def train_local(
             warnings.filterwarnings("ignore", message="Secure RNG turned off")
             engine = PrivacyEngine(accountant="rdp")
         loader = DPDataLoader.from_data_loader(loader)
+        if isinstance(dataset, (_BatchIndexed, UnitDataset)):
+            loader = _PoissonBatches(loader.batch_sampler, dataset.__getitems__)
         optimizer = _PreClippedOptimizer(
             optimizer,
             noise_multiplier=float(noise_multiplier),

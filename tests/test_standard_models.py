@@ -227,7 +227,8 @@ def test_ghost_clipping_matches_per_sample_hooks(federations, name: str) -> None
 @pytest.mark.parametrize("name", TASKS)
 def test_book_keeping_training_matches_per_sample_hooks(federations, name: str) -> None:
     """The default one-pass clipping trains each standard model exactly as Opacus's explicit
-    per-sample clipping does, noise and Poisson batches included."""
+    per-sample clipping does, Poisson batches included; without noise, whose draw order differs
+    between the modes (its distribution is measured in test_dp_mechanism.py)."""
     task = get_task(name)
     ds = _small(task.to_dataset(federations[name].factories[0]), 300)
     states = {}
@@ -243,7 +244,7 @@ def test_book_keeping_training_matches_per_sample_hooks(federations, name: str) 
             grad_sample_mode=mode,
             reproducible_dp=True,
         )
-        states[mode] = train_local(model, ds, task.loss_fn(), cfg, noise_multiplier=1.0).state_dict
+        states[mode] = train_local(model, ds, task.loss_fn(), cfg, noise_multiplier=0.0).state_dict
     for key, value in states["bk"].items():
         torch.testing.assert_close(value, states["hooks"][key], rtol=1e-4, atol=1e-5, msg=key)
 

@@ -74,7 +74,10 @@ def test_dp_training_reduces_loss_and_takes_planned_steps(mode: str) -> None:
         assert torch.equal(result.state_dict[key], value)
 
 
-def test_every_mode_trains_identically_with_the_same_randomness() -> None:
+def test_every_mode_trains_identically_with_the_same_batches() -> None:
+    # Same seed, hence the same Poisson batches; no noise, so every difference would be in the
+    # clipping, the scaling or the sampling. The noise of each mode (drawn per parameter by
+    # Opacus, in one flat buffer for "bk") is compared by its measured std in test_dp_mechanism.
     ds = _classification(n=200)
     results = {}
     for mode in ("bk", "ghost", "hooks"):
@@ -83,7 +86,7 @@ def test_every_mode_trains_identically_with_the_same_randomness() -> None:
             reproducible_dp=True, seed=3,
         )
         results[mode] = train_local(
-            _mlp(seed=1), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=1.0
+            _mlp(seed=1), ds, nn.CrossEntropyLoss(), cfg, noise_multiplier=0.0
         ).state_dict
     for mode in ("bk", "ghost"):
         for key in results[mode]:
