@@ -27,11 +27,13 @@ Pay follows the default ``end_of_run`` rule (the pool split by positive cumulati
 and without the guards of :mod:`strategies.contribution.guards` (no pay for updates that cannot
 be told from noise; duplicate groups paid as one factory). "Guarded" pay of the estimators in
 ``--product-guards`` (default ``linearised``) is the product's: the server's
-:class:`~strategies.contribution.scorer.ContributionScorer` with its default guards scores each
-round (a duplicate group detected from the updates is merged into one player before scoring)
-and the last round's withheld factories take no part in the split, as the payout desk does.
-The other estimators' guarded pay splits the group's scores after the fact and also uses the
-factories' record sketches (:func:`guard_outcome`).
+:class:`~strategies.contribution.scorer.ContributionScorer` with its default guards (the placebo
+noise test included) scores each round (a duplicate group detected from the updates is merged
+into one player before scoring) and the last round's withheld factories take no part in the
+split, as the payout desk does; its line also counts the honest factories (and the small one)
+the noise test withheld and the noise free-riders it let through. The other estimators' guarded
+pay splits the group's scores after the fact, uses the factories' record sketches and the
+alignment noise rule on the recorded updates (:func:`guard_outcome`).
 
 Printed: per task and estimator, the Spearman rank correlation of per-round scores with exact
 Shapley, evaluations as a fraction of exact's, seconds per round, the free-riders' pay, the
@@ -47,6 +49,9 @@ planted factories, the rounds they train and the summaries printed above.
     python -m experiments.bench_contribution                 # everything, 5 seeds (hours)
     python -m experiments.bench_contribution --tasks molding_quality --seeds 3 --scaling
     python -m experiments.bench_contribution --quick         # 1 seed, 2 rounds, no scaling
+    # the noise test through the product path only: 5 seeds, no copy-free federations
+    python -m experiments.bench_contribution --tasks molding_quality --estimators linearised \
+        --product-guards linearised --no-solo --scaling
 """
 
 from __future__ import annotations
@@ -114,6 +119,7 @@ def shipped(method: str) -> tuple[str, dict]:
     assert isinstance(options, dict)
     name = str(options.pop("method"))
     options.pop("guards", None)  # the guards are the scorer's, not the estimator's
+    options.pop("defaults", None)  # Hydra's composition list (the guards' group)
     return name, {k: v for k, v in options.items() if v is not None}
 
 
@@ -375,6 +381,8 @@ def federated_run(
                 guarded[label] = {
                     "scores": got.scores,
                     "withheld": list(got.withheld),
+                    "noise_round": got.alignment,
+                    "noise_z": got.noise_z,
                     "groups": [list(g) for g in got.groups],
                     "seconds": got.seconds,
                     "evaluations": got.evaluations,
@@ -520,9 +528,48 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
     return out
 
 
-def product_rows(runs: list[dict], solo_runs: list[dict]) -> dict:
+def product_withheld(runs: list[dict], label: str) -> dict:
+    """The product scorer's noise test after each run's last round: honest factories (and the
+    small one among them) withheld, noise free-riders paid (not withheld), out of how many."""
+    counts = dict.fromkeys(("honest", "held", "small", "small_held", "free", "free_passed"), 0)
+    detail = []
+    for run in runs:
+        last = run["rounds"][-1]["guarded"][label]
+        held, seen = set(last["withheld"]), set(last["noise_z"])
+        for f in sorted(seen):
+            kind = _kind(f)
+            if kind in HONEST:
+                counts["honest"] += 1
+                counts["held"] += f in held
+                if f in held:  # what it would have been paid on: its cumulative score
+                    total = sum(r["guarded"][label]["scores"].get(f, 0.0) for r in run["rounds"])
+                    rounds_z = [r["guarded"][label]["noise_round"].get(f) for r in run["rounds"]]
+                    detail.append(
+                        {
+                            "factory": f,
+                            "cumulative": total,
+                            "z": last["noise_z"][f],
+                            "round_z": rounds_z,
+                        }
+                    )
+                if kind == "small":
+                    counts["small"] += 1
+                    counts["small_held"] += f in held
+            if kind == "free_rider_noise":
+                counts["free"] += 1
+                counts["free_passed"] += f not in held
+    return {
+        "honest_withheld": f"{counts['held']}/{counts['honest']}",
+        "small_withheld": f"{counts['small_held']}/{counts['small']}",
+        "noise_free_rider_passed": f"{counts['free_passed']}/{counts['free']}",
+        "honest_withheld_detail": detail,
+    }
+
+
+def product_rows(runs: list[dict], solo_runs: list[dict | None]) -> dict:
     """Pay through the server's guarded scorer (``--product-guards``): the duplicate pair's
-    share against the original's alone, the noise free-rider's pay, groups found."""
+    share against the original's alone, the noise free-rider's pay per seed, groups found,
+    and the noise test's misses on honest factories."""
     out = {}
     for label in runs[0]["rounds"][0].get("guarded", {}):
         pair, solo, free, found = [], [], [], 0
@@ -537,16 +584,27 @@ def product_rows(runs: list[dict], solo_runs: list[dict]) -> dict:
             "pair": float(np.mean(pair)),
             "solo": float(np.mean(solo)) if solo else float("nan"),
             "free_paid_max": int(max(free)),
+            "free_paid": [int(v) for v in free],
             "runs_with_group": f"{found}/{len(runs)}",
+            **product_withheld(runs + [r for r in solo_runs if r is not None], label),
         }
         row["dup_gain"] = row["pair"] / row["solo"] if solo else float("nan")
         out[label] = row
         print(
             f"product path {label:<18} pair {row['pair']:.1%} vs original alone "
             f"{row['solo']:.1%}: {row['dup_gain']:.2f}x; noise free-rider paid "
-            f"{row['free_paid_max']}; copy merged in {row['runs_with_group']} runs",
+            f"{row['free_paid']} per seed; copy merged in {row['runs_with_group']} runs; "
+            f"noise test: honest withheld {row['honest_withheld']} (small "
+            f"{row['small_withheld']}), noise free-rider passed {row['noise_free_rider_passed']}",
             flush=True,
         )
+        for held in row["honest_withheld_detail"]:
+            print(
+                f"  withheld honest {held['factory']}: cumulative score "
+                f"{held['cumulative']:+.4f}, noise z {held['z']:.2f}, per round "
+                f"{[round(z, 2) for z in held['round_z'] if z is not None]}",
+                flush=True,
+            )
     return out
 
 
@@ -682,6 +740,11 @@ def main(argv: list[str] | None = None) -> None:
         default=["linearised"],
         help="estimators whose guarded pay goes through the server's scorer",
     )
+    parser.add_argument(
+        "--no-solo",
+        action="store_true",
+        help="skip the federations without the copy (no duplicate-pair gain; half the time)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_contribution.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -697,13 +760,13 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             runs.append(
-                federated_run(
-                    task, seed, args.rounds, chosen, args.epsilon, product_guards=product
-                )
+                federated_run(task, seed, args.rounds, chosen, args.epsilon, product_guards=product)
             )
             solo_kinds = tuple(k for k in KINDS if k != "duplicate")
             solos.append(
-                federated_run(
+                None
+                if args.no_solo
+                else federated_run(
                     task,
                     seed,
                     args.rounds,
@@ -715,7 +778,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
         stats = summarise(runs, solos)
-        rates = guard_rates(runs + solos)
+        rates = guard_rates(runs + [r for r in solos if r is not None])
         product_stats = product_rows(runs, solos)
         report["tasks"][task_name] = {
             "estimators": stats,
@@ -723,7 +786,7 @@ def main(argv: list[str] | None = None) -> None:
             "product": product_stats,
         }
         _print_table(f"{task_name} ({args.seeds} seeds, {len(KINDS)} factories)", stats)
-        print(f"guards: {rates}")
+        print(f"guards by the alignment rule (records): {rates}")
     if args.scaling:
         print("\nScaling (molding_quality, seed 0; training is all factories in sequence):")
         report["scaling"] = scaling(

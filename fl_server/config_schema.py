@@ -53,6 +53,8 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
         "nan",
     ),  # fl_client.attacks
     "client_dp.mode": ("none", "fixed", "adaptive"),  # strategies.client_dp.MODES
+    # strategies.contribution.guards.NOISE_RULES
+    "contribution.guards.noise_rule": ("placebo", "alignment"),
 }
 
 
@@ -135,8 +137,10 @@ class TrackingSchema:
 
 @dataclass
 class GuardsSchema:
-    noise_test: bool = False
+    noise_test: bool = True
+    noise_rule: str = "placebo"
     noise_alpha: float = 0.001
+    noise_placebos: int = 12
     merge_duplicates: bool = True
     duplicate_min_excess: float = 0.05
     duplicate_alpha: float = 0.001
@@ -371,6 +375,10 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
             value = _number(cfg, f"contribution.guards.{key}")
             if not 0 < value < 1:
                 raise ConfigError(f"contribution.guards.{key}", value, "must be in (0, 1)")
+    if _get(cfg, "contribution.guards.noise_rule") is not None:
+        _one_of(cfg, "contribution.guards.noise_rule")
+    if _get(cfg, "contribution.guards.noise_placebos") is not None:
+        _at_least(cfg, "contribution.guards.noise_placebos", 2)
     if _get(cfg, "contribution.guards.duplicate_min_fraction") is not None:
         _in_range(cfg, "contribution.guards.duplicate_min_fraction", 0.0, 1.0, "(0, 1]")
         if _number(cfg, "contribution.guards.duplicate_min_fraction") == 0:

@@ -78,6 +78,8 @@ BAD = [
     (["client_dp=fixed", "client_dp.clipping_norm=0"], "client_dp"),
     (["validation.max_update_norm=-1"], "validation.max_update_norm"),
     (["seed=-1"], "seed"),
+    (["contribution.guards.noise_rule=coin"], "contribution.guards.noise_rule"),
+    (["contribution.guards.noise_placebos=1"], "contribution.guards.noise_placebos"),
 ]
 
 
@@ -177,6 +179,7 @@ def test_allowed_names_are_those_of_the_modules_that_use_them():
     from fl_server.rewards.allocation import SCHEDULES
     from standard_models.registry import TASKS
     from strategies.client_dp import MODES
+    from strategies.contribution.guards import NOISE_RULES
     from strategies.contribution.scorer import METHODS
 
     allowed = _allowed()
@@ -187,3 +190,4 @@ def test_allowed_names_are_those_of_the_modules_that_use_them():
     assert set(allowed["rewards.schedule"]) == set(SCHEDULES)
     assert set(allowed["attack.name"]) == set(ATTACKS)
     assert set(allowed["client_dp.mode"]) == set(MODES)
+    assert set(allowed["contribution.guards.noise_rule"]) == set(NOISE_RULES)

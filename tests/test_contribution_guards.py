@@ -197,6 +197,9 @@ from strategies.contribution.coalitions import (  # noqa: E402
 from strategies.contribution.guards import ContributionGuard, GuardConfig  # noqa: E402
 from strategies.contribution.scorer import ContributionScorer  # noqa: E402
 
+#: The noise test on update directions (the placebo rule needs a validation evaluator).
+ALIGNMENT = GuardConfig(noise_test=True, noise_rule="alignment")
+
 
 def copy_of_first(rows, rng):
     return rows[0].copy()
@@ -220,7 +223,7 @@ def test_guard_config_reads_the_block_and_names_bad_values():
 def test_guard_withholds_a_noise_sender_and_groups_copies_over_rounds():
     rng = np.random.default_rng(5)
     ids = [f"f{i}" for i in range(7)]  # f0..f4 honest, f5 noise, f6 a copy of f0
-    guard = ContributionGuard(GuardConfig(noise_test=True))
+    guard = ContributionGuard(ALIGNMENT)
     records = []
     for _ in range(3):
         deltas = honest_round(rng, noise=2.0, extra=(pure_noise, copy_of_first))
@@ -230,12 +233,13 @@ def test_guard_withholds_a_noise_sender_and_groups_copies_over_rounds():
     assert found.groups == (("f0", "f6"),)
     assert all(v.paid for f, v in found.verdicts.items() if f != "f5")
     # A restarted server rebuilds the same state from the recorded rounds.
-    again = ContributionGuard(GuardConfig(noise_test=True))
+    again = ContributionGuard(ALIGNMENT)
     again.restore(records)
     deltas = honest_round(rng, noise=2.0, extra=(pure_noise, copy_of_first))
-    assert again.observe(ids, deltas, [100.0] * 7).groups == guard.observe(
-        ids, deltas, [100.0] * 7
-    ).groups
+    assert (
+        again.observe(ids, deltas, [100.0] * 7).groups
+        == guard.observe(ids, deltas, [100.0] * 7).groups
+    )
     # Switched off, nothing is withheld or grouped.
     off = ContributionGuard(GuardConfig(noise_test=False, merge_duplicates=False))
     found = off.observe(ids, deltas, [100.0] * 7)
@@ -243,7 +247,7 @@ def test_guard_withholds_a_noise_sender_and_groups_copies_over_rounds():
 
 
 def test_a_factory_alone_in_its_rounds_has_no_evidence_and_is_withheld():
-    guard = ContributionGuard(GuardConfig(noise_test=True))
+    guard = ContributionGuard(ALIGNMENT)
     found = guard.observe(["only"], np.ones((1, 50)), [10.0])
     assert found.withheld == ("only",) and found.verdicts["only"].rounds == 1
 
@@ -282,7 +286,7 @@ def test_the_scorer_pays_a_copy_nothing_extra_and_withholds_noise():
     reference = {"w": np.zeros(DIM)}
     ids = ["a", "b", "c", "d", "noise", "z_copy"]
     sizes = [100.0] * 6
-    guarded = ContributionScorer("exact", score, guards=GuardConfig(noise_test=True))
+    guarded = ContributionScorer("exact", score, guards=ALIGNMENT)
     got = guarded.score_round(1, ids, WeightedMeanAggregator(states, sizes), reference)
     assert got.groups == (("a", "z_copy"),)
     assert got.withheld == ("noise",)
@@ -302,6 +306,6 @@ def test_the_scorer_pays_a_copy_nothing_extra_and_withholds_noise():
     assert plain.withheld == () and plain.groups == ()
     assert plain.scores["a"] + plain.scores["z_copy"] > 1.3 * alone.scores["a"]
     # A restarted scorer continues from the recorded rounds.
-    resumed = ContributionScorer("exact", score, guards=GuardConfig(noise_test=True))
+    resumed = ContributionScorer("exact", score, guards=ALIGNMENT)
     resumed.resume([{"alignment": got.alignment, "duplicate_pairs": got.pairs}])
     assert resumed.guard is not None and resumed.guard._rounds == guarded.guard._rounds

@@ -5,26 +5,34 @@ differential privacy every honest update is mostly noise, so a round's score of 
 sent pure noise can be positive by chance, and a factory that copies another's data doubles that
 data's weight in FedAvg and so the pair's pay. The rules here act on what the server already
 has each round (the accepted updates, the global model they were trained from, each factory's
-claimed size and its per-round scores) and, for copies, on a sketch of its records that a
-factory can report; all are pure functions (numpy, pandas), tested without Flower.
+claimed size, its model's outputs on the validation set) and, for copies, on a sketch of its
+records that a factory can report; all are pure functions (numpy, pandas, torch tensors of
+outputs), tested without Flower.
 
-**No pay for noise** (:func:`alignment_statistic`, :func:`noise_test`). A pure-noise update
-``delta_i = w_i - w`` of any norm is, under the DP mechanism the factories run, an isotropic
-Gaussian vector independent of everyone else's update. Its cosine with the round's consensus
-(the weighted mean direction of the *other* accepted factories) is then distributed as the cosine of
-a uniformly random direction in ``d`` dimensions, whatever its norm:
-``t = cos * sqrt((d - 1) / (1 - cos**2))`` follows Student's t with ``d - 1`` degrees of freedom
-(about N(0, 1) at the parameter counts of the standard models). An honest update carries the
-clipped gradient signal its data shares with the others, so its ``t`` is positive. Over a
-factory's rounds, the one-sided Stouffer statistic ``Z = sum_r z_r / sqrt(R)`` (``z_r`` the
-normal quantile of round ``r``'s ``t``) is N(0, 1) for a noise sender; a factory is paid only if
-``Z`` exceeds the ``1 - alpha / 2`` quantile or its best round's ``z_r`` exceeds the
-``1 - alpha / (2R)`` quantile (:func:`noise_test`). A noise free-rider is then paid with probability
-``alpha`` per run (default ``1e-3``), independent of how large its noise is; an honest factory
-whose update is indistinguishable from noise (tiny data under heavy DP) is withheld too, which is
-the price of the rule and is measured in the contribution benchmark. The rule is blind to an
-update that copies the previous round's global step (aligned without any data): that is a copy of
-the federation's own work, which :func:`duplicate_groups` does not catch either.
+**No pay for noise** (:func:`placebo_statistic`, :func:`noise_test`). A factory is paid only
+for round scores that beat what a pure-noise update *of the same norm* scores. Each round, every
+accepted update ``u`` of player ``i`` is scored in the round's output-linearised game (a
+coalition's outputs are the weighted mix of its members' model outputs, scored with the task's
+metric) at the two ends of a permutation: alone, and on top of every other player. Both scores
+are computed for placebo updates too: isotropic Gaussian steps of ``u``'s norm from the global
+model (:func:`placebo_update`, seeded by run, round and factory so that a rescored round draws
+the same ones), ``i``'s own and the nearest others' in norm rescaled to ``i``'s. A pure-noise
+update is exchangeable with its placebos, so ``(x(u) - mean) / (sd * sqrt(1 + 1/k))`` over
+``k`` placebo scores is Student's t with ``k - 1`` degrees of freedom (for normal scores); the
+better of the two scores' p-values, Sidak-corrected, becomes the round's normal ``z``. An honest
+update carries its data's gradient, which moves the metric more than a random direction of the
+same size: alone where the factories' data are alike, on top of the others where each brings
+its own kind. Over a factory's rounds, :func:`noise_test` pays it when the Stouffer statistic
+``Z = sum_r z_r / sqrt(R)`` exceeds the ``1 - alpha / 2`` quantile or its best round exceeds
+``1 - alpha / (2R)``: a noise free-rider is paid with probability at most about ``alpha`` per
+run (default ``1e-3``), however large its noise. An honest factory whose update scores like
+noise (a few DP steps on tiny data) is withheld too; the contribution benchmark measures that
+rate. The rule compares *scores*, which DP noise barely moves against the signal, where the
+earlier rule (:func:`alignment_statistic`, ``noise_rule="alignment"``) compares *directions*,
+which under DP-SGD are mostly each update's own noise: it withheld every honest factory of the
+default job. Neither rule catches an update that copies the previous round's global step
+(aligned without any data): that is a copy of the federation's own work, which
+:func:`duplicate_groups` does not catch either.
 
 **No gain from copies** (:func:`duplicate_pairs` / :func:`duplicate_groups` on the updates,
 :func:`record_fingerprint` / :func:`fingerprint_groups` on the data, :func:`split_group_credit`).
@@ -48,11 +56,12 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
 State = Mapping[str, np.ndarray]
@@ -204,6 +213,160 @@ def withhold_unproven(
         fid: (float(v) if fid in verdicts and verdicts[fid].paid else min(float(v), 0.0))
         for fid, v in scores.items()
     }
+
+
+# -- no pay for noise, by score: the placebo test ---------------------------------------------
+#: ``contribution.guards.noise_rule`` values: ``placebo`` (:func:`placebo_statistic`, the
+#: default) or ``alignment`` (:func:`alignment_statistic`).
+NOISE_RULES = ("placebo", "alignment")
+
+#: Placebo scores a factory's round is compared with (its own placebos and, rescaled to its
+#: norm, the nearest others').
+DEFAULT_PLACEBOS = 12
+
+
+def placebo_rng(
+    seed: int, server_round: int, factory_id: str, draw: int = 0
+) -> np.random.Generator:
+    """The generator of ``factory_id``'s ``draw``-th placebo in ``server_round`` of a run with
+    ``seed``: the same every time the round is scored (a resumed server, an auditor)."""
+    key = int.from_bytes(hashlib.blake2b(factory_id.encode(), digest_size=8).digest(), "big")
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(server_round), key, int(draw)])
+
+
+def placebo_update(
+    update: State, reference: State, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """A pure-noise update of the same norm as ``update``: ``reference`` plus an isotropic
+    Gaussian step over its floating-point arrays, scaled to ``|update - reference|``.
+
+    Integer buffers keep the reference's values; the norm is measured over the floating-point
+    arrays only, as :func:`flat_deltas` does.
+    """
+    names = [k for k in reference if np.issubdtype(np.asarray(reference[k]).dtype, np.floating)]
+    norm = float(np.linalg.norm(flat_deltas([update], reference, names)[0])) if names else 0.0
+    noise = {k: rng.standard_normal(np.shape(reference[k])) for k in names}
+    size = math.sqrt(sum(float((v**2).sum()) for v in noise.values()))
+    scale = norm / size if size > 0 else 0.0
+    out = {k: np.asarray(v).copy() for k, v in reference.items()}
+    for k in names:
+        ref = np.asarray(reference[k])
+        out[k] = (ref.astype(np.float64) + scale * noise[k]).astype(ref.dtype)
+    return out
+
+
+def _placebo_p(real: float, placebos: np.ndarray) -> float | None:
+    """One-sided p-value of ``real`` against ``k`` exchangeable placebo scores: Student's t
+    with ``k - 1`` degrees of freedom of ``(real - mean) / (sd * sqrt(1 + 1/k))``; None where
+    the placebos do not vary (no evidence either way)."""
+    k = placebos.size
+    spread = float(placebos.std(ddof=1)) if k > 1 else 0.0
+    if not spread > 0:
+        return None
+    t = (real - float(placebos.mean())) / (spread * math.sqrt(1.0 + 1.0 / k))
+    return float(stats.t.sf(t, df=k - 1))
+
+
+def placebo_statistic(
+    own: torch.Tensor,
+    placebos: torch.Tensor,
+    owners: Sequence[int],
+    reference: torch.Tensor,
+    norms: Sequence[float],
+    weights: Sequence[float],
+    metric: Callable[[torch.Tensor], float],
+    sign: float = 1.0,
+    size: int = DEFAULT_PLACEBOS,
+) -> np.ndarray:
+    """Each update's round score against what pure noise of its norm scores, as a normal ``z``.
+
+    An update ``u`` of player ``i`` is scored twice in the round's output-linearised game
+    (:class:`~strategies.contribution.utility.OutputMixtureGame`: a coalition's outputs are the
+    weighted mix of its members' model outputs, scored with the task's metric), at the two ends
+    of a permutation: alone, ``U({u})``, and on top of every other player, ``U((N - {i}) +
+    {u})``. Where factories hold data of the same kind the second is small (the others already
+    bring what ``i`` brings) and the first shows the signal; where each holds its own kind of
+    data the first can be negative (a model moved towards one plant's data alone) and the
+    second shows it. Each score of the real update is compared with the same score of placebo
+    updates, isotropic Gaussian steps of the same norm from the global model
+    (:func:`placebo_update`): player ``i``'s own and, to make up ``size`` of them, the nearest
+    others' in norm, their output change rescaled to ``i``'s norm (first order in the step, as
+    the game itself). A pure-noise update is exchangeable with its placebos, so for each score
+    ``t = (x - mean) / (sd * sqrt(1 + 1/k))`` over ``k`` placebos is Student's t with ``k - 1``
+    degrees of freedom (for normal scores); the smaller one-sided p-value of the two, Sidak-
+    corrected (``1 - (1 - p)**2``), is returned as the normal quantile of the same upper tail,
+    so :func:`noise_test` combines rounds as it does alignment scores.
+
+    Args:
+        own: ``(n, ...)`` outputs of each player's own model on the validation set.
+        placebos: ``(m, ...)`` outputs of the placebo models; ``owners[j]`` is the player whose
+            norm placebo ``j`` has.
+        owners: for each placebo, its player (every player needs at least one).
+        reference: outputs of the global model the round started from.
+        norms: each player's update norm (``|w_i - w|``), which its placebos have.
+        weights: each player's aggregation weight.
+        metric: the task's main metric of a tensor of outputs.
+        sign: ``1`` when greater is better, ``-1`` for error metrics.
+        size: placebos per player's comparison (at least 2).
+
+    Returns:
+        ``z`` of shape ``(n,)``: about N(0, 1) or below for a pure-noise update, large for an
+        update that brings more than noise of its size; 0 where the placebos do not vary.
+    """
+    own = torch.as_tensor(own, dtype=torch.float64)
+    placebos = torch.as_tensor(placebos, dtype=torch.float64)
+    reference = torch.as_tensor(reference, dtype=torch.float64)
+    n, owners = own.shape[0], np.asarray(list(owners), dtype=np.int64)
+    norms_arr = np.asarray(norms, dtype=np.float64)
+    w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+    if owners.shape != (placebos.shape[0],) or norms_arr.shape != (n,) or w.shape != (n,):
+        raise ValueError(
+            f"need one owner per placebo and one norm and weight per player; got "
+            f"{owners.size} owners for {placebos.shape[0]} placebos, {norms_arr.size} norms and "
+            f"{w.shape[0]} weights for {n} players"
+        )
+    if n and not set(range(n)) <= set(owners.tolist()):
+        raise ValueError("every player needs at least one placebo")
+    if size < 2:
+        raise ValueError(f"the placebo test needs at least 2 placebos a player, got {size}")
+
+    def gain(outputs: torch.Tensor) -> float:
+        value = sign * metric(outputs.to(torch.float32))
+        return value if math.isfinite(value) else 0.0
+
+    shape = (-1,) + (1,) * (own.dim() - 1)
+    total = (own * w.reshape(shape)).sum(dim=0)
+    out = np.zeros(n)
+    log_norm = np.log(np.maximum(norms_arr, 1e-300))
+    for i in range(n):
+        rest = total - w[i] * own[i]
+
+        def scores(outputs: torch.Tensor) -> tuple[float, float]:
+            return gain(outputs), gain((rest + w[i] * outputs) / w.sum())  # noqa: B023
+
+        mine = np.flatnonzero(owners == i).tolist()
+        others = sorted(
+            np.flatnonzero(owners != i).tolist(),
+            key=lambda j: (abs(log_norm[owners[j]] - log_norm[i]), j),
+        )
+        chosen = (mine + others)[: max(size, len(mine))]
+        if len(chosen) < 2 or norms_arr[i] <= 0:
+            continue
+        values = []
+        for j in chosen:
+            ratio = norms_arr[i] / norms_arr[owners[j]] if norms_arr[owners[j]] > 0 else 0.0
+            values.append(scores(reference + ratio * (placebos[j] - reference)))
+        placebo_values = np.asarray(values)
+        real = scores(own[i])
+        found = [_placebo_p(real[c], placebo_values[:, c]) for c in range(2)]
+        ps = [p for p in found if p is not None]
+        if not ps:
+            continue
+        least = min(ps)
+        p = least * (2.0 - least) if len(ps) == 2 else least  # Sidak: 1 - (1 - p)**2
+        z = float(stats.norm.isf(p)) if p > 0 else MAX_Z
+        out[i] = float(np.clip(np.nan_to_num(z, nan=0.0), -MAX_Z, MAX_Z))
+    return out
 
 
 def pairwise_cosines(deltas: np.ndarray) -> np.ndarray:
@@ -434,17 +597,23 @@ class GuardConfig:
     """The ``contribution.guards`` config block: which guards run and at what levels.
 
     noise_test: withhold pay from a factory whose updates, over its rounds so far, cannot be
-        told from pure noise (:func:`noise_test`). Off by default, as in the shipped config:
-        under factory DP-SGD it also withholds honest factories.
+        told from pure noise (:func:`noise_test` of each round's ``noise_rule`` score).
     noise_alpha: the probability that a pure-noise sender is paid in a run, in ``(0, 1)``.
+    noise_rule: ``placebo`` (default): the update's round score against placebo updates of
+        the same norm (:func:`placebo_statistic`; needs the validation evaluator);
+        ``alignment``: its direction against the others' (:func:`alignment_statistic`; under
+        factory DP-SGD it withholds honest factories too).
+    noise_placebos: placebo scores each factory's round is compared with (at least 2).
     merge_duplicates: score each detected duplicate group as one player
         (:func:`~strategies.contribution.coalitions.merge_players`).
     duplicate_min_excess, duplicate_alpha: :func:`duplicate_pairs`' thresholds.
     duplicate_min_fraction: :func:`duplicate_groups`' share of rounds a pair must be flagged in.
     """
 
-    noise_test: bool = False
+    noise_test: bool = True
+    noise_rule: str = "placebo"
     noise_alpha: float = DEFAULT_ALPHA
+    noise_placebos: int = DEFAULT_PLACEBOS
     merge_duplicates: bool = True
     duplicate_min_excess: float = 0.05
     duplicate_alpha: float = DEFAULT_ALPHA
@@ -455,6 +624,16 @@ class GuardConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
                 raise ValueError(f"contribution.guards.{name} must be in (0, 1), got {value!r}")
+        if self.noise_rule not in NOISE_RULES:
+            raise ValueError(
+                f"contribution.guards.noise_rule must be one of {', '.join(NOISE_RULES)}, "
+                f"got {self.noise_rule!r}"
+            )
+        value = self.noise_placebos
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(
+                f"contribution.guards.noise_placebos must be an integer >= 2, got {value!r}"
+            )
         value = self.duplicate_min_fraction
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
             raise ValueError(
@@ -482,12 +661,18 @@ class GuardConfig:
     def active(self) -> bool:
         return self.noise_test or self.merge_duplicates
 
+    @property
+    def placebo(self) -> bool:
+        """Whether the noise test scores rounds with placebos (the scorer must supply them)."""
+        return self.noise_test and self.noise_rule == "placebo"
+
 
 @dataclass(frozen=True)
 class RoundGuard:
     """What the guards found in one round.
 
-    alignment: each scored factory's :func:`alignment_statistic` this round.
+    alignment: each scored factory's noise score this round (:func:`placebo_statistic` with
+        the placebo rule, else :func:`alignment_statistic`); the noise test's input.
     pairs: this round's flagged :func:`duplicate_pairs`, as factory ids.
     groups: the duplicate groups in force this round (members that took part, two or more
         each): each is scored as one player.
@@ -530,19 +715,35 @@ class ContributionGuard:
     def observe(
         self, factory_ids: Sequence[str], deltas: np.ndarray, weights: Sequence[float]
     ) -> RoundGuard:
-        """Record one round's updates (``deltas``: :func:`flat_deltas`) and decide on them."""
+        """Record one round's updates (``deltas``: :func:`flat_deltas`) and decide on them.
+
+        With the placebo rule (:attr:`GuardConfig.placebo`) the round's noise scores are not
+        known yet (they need the duplicate groups found here): the returned verdicts cover the
+        rounds before, and :meth:`score_noise` completes the round.
+        """
         ids = list(factory_ids)
         cfg = self.config
-        z = alignment_statistic(deltas, weights) if len(ids) else np.zeros(0)
-        alignment = {fid: float(v) for fid, v in zip(ids, z, strict=True)}
         pairs: list[tuple[str, str]] = []
         if cfg.merge_duplicates and len(ids):
             found = duplicate_pairs(
                 deltas, min_excess=cfg.duplicate_min_excess, alpha=cfg.duplicate_alpha
             )
             pairs = [(ids[i], ids[j]) for i, j in found]
+        alignment: dict[str, float] = {}
+        if not cfg.placebo:
+            z = alignment_statistic(deltas, weights) if len(ids) else np.zeros(0)
+            alignment = {fid: float(v) for fid, v in zip(ids, z, strict=True)}
         self._add(ids, alignment, pairs)
         return self._decide(ids, alignment, pairs)
+
+    def score_noise(self, found: RoundGuard, scores: Mapping[str, float]) -> RoundGuard:
+        """Complete the round :meth:`observe` returned with its placebo ``scores`` (``{id: z}``
+        of :func:`placebo_statistic`) and decide again."""
+        alignment = {fid: float(v) for fid, v in sorted(scores.items())}
+        for fid, v in alignment.items():
+            self._z.setdefault(fid, []).append(v)
+        decided = self._decide(list(alignment), alignment, list(found.pairs))
+        return replace(decided, groups=found.groups)
 
     def _decide(
         self, ids: Sequence[str], alignment: dict[str, float], pairs: list[tuple[str, str]]

@@ -9,17 +9,27 @@ coalition models on the server's validation set.
 With guards (``contribution.guards``, on by default; :mod:`strategies.contribution.guards`) each
 round's updates are first checked: factories detected as copies of each other are scored as
 *one player* (for a weighted-mean rule, one member's update with the group's smallest weight;
-its score split equally among the members), and, with the noise test switched on (it is off by
-default), every factory whose updates over the run so far cannot be told from noise is named in
-the round's ``withheld``, which the payout desk leaves out of the pool's split.
+its score split equally among the members), and every factory whose round scores over the run
+so far cannot be told from what pure noise of the same norm scores (the placebo noise test,
+:func:`~strategies.contribution.guards.placebo_statistic`) is named in the round's ``withheld``,
+which the payout desk leaves out of the pool's split.
+
+The placebo test costs, per round, ``max(n, noise_placebos)`` placebo model runs on the
+validation set (one per player once ``n`` reaches ``noise_placebos``), one run of the global
+model, ``n`` runs of the players' own models where the estimator does not already make them
+(every rule but the weighted mean), and ``2 * (noise_placebos + 1) * n`` metric evaluations of
+mixed outputs: linear in ``n``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
@@ -32,7 +42,14 @@ from strategies.contribution.coalitions import (
     round_updates,
 )
 from strategies.contribution.estimators import estimate
-from strategies.contribution.guards import ContributionGuard, GuardConfig, flat_deltas
+from strategies.contribution.guards import (
+    ContributionGuard,
+    GuardConfig,
+    flat_deltas,
+    placebo_rng,
+    placebo_statistic,
+    placebo_update,
+)
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
 
 #: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off, ``auto``
@@ -56,7 +73,8 @@ class RoundContribution:
     members). The guard fields are empty when the guards are off: ``withheld`` the factories
     (of the whole run so far) whose pay is withheld because their updates cannot be told from
     noise; ``groups`` the duplicate groups scored as one player this round; ``alignment`` each
-    scored factory's noise statistic this round; ``noise_z`` every factory's test statistic
+    scored factory's noise score this round (placebo or alignment ``z``); ``noise_z`` every
+    factory's test statistic
     over its rounds so far; ``pairs`` this round's flagged pairs.
     """
 
@@ -95,7 +113,8 @@ class ContributionScorer:
     seed : run seed; sampled permutations and coalitions are drawn from ``(seed, round)`` so
         reruns agree.
     evaluator : the batched validation evaluator behind ``score_models``; the ``linearised``
-        estimator needs it to score mixtures of the factories' outputs.
+        estimator and the placebo noise test need it to score mixtures of the factories'
+        outputs.
     guards : the noise and duplicate guards' settings; None switches them off.
     """
 
@@ -121,6 +140,11 @@ class ContributionScorer:
         self.seed = int(seed)
         self.evaluator = evaluator
         self.guard = ContributionGuard(guards) if guards is not None and guards.active else None
+        if self.guard is not None and self.guard.config.placebo and evaluator is None:
+            raise ValueError(
+                "contribution.guards.noise_rule=placebo needs the validation evaluator to score "
+                "placebo updates; use noise_rule=alignment or switch noise_test off without it"
+            )
 
     def resume(self, rounds: Sequence[Mapping[str, object]]) -> None:
         """Continue a restarted run: the guards' state from its recorded rounds."""
@@ -139,6 +163,8 @@ class ContributionScorer:
         ids = list(factory_ids)
         found = None
         players: list[list[int]] = [[i] for i in range(len(ids))]
+        updates: list[State] = []
+        weights: list[float] = []
         if self.guard is not None and ids:
             updates, weights = round_updates(aggregator)
             found = self.guard.observe(ids, flat_deltas(updates, reference), weights)
@@ -155,6 +181,11 @@ class ContributionScorer:
             self.sign,
             evaluator=self.evaluator,
         )
+        if found is not None and self.guard is not None and self.guard.config.placebo:
+            noise = self._placebo_scores(
+                server_round, ids, players, updates, weights, reference, utility
+            )
+            found = self.guard.score_noise(found, noise)
         method, params = self.method, dict(self.params)
         if method == "auto":
             mean = isinstance(utility.aggregator, WeightedMeanAggregator)
@@ -188,6 +219,56 @@ class ContributionScorer:
             **guard_fields,
         )
 
+    def _placebo_scores(
+        self,
+        server_round: int,
+        ids: Sequence[str],
+        players: Sequence[Sequence[int]],
+        updates: Sequence[State],
+        weights: Sequence[float],
+        reference: State,
+        utility: CoalitionUtility,
+    ) -> dict[str, float]:
+        """Each factory's placebo ``z`` this round (its player's, for a duplicate group).
+
+        A player is scored by its first member's update with the smallest member weight, as
+        :meth:`~strategies.contribution.coalitions.WeightedMeanAggregator.merged` enters it.
+        Placebos are drawn from ``(seed, round, first member's id)``; each player gets
+        ``ceil(noise_placebos / n)`` of them.
+        """
+        evaluator = self.evaluator
+        assert evaluator is not None and self.guard is not None
+        size = self.guard.config.noise_placebos
+        firsts = [min(members) for members in players]
+        own_updates = [updates[f] for f in firsts]
+        if isinstance(utility.aggregator, WeightedMeanAggregator):
+            game = utility.output_game()  # the linearised estimator reuses these outputs
+            own, player_weights = game.outputs, game.weights.tolist()
+        else:
+            own = torch.stack(evaluator.outputs(own_updates))
+            player_weights = [min(weights[m] for m in members) for members in players]
+        per = math.ceil(size / len(players))
+        states, owners = [], []
+        for p, first in enumerate(firsts):
+            for draw in range(per):
+                rng = placebo_rng(self.seed, server_round, ids[first], draw)
+                states.append(placebo_update(own_updates[p], reference, rng))
+                owners.append(p)
+        outputs = evaluator.outputs(states + [reference])
+        norms = np.linalg.norm(flat_deltas(own_updates, reference), axis=1)
+        z = placebo_statistic(
+            own,
+            torch.stack(outputs[:-1]),
+            owners,
+            outputs[-1],
+            norms,
+            player_weights,
+            evaluator.score_outputs,
+            evaluator.sign,
+            size,
+        )
+        return {ids[m]: float(z[p]) for p, members in enumerate(players) for m in members}
+
 
 def build_scorer(
     cfg: DictConfig, task: StandardTask, validation: Dataset
@@ -195,7 +276,7 @@ def build_scorer(
     """The round scorer described by ``cfg.contribution``; ``None`` for ``method: none``.
 
     The guards are on unless ``contribution.guards`` switches them off (a config without the
-    block, from before the guards existed, gets their defaults).
+    block, from before the guards existed, gets their defaults: the placebo noise test on).
     """
     options = OmegaConf.to_container(cfg.contribution, resolve=True)
     assert isinstance(options, dict)

@@ -175,14 +175,19 @@ class CoalitionUtility:
         self.sign = float(sign)
         self.evaluator = evaluator
         self.models = 0
+        self._game: OutputMixtureGame | None = None
 
     def output_game(self) -> OutputMixtureGame:
         """The round's :class:`OutputMixtureGame`: one forward pass per factory (counted).
 
+        Built once and kept: the ``linearised`` estimator and the placebo noise test
+        (:func:`~strategies.contribution.guards.placebo_statistic`) share the factories' outputs.
         Needs the ``evaluator`` and a weighted-mean aggregator (FedAvg, FedProx): for any other
         rule a coalition's parameters are not a mixture of its members', so the game would
         describe a different federation; this raises ``ValueError`` then.
         """
+        if self._game is not None:
+            return self._game
         if self.evaluator is None or not isinstance(self.aggregator, WeightedMeanAggregator):
             raise ValueError(
                 "the output-linearised game needs the validation evaluator and a weighted-mean "
@@ -193,13 +198,14 @@ class CoalitionUtility:
         states = self.aggregator.aggregate([frozenset([i]) for i in range(n)])
         self.models += n
         outputs = torch.stack(self.evaluator.outputs(states))
-        return OutputMixtureGame(
+        self._game = OutputMixtureGame(
             outputs,
             self.aggregator.weights,
             self.evaluator.score_outputs,
             self.baseline,
             self.sign,
         )
+        return self._game
 
     def __call__(self, coalitions: Sequence[Coalition]) -> list[float]:
         states = self.aggregator.aggregate(coalitions)
