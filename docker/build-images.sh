@@ -50,14 +50,23 @@ image_exists() { "$ENGINE" image inspect "$1" >/dev/null 2>&1; }
 make_local_base() {
   # A minimal Debian bookworm root file system from Debian's mirror, imported as an image.
   command -v debootstrap >/dev/null || die "no registry reachable and no debootstrap: apt-get install -y debootstrap"
+  # Removed explicitly on every exit path: a RETURN trap would stay set after this function
+  # and fire again, with $rootfs out of scope (an unbound variable under set -u), when the
+  # caller returns.
   local rootfs
   rootfs="$(mktemp -d "${TMPDIR:-/tmp}/factoryfed-rootfs.XXXXXX")"
-  trap 'rm -rf "$rootfs"' RETURN
   say "making $LOCAL_BASE with debootstrap from $DEBIAN_MIRROR"
-  debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR" >"$rootfs.log" 2>&1 \
-    || { tail -20 "$rootfs.log" >&2; rm -f "$rootfs.log"; die "debootstrap failed"; }
+  if ! debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR" >"$rootfs.log" 2>&1; then
+    tail -20 "$rootfs.log" >&2
+    rm -rf "$rootfs" "$rootfs.log"
+    die "debootstrap failed"
+  fi
   rm -f "$rootfs.log"
-  tar -C "$rootfs" -c . | "$ENGINE" import - "$LOCAL_BASE" >/dev/null
+  if ! tar -C "$rootfs" -c . | "$ENGINE" import - "$LOCAL_BASE" >/dev/null; then
+    rm -rf "$rootfs"
+    die "importing the debootstrap root file system as $LOCAL_BASE failed"
+  fi
+  rm -rf "$rootfs"
 }
 
 choose_base() {
