@@ -316,6 +316,14 @@ class StandardTask(ABC):
         """
         return float(self.output_metrics(outputs, target)[self.main_metric])
 
+    def main_scores(self, outputs: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+        """:meth:`main_score` of each output set of a batch ``(m, ...)``, as an array.
+
+        Contribution scoring scores hundreds of output mixtures a round; tasks whose metric
+        batches well override this (one call instead of ``m``), the rest loop.
+        """
+        return np.array([self.main_score(out, target) for out in outputs], dtype=np.float64)
+
     def evaluate(self, model: nn.Module, dataset: Dataset) -> dict[str, float]:
         """``loss`` and the task metrics of ``model`` on ``dataset``."""
         outputs, target = self.predict(model, dataset)

@@ -89,6 +89,40 @@ def test_output_game_mixes_member_outputs_by_weight():
         OutputMixtureGame(outputs, [1.0, 2.0], metric, 0.0)
 
 
+def test_output_game_scores_a_permutation_as_one_batch_with_the_same_numbers():
+    """With the task's batch metric, each permutation's prefixes are scored in one call; the
+    utilities, the Shapley estimate and the evaluation count are exactly those of one call per
+    prefix."""
+    task = get_task("tep_fault")
+    gen = torch.Generator().manual_seed(2)
+    n, rows = 9, 300
+    target = torch.randint(0, 22, (rows,), generator=gen)
+    reference = torch.randn(rows, 22, generator=gen)
+    outputs = reference + 0.5 * torch.randn(n, rows, 22, generator=gen)
+    weights = torch.rand(n, generator=gen).add(0.5).tolist()
+    calls = []
+
+    def batch_metric(batch):
+        calls.append(batch.shape[0])
+        return task.main_scores(batch, target)
+
+    def one(out):
+        return task.main_score(out, target)
+
+    single = OutputMixtureGame(outputs, weights, one, baseline=0.1)
+    batched = OutputMixtureGame(outputs, weights, one, baseline=0.1, metrics=batch_metric)
+    order = [4, 0, 8, 1, 7, 2, 6, 3, 5]
+    np.testing.assert_array_equal(batched.prefix_values(order), single.prefix_values(order))
+    assert calls == [n]
+    np.testing.assert_array_equal(
+        sampled_permutation_shapley(n, batched.prefix_values, 6, seed=3),
+        sampled_permutation_shapley(n, single.prefix_values, 6, seed=3),
+    )
+    coalitions = [frozenset({0, 3}), frozenset({5}), frozenset(range(n))]
+    assert batched(coalitions) == single(coalitions)
+    assert batched.evaluations == single.evaluations == n + 6 * n + 3
+
+
 def test_permutation_sampler_on_an_additive_game_is_exact():
     weights = np.array([1.0, -2.0, 0.5, 3.0])
 

@@ -378,6 +378,29 @@ def test_main_score_is_the_main_metric(task_name):
     assert task.main_score(outputs, target) == pytest.approx(full, rel=1e-9)
 
 
+@pytest.mark.parametrize("task_name", ["tep_fault", "molding_quality", "rul"])
+def test_main_scores_of_a_batch_equal_its_items_scored_one_at_a_time(task_name):
+    """Contribution scoring scores permutation prefixes as one batch: bit for bit the same
+    numbers as one call per output set (``tep_fault`` batches its count, the others loop)."""
+    task = get_task(task_name)
+    gen = torch.Generator().manual_seed(4)
+    m, n = 7, 400
+    if task_name == "tep_fault":
+        outputs = torch.randn(m, n, 22, generator=gen)
+        outputs[3] = 0.0  # every row predicts class 0: one class present in the predictions
+        target = torch.randint(0, 20, (n,), generator=gen)
+    elif task_name == "molding_quality":
+        outputs = torch.randn(m, n, generator=gen)
+        target = (torch.rand(n, generator=gen) < 0.1).float()
+    else:
+        outputs = torch.rand(m, n, generator=gen)
+        target = torch.rand(n, generator=gen)
+    batch = task.main_scores(outputs, target)
+    assert batch.shape == (m,)
+    np.testing.assert_array_equal(batch, [task.main_score(out, target) for out in outputs])
+    assert task.main_scores(outputs[:0], target).shape == (0,)
+
+
 def test_macro_f1_matches_scikit_learn():
     from sklearn.metrics import f1_score
 

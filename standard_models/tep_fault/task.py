@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -9,7 +10,7 @@ from ..base import FederatedData, PartitionConfig, PrivacyUnit, WindowedTask
 from . import source
 from .dataset import DEFAULT_WINDOW, SCHEMA, to_run_units, to_windows
 from .loss import build_loss
-from .metrics import classification_metrics, macro_f1
+from .metrics import classification_metrics, macro_f1, macro_f1_batch
 from .model import build_model
 
 
@@ -67,3 +68,7 @@ class TEPFaultTask(WindowedTask):
     def main_score(self, outputs: torch.Tensor, target: torch.Tensor) -> float:
         """``macro_f1`` alone."""
         return macro_f1(outputs, target)
+
+    def main_scores(self, outputs: torch.Tensor, target: torch.Tensor) -> np.ndarray:
+        """``macro_f1`` of each output set of a batch, in one count."""
+        return macro_f1_batch(outputs, target)
