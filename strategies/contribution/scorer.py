@@ -165,9 +165,11 @@ class ContributionScorer:
         players: list[list[int]] = [[i] for i in range(len(ids))]
         updates: list[State] = []
         weights: list[float] = []
+        deltas = np.zeros((0, 0))
         if self.guard is not None and ids:
             updates, weights = round_updates(aggregator)
-            found = self.guard.observe(ids, flat_deltas(updates, reference), weights)
+            deltas = flat_deltas(updates, reference)
+            found = self.guard.observe(ids, deltas, weights)
             index = {fid: i for i, fid in enumerate(ids)}
             grouped = {m for g in found.groups for m in g}
             players = [[index[f]] for f in ids if f not in grouped]
@@ -183,7 +185,7 @@ class ContributionScorer:
         )
         if found is not None and self.guard is not None and self.guard.config.placebo:
             noise = self._placebo_scores(
-                server_round, ids, players, updates, weights, reference, utility
+                server_round, ids, players, updates, weights, deltas, reference, utility
             )
             found = self.guard.score_noise(found, noise)
         method, params = self.method, dict(self.params)
@@ -226,6 +228,7 @@ class ContributionScorer:
         players: Sequence[Sequence[int]],
         updates: Sequence[State],
         weights: Sequence[float],
+        deltas: np.ndarray,
         reference: State,
         utility: CoalitionUtility,
     ) -> dict[str, float]:
@@ -255,7 +258,7 @@ class ContributionScorer:
                 states.append(placebo_update(own_updates[p], reference, rng))
                 owners.append(p)
         outputs = evaluator.outputs(states + [reference])
-        norms = np.linalg.norm(flat_deltas(own_updates, reference), axis=1)
+        norms = np.linalg.norm(deltas[firsts], axis=1)  # the guard's flattened updates
         z = placebo_statistic(
             own,
             torch.stack(outputs[:-1]),
