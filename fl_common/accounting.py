@@ -103,7 +103,7 @@ def _log_a_int(q: float, sigma: float, alpha: int) -> float:
     terms = log_coef + (i * i - i) / (2 * (sigma**2))
     log_a = -math.inf
     for term in terms.tolist():
-        log_a = _log_add(log_a, term)
+        log_a = rdp_analysis._log_add(log_a, term)
     return log_a
 
 
@@ -154,7 +154,7 @@ def _log_a_frac(q: float, sigma: float, alpha: float) -> float:
         signs = positive.tolist()
         log_a0 = _log_fold(log_a0, log_s0.tolist(), signs)
         log_a1 = _log_fold(log_a1, log_s1.tolist(), signs)
-    return _log_add(log_a0, log_a1)
+    return rdp_analysis._log_add(log_a0, log_a1)
 
 
 def summed_rdp(
@@ -261,14 +261,6 @@ def _log_fold(log_a: float, terms: list[float], add: list[bool]) -> float:
             except OverflowError:
                 pass
     return log_a
-
-
-def _log_add(logx: float, logy: float) -> float:
-    """``log(exp(logx) + exp(logy))`` with Opacus's operations."""
-    a, b = min(logx, logy), max(logx, logy)
-    if a == -math.inf:
-        return b
-    return math.log1p(math.exp(a - b)) + b
 
 
 @lru_cache(maxsize=4096)
