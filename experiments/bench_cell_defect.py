@@ -8,8 +8,8 @@ a temporary sqlite file; ``--engine inprocess`` runs the same ServerApp and Clie
 :mod:`experiments.inprocess` instead, for machines too busy to start Ray) with the config
 tree's training defaults (``conf/task/cell_defect``) and ``--rounds`` rounds; each reports
 its final global model, with no model selection.
-The centralised and factory-alone baselines are those of :mod:`experiments.bench_tep`
-(:func:`~experiments.bench_tep.train_baseline`: non-private SGD, the best validation PR-AUC
+The centralised and factory-alone baselines are those of :mod:`experiments.bench_utility`
+(:func:`~experiments.bench_utility.train_baseline`: non-private SGD, the best validation PR-AUC
 over learning rates and epochs), so the comparison favours the baselines.
 
 Besides PR-AUC every row reports F1 and balanced accuracy on the test set at the decision
@@ -30,7 +30,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
-from experiments.bench_tep import load_splits, train_baseline
+from experiments.bench_utility import load_splits, train_baseline
 from experiments.benchkit import scratch_run_overrides
 from experiments.inprocess import run_inprocess
 from experiments.run import run_simulation

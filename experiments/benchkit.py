@@ -220,13 +220,14 @@ def grid_overrides(task: str, strategy: str, rounds: int, seed: int) -> list[str
 
 @dataclass(frozen=True)
 class GridRun:
-    """One federation of a grid: its key among the finished entries of an interrupted grid
-    (the key :func:`run_grid` is given computes the same from an entry), the label of its
-    progress line, and ``run``, which runs it on the grid's runner and returns its entry."""
+    """One step of a grid: its key among the finished entries of an interrupted grid (the key
+    :func:`run_grid` is given computes the same from each of its entries), the label of its
+    progress line, and ``run``, which runs it on the grid's runner and returns its entry (one
+    federation) or entries (a step that trains several models, such as a set of baselines)."""
 
     key: tuple
     label: str
-    run: Callable[[BenchRunner], dict]
+    run: Callable[[BenchRunner], dict | list[dict]]
 
 
 def run_grid(
@@ -258,18 +259,20 @@ def run_grid(
             t_task = time.monotonic()
             runs = plan(task)
             for i, run in enumerate(runs, 1):
-                entry = done.get(run.key)
-                if entry is None:
-                    entry = run.run(bench)
-                results[entries].append(entry)
+                made = done.get(run.key)
+                if made is None:
+                    made = run.run(bench)
+                made = [made] if isinstance(made, dict) else made
+                results[entries].extend(made)
                 results["seconds"][task] = prior.get(task, 0.0) + time.monotonic() - t_task
                 results["noise_plans"] = dict(bench.noise_plans)
                 out.write_text(json.dumps(results, indent=1))
-                print(
-                    f"[{task} {i}/{len(runs)}] {run.label}: {entry.get('error') or status(entry)}"
-                    f"  ({entry['seconds']:.1f} s)",
-                    flush=True,
-                )
+                for entry in made:
+                    print(
+                        f"[{task} {i}/{len(runs)}] {run.label}: "
+                        f"{entry.get('error') or status(entry)}  ({entry['seconds']:.1f} s)",
+                        flush=True,
+                    )
             print(f"{task}: {len(runs)} runs in {results['seconds'][task] / 60:.1f} min")
     results["seconds"]["total"] = time.monotonic() - t_all
     report(results)
@@ -293,18 +296,22 @@ def output_path(out: Path | None, name: str, quick: bool) -> Path:
 
 def finished_runs(
     out: Path, entries: str, key: Callable[[dict], tuple], same: dict
-) -> tuple[dict[tuple, dict], dict[str, float]]:
-    """The finished entries of an interrupted benchmark in ``out``, by ``key``, and its time.
+) -> tuple[dict[tuple, list[dict]], dict[str, float]]:
+    """The finished entries of an interrupted benchmark in ``out``, grouped by ``key``, and
+    its time.
 
-    Only a file whose fields in ``same`` (rounds, overrides...) match this run counts, and
-    failed entries are run again.
+    Only a file whose fields in ``same`` (rounds, overrides...) match this run counts, and a
+    step with a failed entry is run again.
     """
     if not out.exists():
         return {}, {}
     previous = json.loads(out.read_text())
     if any(previous.get(field, _missing(value)) != value for field, value in same.items()):
         return {}, {}
-    done = {key(e): e for e in previous.get(entries, []) if "error" not in e}
+    done: dict[tuple, list[dict]] = {}
+    for e in previous.get(entries, []):
+        done.setdefault(key(e), []).append(e)
+    done = {k: made for k, made in done.items() if not any("error" in e for e in made)}
     return done, dict(previous.get("seconds", {}))
 
 

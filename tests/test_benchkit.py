@@ -26,8 +26,17 @@ def test_finished_runs_of_the_same_grid_are_kept_and_failed_ones_rerun(tmp_path)
         )
     )
     done, seconds = finished_runs(out, "cells", _key, {"rounds": {"tep": 3}, "overrides": []})
-    assert done == {("tep", 0): {"task": "tep", "k": 0, "test": 0.5}}  # an older file: no overrides
+    # An older file (no overrides) counts; a step is kept with all of its entries.
+    assert done == {("tep", 0): [{"task": "tep", "k": 0, "test": 0.5}]}
     assert seconds == {"tep": 12.5}
+    # A step with several entries (a set of baselines) is run again if any of them failed.
+    steps = json.loads(out.read_text())
+    steps["cells"] += [{"task": "tep", "k": 2, "test": 0.1}, {"task": "tep", "k": 2, "test": 0.2}]
+    steps["cells"] += [{"task": "tep", "k": 3, "test": 0.1}, {"task": "tep", "k": 3, "error": "x"}]
+    out.write_text(json.dumps(steps))
+    done, _ = finished_runs(out, "cells", _key, {"rounds": {"tep": 3}})
+    assert sorted(done) == [("tep", 0), ("tep", 2)]
+    assert [e["test"] for e in done[("tep", 2)]] == [0.1, 0.2]
     # Another grid (rounds or overrides differ) starts from scratch.
     assert finished_runs(out, "cells", _key, {"rounds": {"tep": 4}}) == ({}, {})
     other_split = {"rounds": {"tep": 3}, "overrides": ["partition=dirichlet"]}
