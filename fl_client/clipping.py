@@ -146,16 +146,20 @@ class BookKeepingClipper:
                 if layer.bias is not None and layer.bias.requires_grad:
                     squared += layout.bias_sq_norms(g)
                 continue
+            # |g a^T|^2 = |g|^2 |a|^2 per sample, plus |g|^2 for the bias: one product.
             g_sq = (g * g).sum(dim=1)
+            has_bias = layer.bias is not None and layer.bias.requires_grad
             if layer.weight.requires_grad:
                 a = records[layer][0]
-                squared += g_sq * (a * a).sum(dim=1)
-            if layer.bias is not None and layer.bias.requires_grad:
+                a_sq = (a * a).sum(dim=1)
+                squared.addcmul_(g_sq, a_sq + 1.0 if has_bias else a_sq)
+            elif has_bias:
                 squared += g_sq
         norms = squared.sqrt()
-        coef = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        coef = torch.clamp_max_(self.max_grad_norm / (norms + 1e-6), 1.0)
         if groups is not None:
             coef = coef[groups]
+        coef = coef.unsqueeze(1)
         for layer in self.layers:
             g = outputs.get(layer)
             weight, bias = layer.weight, layer.bias
@@ -165,12 +169,14 @@ class BookKeepingClipper:
                 if bias is not None and bias.requires_grad:
                     bias.grad = torch.zeros_like(bias)
                 continue
-            scaled = g * coef.unsqueeze(1).to(g.dtype)
+            scaled = g * (coef if coef.dtype == g.dtype else coef.to(g.dtype))
             if weight.requires_grad:
-                a = records[layer][0].to(g.dtype)
-                weight.grad = (scaled.t() @ a).to(weight.dtype)
+                a = records[layer][0]
+                grad = scaled.t() @ (a if a.dtype == g.dtype else a.to(g.dtype))
+                weight.grad = grad if grad.dtype == weight.dtype else grad.to(weight.dtype)
             if bias is not None and bias.requires_grad:
-                bias.grad = scaled.sum(dim=0).to(bias.dtype)
+                grad = scaled.sum(dim=0)
+                bias.grad = grad if grad.dtype == bias.dtype else grad.to(bias.dtype)
         return norms
 
     def remove(self) -> None:

@@ -288,16 +288,56 @@ class _PreClippedOptimizer(DPOptimizerFastGradientClipping):
         kinds = {(p.dtype, p.device) for p in self._param_list}
         self._flat: torch.Tensor | None = None
         self._noise: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
         if len(kinds) == 1 and not self.secure_mode:
             ((dtype, device),) = kinds
             self._flat = torch.empty(sum(self._numels), dtype=dtype, device=device)
             self._noise = torch.empty_like(self._flat)
+            pieces = torch.split(self._flat, self._numels)
+            self._views = [v.view_as(p) for p, v in zip(self._param_list, pieces, strict=True)]
 
     @property
     def params(self) -> list[nn.Parameter]:  # type: ignore[override]
         """The trainable parameters (fixed for a round), without rebuilding the list."""
         cached = self.__dict__.get("_param_list")
         return list(super().params) if cached is None else cached
+
+    def pre_step(self, closure: Any = None) -> bool:
+        """Noise and scale the clipped sums; the usual step gathers them with one copy.
+
+        When every parameter holds a fresh clipped sum in ``.grad`` and nothing is
+        accumulated from an earlier (skipped) step, which is every step of :func:`train_local`,
+        the sums are gathered into the flat buffer with one ``torch.cat``, noised and scaled
+        there, and each parameter's ``.grad`` becomes its view of the buffer: the same values
+        as Opacus's ``pre_step`` through :meth:`accumulate`, :meth:`add_noise` and
+        :meth:`scale_grad` below, with a handful of calls instead of several per parameter.
+        Anything else (a pending accumulation, a step to skip, no flat buffer, a loss
+        reduction other than the mean) takes that general path.
+        """
+        flat, noise, views = self._flat, self._noise, self._views
+        params = self._param_list
+        if (
+            flat is None
+            or noise is None
+            or self.loss_reduction != "mean"
+            or self._step_skip_queue
+            or any(p.summed_grad is not None or p.grad is None for p in params)
+        ):
+            return bool(super().pre_step(closure))
+        torch.cat([p.grad.reshape(-1) for p in params], out=flat)
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
+        std = std * self.max_grad_norm
+        if std != 0:
+            noise.normal_(mean=0.0, std=std, generator=self.generator)
+            flat.add_(noise)
+        flat.div_(self.expected_batch_size * self.accumulated_iterations)
+        for p, view in zip(params, views, strict=True):
+            p.summed_grad = view
+            p.grad = view
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
 
     def accumulate(self) -> None:
         """Add each parameter's clipped gradient sum to ``summed_grad`` (a view of the buffer)."""

@@ -111,6 +111,40 @@ def test_flat_noise_is_the_seeded_stream_laid_over_the_parameters() -> None:
         assert torch.equal(got, expected)
 
 
+def test_one_call_step_equals_the_general_path_and_leaves_skipped_steps_to_it() -> None:
+    # The usual step (one gather into the buffer) and Opacus's pre_step through accumulate,
+    # add_noise and scale_grad: the same noisy, scaled sums bit for bit, step after step.
+    sigma, bound, batch = 0.8, 0.3, 5
+    shapes = [(6, 4), (6,), (2, 6), (2,)]
+
+    def run(general: bool) -> list[torch.Tensor]:
+        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        opt = _bk_optimizer(params, seed=4, sigma=sigma, bound=bound, batch=batch)
+        out = []
+        for step in range(3):
+            opt.zero_grad(set_to_none=True)
+            for i, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.5 * step - i)
+            if general:
+                assert DPOptimizerFastGradientClipping.pre_step(opt)
+            else:
+                assert opt.pre_step()
+            out.append(torch.cat([p.grad.flatten() for p in params]))
+        return out
+
+    for fast, general in zip(run(False), run(True), strict=True):
+        assert torch.equal(fast, general)
+    # A step to skip (gradient accumulation) is the general path's: nothing noised, the sums
+    # kept for the next step.
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    opt = _bk_optimizer(params, seed=4, sigma=sigma, bound=bound, batch=batch)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.signal_skip_step(do_skip=True)
+    assert not opt.pre_step()
+    assert all(torch.equal(p.summed_grad, torch.ones_like(p)) for p in params)
+
+
 def test_flat_noise_matches_opacus_in_distribution() -> None:
     # Opacus's own optimizer and the flat one, on the same clipped sums: the same mean and the
     # same std per coordinate (measured over 400 steps of 4 parameters).
