@@ -8,7 +8,8 @@ each ``--alphas`` value) and seed, on the held-out test set of the same data:
   factories through the product path (the ServerApp and ClientApp code of
   ``python -m experiments.run``, in one process, :mod:`experiments.inprocess`) with the
   product's defaults (contribution scoring and rewards on, the task's training settings, the
-  main job's rounds); the final global model, no selection.
+  main job's rounds); the final global model, no selection. FedAvg by default; each strategy
+  of ``--strategies`` adds its own pair of rows.
 * **centralised, DP eps=E**: the same recipe on the pooled data, as one factory holding every
   factory's rows (a one-factory federation on a ``data_dir`` of the pooled file, through the
   same path): the same rounds, local epochs, batch, learning rate and privacy unit, and the same
@@ -32,6 +33,7 @@ runs, for ``tep_fault``), so they share their centralised runs.
     python -m experiments.bench_utility                       # tep_fault, 4 splits, 3 seeds
     python -m experiments.bench_utility --tasks molding_quality rul --seeds 0
     python -m experiments.bench_utility --epsilons 1 3 8 --alphas   # natural split only
+    python -m experiments.bench_utility --strategies fedavg fedavgm  # federated rows of both
     python -m experiments.bench_utility --quick                     # smoke run
     python -m experiments.bench_utility --resume                    # finish an interrupted run
 
@@ -42,6 +44,7 @@ table per task.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -53,12 +56,14 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from experiments import benchkit
 from fl_client.training import LocalTrainConfig, train_local
+from fl_server.config import CONF_DIR
 from fl_server.data import ensure_data
 from standard_models.base import StandardTask
 from standard_models.datafiles import factory_path, holdout_paths
 from standard_models.registry import get_task
 
 TASKS = ("tep_fault", "molding_quality", "rul")
+STRATEGIES = tuple(sorted(p.stem for p in (CONF_DIR / "strategy").glob("*.yaml")))
 #: Dirichlet label-skew alphas besides the natural split (0.1: most factories see a few
 #: classes; 10: nearly IID; the conf's quantity skew 0.5 also varies factory sizes).
 ALPHAS = (0.1, 0.5, 10.0)
@@ -66,6 +71,8 @@ SEEDS = (0, 1, 2)
 #: The main job's rounds (``conf/federation/small.yaml``).
 DEFAULT_ROUNDS = {task: 10 for task in TASKS}
 KINDS = ("federated_dp", "federated", "central_dp", "central", "alone")
+#: The product's default strategy (``conf/config.yaml``); the centralised DP run uses it too.
+DEFAULT_STRATEGY = "fedavg"
 
 
 @dataclass
@@ -193,13 +200,17 @@ class Cell:
             **extra,
         }
 
-    def federated(self, bench: benchkit.BenchRunner, epsilon: float | None) -> dict:
-        """A federation of ``--factories`` factories; ``epsilon`` None trains without DP."""
+    def federated(
+        self, bench: benchkit.BenchRunner, epsilon: float | None, strategy: str = DEFAULT_STRATEGY
+    ) -> dict:
+        """A federation of ``--factories`` factories with ``strategy`` (its conf's settings);
+        ``epsilon`` None trains without DP."""
         kind = "federated" if epsilon is None else "federated_dp"
-        record = self.record(kind, epsilon=epsilon)
+        record = self.record(kind, epsilon=epsilon, strategy=strategy)
         privacy = ["privacy=none"] if epsilon is None else [f"privacy.epsilon={epsilon}"]
-        name = f"utility-{self.task}-{self.split}-s{self.seed}-{kind}-e{epsilon}"
-        _record_run(bench, [*self.overrides, *privacy], name, record)
+        name = f"utility-{self.task}-{self.split}-s{self.seed}-{kind}-e{epsilon}-{strategy}"
+        overrides = [*self.overrides, f"strategy={strategy}", *privacy]
+        _record_run(bench, overrides, name, record)
         return record
 
     def pooled(self, bench: benchkit.BenchRunner) -> tuple[Path, str]:
@@ -339,15 +350,19 @@ def summarise(results: dict) -> list[dict]:
                 labelled.setdefault("factory alone, no DP (best)", []).append(best)
                 by_seed.setdefault(seed, {})
             gaps: dict[str, list[float]] = {}
-            for eps in results["epsilons"]:
-                fed_dp = f"federated, DP eps={eps:g}"
+            for strategy, eps in itertools.product(
+                results.get("strategies", [DEFAULT_STRATEGY]), results["epsilons"]
+            ):
+                fed_dp = _label({"kind": "federated_dp", "epsilon": eps, "strategy": strategy})
+                fed = _label({"kind": "federated", "strategy": strategy})
+                which = "" if strategy == DEFAULT_STRATEGY else f"{strategy}, "
                 pairs = {
-                    f"cost of DP (eps={eps:g})": ("federated, no DP", fed_dp),
-                    f"cost of federation under DP (eps={eps:g})": (
+                    f"cost of DP ({which}eps={eps:g})": (fed, fed_dp),
+                    f"cost of federation under DP ({which}eps={eps:g})": (
                         f"centralised, DP eps={eps:g}",
                         fed_dp,
                     ),
-                    f"gap to pooled data (eps={eps:g})": ("centralised, no DP", fed_dp),
+                    f"gap to pooled data ({which}eps={eps:g})": ("centralised, no DP", fed_dp),
                 }
                 for name, (ref, row) in pairs.items():
                     for scores in by_seed.values():
@@ -369,9 +384,11 @@ def summarise(results: dict) -> list[dict]:
 
 def _label(r: dict) -> str:
     eps = r.get("epsilon")
+    strategy = r.get("strategy", DEFAULT_STRATEGY)
+    federated = "federated" if strategy == DEFAULT_STRATEGY else f"federated {strategy}"
     return {
-        "federated_dp": f"federated, DP eps={eps:g}" if eps is not None else "",
-        "federated": "federated, no DP",
+        "federated_dp": f"{federated}, DP eps={eps:g}" if eps is not None else "",
+        "federated": f"{federated}, no DP",
         "central_dp": f"centralised, DP eps={eps:g}" if eps is not None else "",
         "central": "centralised, no DP",
     }.get(r["kind"], r["kind"])
@@ -411,7 +428,7 @@ def print_tables(results: dict, rows: list[dict]) -> None:
 
 def _row_order(label: str) -> tuple[int, str]:
     for i, prefix in enumerate(
-        ("federated, DP", "federated, no DP", "centralised, DP", "centralised, no", "factory")
+        ("federated, DP", "federated, no DP", "federated ", "centralised, DP", "centralised, no")
     ):
         if label.startswith(prefix):
             return i, label
@@ -439,6 +456,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--central-batch-size", type=int, default=64)
     parser.add_argument("--central-momentum", type=float, default=0.9)
     parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=[DEFAULT_STRATEGY],
+        choices=STRATEGIES,
+        help="strategies of the federated rows (each with its conf's settings); the "
+        f"centralised DP run keeps {DEFAULT_STRATEGY}",
+    )
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed, natural split")
     args = parser.parse_args(argv)
     if args.quick:
@@ -451,13 +476,13 @@ def main(argv: list[str] | None = None) -> None:
     splits = ([] if args.no_natural else ["natural"]) + [f"{a:g}" for a in args.alphas]
     if not splits:
         parser.error("no split: drop --no-natural or give --alphas")
-    args.strategies = ["fedavg"]
     results = {
         "tasks": args.tasks,
         "splits": splits,
         "seeds": args.seeds,
         "epsilons": args.epsilons,
         "factories": args.factories,
+        "strategies": args.strategies,
         "rounds": {t: args.rounds or DEFAULT_ROUNDS[t] for t in args.tasks},
         "overrides": {
             "central": [
@@ -480,21 +505,19 @@ def main(argv: list[str] | None = None) -> None:
             for split in splits:
                 cell = Cell(args, task, split, seed, rounds)
                 tag = f"{split:>7s} s{seed}"
-                for eps in args.epsilons:
-                    runs.append(
-                        _grid_run(
-                            cell,
-                            "federated_dp",
-                            eps,
-                            tag,
-                            lambda b, c=cell, e=eps: [c.federated(b, e)],
+                for strategy in args.strategies:
+                    for eps in [*args.epsilons, None]:
+                        kind = "federated" if eps is None else "federated_dp"
+                        runs.append(
+                            _grid_run(
+                                cell,
+                                kind,
+                                eps,
+                                tag,
+                                lambda b, c=cell, e=eps, s=strategy: [c.federated(b, e, s)],
+                                strategy,
+                            )
                         )
-                    )
-                runs.append(
-                    _grid_run(
-                        cell, "federated", None, tag, lambda b, c=cell: [c.federated(b, None)]
-                    )
-                )
                 for eps in args.epsilons:
                     runs.append(
                         _grid_run(
@@ -526,12 +549,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def _key(entry: dict) -> tuple:
     kind = "baselines" if entry["kind"] in ("central", "alone") else entry["kind"]
-    return entry["task"], entry["split"], entry["seed"], kind, entry.get("epsilon")
+    strategy = entry.get("strategy", DEFAULT_STRATEGY) if kind.startswith("federated") else None
+    return entry["task"], entry["split"], entry["seed"], kind, entry.get("epsilon"), strategy
 
 
-def _grid_run(cell: Cell, kind: str, eps: float | None, tag: str, run: object) -> benchkit.GridRun:
+def _grid_run(
+    cell: Cell, kind: str, eps: float | None, tag: str, run: object, strategy: str | None = None
+) -> benchkit.GridRun:
     label = f"{tag} {kind}" + (f" eps={eps:g}" if eps is not None else "")
-    return benchkit.GridRun((cell.task, cell.split, cell.seed, kind, eps), label, run)
+    label += f" {strategy}" if strategy not in (None, DEFAULT_STRATEGY) else ""
+    key = (cell.task, cell.split, cell.seed, kind, eps, strategy)
+    return benchkit.GridRun(key, label, run)
 
 
 def _status(entry: dict) -> str:

@@ -63,6 +63,7 @@ def test_gaps_are_measured_in_the_tasks_direction():
         "tasks": ["rul", "tep_fault"],
         "splits": ["natural"],
         "epsilons": [8.0],
+        "strategies": ["fedavg", "fedavgm"],
         "runs": [
             # RMSE: lower is better, so DP costing 4 cycles is a positive gap of 4.
             _entry("federated_dp", 24.0, epsilon=8.0),
@@ -75,6 +76,7 @@ def test_gaps_are_measured_in_the_tasks_direction():
             _entry("federated_dp", 0.50, task="tep_fault", epsilon=8.0, seed=1),
             _entry("central", 0.70, task="tep_fault"),
             _entry("central", 0.68, task="tep_fault", seed=1),
+            _entry("federated_dp", 0.45, task="tep_fault", epsilon=8.0, strategy="fedavgm"),
             # A failed run has no score and counts nowhere.
             {"task": "tep_fault", "split": "natural", "seed": 0, "kind": "federated", "error": "x"},
         ],
@@ -89,6 +91,9 @@ def test_gaps_are_measured_in_the_tasks_direction():
     # Higher is better; gaps per seed, only where both rows ran.
     assert tep["gaps"]["gap to pooled data (eps=8)"] == pytest.approx([0.30, 0.18])
     assert "cost of DP (eps=8)" not in tep["gaps"]
+    # Another strategy's rows are labelled with it and get gaps of their own.
+    assert tep["scores"]["federated fedavgm, DP eps=8"] == [0.45]
+    assert tep["gaps"]["gap to pooled data (fedavgm, eps=8)"] == pytest.approx([0.25])
     assert tep["seeds"] == [0, 1]
 
 
