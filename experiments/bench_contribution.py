@@ -78,7 +78,11 @@ from fl_server.rewards.allocation import allocate
 from fl_server.server_app import train_instruction
 from standard_models.base import PartitionConfig, StandardTask
 from standard_models.registry import get_task
-from strategies.contribution.coalitions import WeightedMeanAggregator
+from strategies.contribution.coalitions import (
+    WeightedMeanAggregator,
+    group_players,
+    merge_players,
+)
 from strategies.contribution.estimators import estimate
 from strategies.contribution.guards import (
     GuardConfig,
@@ -390,8 +394,14 @@ def federated_run(
             deltas = flat_deltas(accepted.updates, global_state)
             z = alignment_statistic(deltas, accepted.weights)
             pairs = duplicate_pairs(deltas)
-            aggregator = WeightedMeanAggregator(accepted.updates, accepted.weights)
-            global_state = aggregator.aggregate([frozenset(range(len(accepted.ids)))])[0]
+            # The product's real aggregation: the duplicate groups the (first) product scorer
+            # merged enter once, as it scored them (coalitions.once_per_group).
+            groups = next(iter(guarded.values()))["groups"] if guarded else []
+            players = group_players(accepted.ids, groups)
+            kept = merge_players(
+                WeightedMeanAggregator(accepted.updates, accepted.weights), players
+            )
+            global_state = kept.aggregate([frozenset(range(len(players)))])[0]
             records.append(
                 {
                     "round": r,

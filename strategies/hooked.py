@@ -52,7 +52,11 @@ from fl_common.protocol import (
     claimed_factory_id,
     reply_metrics,
 )
-from strategies.contribution.coalitions import State, coalition_aggregator, detached
+from strategies.contribution.coalitions import (
+    State,
+    coalition_aggregator,
+    once_per_group,
+)
 from strategies.contribution.scorer import ContributionScorer, RoundContribution
 from strategies.reports import FactoryOutcome, RoundRecord, RoundReport
 from strategies.validation import ValidationRules, validate_update
@@ -286,8 +290,18 @@ class FactoryFedStrategy(Strategy):
             if self.scorer is not None:
                 updates = [self._updates[fid] for fid in accepted_ids]
                 contribution = self.score(server_round, accepted_ids, accepted, updates)
-            # Its own copy: some Flower rules consume the records of the replies they get.
-            arrays, metrics = self.inner.aggregate_train(server_round, detached(accepted))
+            # Its own copy (some Flower rules consume the records of the replies they get),
+            # with each duplicate group entered once, as it was scored.
+            groups = contribution.groups if contribution is not None else ()
+            merged = once_per_group(self.inner, accepted_ids, accepted, groups)
+            if len(merged) < len(accepted):
+                log(
+                    INFO,
+                    "Round %d: copies aggregated once, as their first member: %s",
+                    server_round,
+                    "; ".join(", ".join(g) for g in groups),
+                )
+            arrays, metrics = self.inner.aggregate_train(server_round, merged)
             result = (self.keep_dtypes(arrays), metrics)
         self._updates = {}
         if self.on_round is not None:

@@ -28,6 +28,8 @@ from strategies.contribution.coalitions import (
     WeightedMeanAggregator,
     coalition_aggregator,
     detached,
+    merge_players,
+    once_per_group,
 )
 from strategies.contribution.scorer import ContributionScorer, build_scorer
 from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
@@ -134,6 +136,34 @@ def test_krum_family_coalitions_are_flowers_bit_for_bit(identity, make):
     grand = fast.aggregate([frozenset(range(len(replies)))])[0]
     for key, value in real.items():
         assert np.array_equal(grand[key], value.numpy())
+
+
+def test_a_copy_group_is_aggregated_once_as_the_scorer_entered_it(identity):
+    # FedAvg: the real aggregation gets the group's first member with the group's smallest
+    # weight and not the copy, so the kept model is the merged grand coalition that was scored.
+    ids = ["f0", "f1", "f2", "f3"]
+    states = [_state() for _ in ids]
+    sizes = [30, 20, 10, 40]
+    replies = [
+        _reply(identity, i + 1, st, n) for i, (st, n) in enumerate(zip(states, sizes, strict=True))
+    ]
+    groups = (("f0", "f2"),)
+    strategy = FedAvg(fraction_evaluate=0.0)
+    merged = once_per_group(strategy, ids, replies, groups)
+    assert len(merged) == 3
+    weights = [next(iter(m.content.metric_records.values()))["num-examples"] for m in merged]
+    assert weights == [10, 20, 40]
+    # The replies themselves are untouched (the scorer and the ledger still read them).
+    assert [r.content["metrics"]["num-examples"] for r in replies] == sizes
+    real, _ = strategy.aggregate_train(1, merged)
+    scored = merge_players(WeightedMeanAggregator(states, sizes), [[0, 2], [1], [3]])
+    grand = scored.aggregate([frozenset(range(3))])[0]
+    for key, value in real.items():
+        np.testing.assert_allclose(value.numpy(), grand[key], rtol=1e-5, atol=1e-6)
+    # Any other rule scored the group as its members' union and gets every reply; no group,
+    # every reply too.
+    assert len(once_per_group(FedMedian(fraction_evaluate=0.0), ids, replies, groups)) == 4
+    assert len(once_per_group(strategy, ids, replies, ())) == 4
 
 
 def test_stateful_strategy_is_copied_so_scoring_leaves_its_state_alone(identity):

@@ -348,6 +348,52 @@ def merge_players(
     return GroupedAggregator(aggregator, players)
 
 
+def group_players(
+    factory_ids: Sequence[str], groups: Sequence[Sequence[str]]
+) -> list[list[int]]:
+    """Players of a round whose duplicate ``groups`` are scored as one: lists of indices into
+    ``factory_ids``, one per ungrouped factory and one per group, ordered by first index."""
+    index = {fid: i for i, fid in enumerate(factory_ids)}
+    grouped = {m for g in groups for m in g}
+    players = [[index[f]] for f in factory_ids if f not in grouped]
+    players += [sorted(index[m] for m in g) for g in groups]
+    return sorted(players, key=min)
+
+
+def once_per_group(
+    strategy: Strategy,
+    factory_ids: Sequence[str],
+    replies: Sequence[Message],
+    groups: Sequence[Sequence[str]],
+) -> list[Message]:
+    """Copies of ``replies`` (see :func:`detached`) for the real aggregation, with each duplicate
+    group entered once, as the scorer entered it.
+
+    For a weighted-mean rule (FedAvg, FedProx) a group the scorer merged into one player is one
+    update in every coalition it scored: its first member's (in factory order) with the
+    smallest member weight (:meth:`WeightedMeanAggregator.merged`). The real aggregation gets
+    the same, so the model the federation keeps is the grand coalition that was scored and paid
+    for, and a copier cannot double its data's weight in the global model: the first member's
+    reply carries the group's smallest weight and the other members' replies are left out.
+    Any other rule scored each group as the union of its members (:class:`GroupedAggregator`)
+    and gets every reply, as it did. ``factory_ids`` name ``replies`` in order.
+    """
+    out = detached(replies)
+    if not groups or type(strategy) not in WEIGHTED_MEAN_STRATEGIES:
+        return out
+    index = {fid: i for i, fid in enumerate(factory_ids)}
+    key = strategy.weighted_by_key
+    left_out: set[int] = set()
+    for group in groups:
+        members = sorted(index[f] for f in group if f in index)
+        if len(members) < 2:
+            continue
+        records = [next(iter(out[i].content.metric_records.values())) for i in members]
+        records[0][key] = min(rec[key] for rec in records)
+        left_out.update(members[1:])
+    return [msg for i, msg in enumerate(out) if i not in left_out]
+
+
 def round_updates(aggregator: CoalitionAggregator) -> tuple[list[State], list[float]]:
     """The round's accepted updates and their aggregation weights, in player order.
 

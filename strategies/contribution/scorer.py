@@ -38,6 +38,7 @@ from strategies.contribution.coalitions import (
     CoalitionAggregator,
     State,
     WeightedMeanAggregator,
+    group_players,
     merge_players,
     round_updates,
 )
@@ -170,11 +171,7 @@ class ContributionScorer:
             updates, weights = round_updates(aggregator)
             deltas = flat_deltas(updates, reference)
             found = self.guard.observe(ids, deltas, weights)
-            index = {fid: i for i, fid in enumerate(ids)}
-            grouped = {m for g in found.groups for m in g}
-            players = [[index[f]] for f in ids if f not in grouped]
-            players += [[index[m] for m in g] for g in found.groups]
-            players.sort(key=min)
+            players = group_players(ids, found.groups)
         baseline = self.score_models([reference])[0]
         utility = CoalitionUtility(
             merge_players(aggregator, players),
