@@ -184,12 +184,6 @@ def print_tables(results: dict, rows: list[dict]) -> None:
     )
 
 
-def report(results: dict) -> None:
-    """Add the per-cell summary to ``results`` and print its tables."""
-    results["summary"] = summarise(results)
-    print_tables(results, results["summary"])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run every (task, alpha, strategy) federation and print the tables."""
     benchkit.prepare_process()
@@ -235,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             f"val {r['val_curve'][-1]:.4f} failures={len(r['failures'])} "
             f"unchanged={r['unchanged_rounds']}"
         ),
-        report=report,
+        report=benchkit.summary_report(summarise, print_tables),
     )
 
 

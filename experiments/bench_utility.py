@@ -435,12 +435,6 @@ def _row_order(label: str) -> tuple[int, str]:
     return len(KINDS), label
 
 
-def report(results: dict) -> None:
-    """Add the per-cell summary to ``results`` and print its tables."""
-    results["summary"] = summarise(results)
-    print_tables(results, results["summary"])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run every (task, split, seed) cell and print the tables."""
     benchkit.prepare_process()
@@ -543,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
         key=_key,
         plan=plan,
         status=_status,
-        report=report,
+        report=benchkit.summary_report(summarise, print_tables),
     )
 
 

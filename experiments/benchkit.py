@@ -287,6 +287,19 @@ def run_grid(
     print(f"results: {out}")
 
 
+def summary_report(
+    summarise: Callable[[dict], list[dict]], print_tables: Callable[[dict, list[dict]], None]
+) -> Callable[[dict], None]:
+    """A grid's ``report`` for :func:`run_grid`: ``summarise`` the results into
+    ``results["summary"]`` and print them with ``print_tables``."""
+
+    def report(results: dict) -> None:
+        results["summary"] = summarise(results)
+        print_tables(results, results["summary"])
+
+    return report
+
+
 def output_path(out: Path | None, name: str, quick: bool) -> Path:
     """``--out`` or ``outputs/<name>.json`` (``<name>_quick.json`` for a smoke run)."""
     path = out or APP_DIR / "outputs" / (f"{name}_quick.json" if quick else f"{name}.json")
