@@ -70,7 +70,14 @@ ALPHAS = (0.1, 0.5, 10.0)
 SEEDS = (0, 1, 2)
 #: The main job's rounds (``conf/federation/small.yaml``).
 DEFAULT_ROUNDS = {task: 10 for task in TASKS}
-KINDS = ("federated_dp", "federated", "central_dp", "central", "alone")
+#: Table rows in print order, by label prefix (anything else, the factory-alone rows, last).
+ROW_ORDER = (
+    "federated, DP",
+    "federated, no DP",
+    "federated ",
+    "centralised, DP",
+    "centralised, no",
+)
 #: The product's default strategy (``conf/config.yaml``); the centralised DP run uses it too.
 DEFAULT_STRATEGY = "fedavg"
 
@@ -187,6 +194,7 @@ class Cell:
             f"seed={seed}",
             *split_overrides(split),
         ]
+        self._data_dir: Path | None = None
         self._pooled: tuple[Path, str] | None = None
 
     def record(self, kind: str, **extra: object) -> dict:
@@ -199,6 +207,10 @@ class Cell:
             "rounds": self.rounds,
             **extra,
         }
+
+    def _reused(self, entry: dict) -> dict:
+        """Another split's entry of the same pooled data, recorded for this split."""
+        return {**entry, "split": self.split, "shared": True, "seconds": 0.0}
 
     def federated(
         self, bench: benchkit.BenchRunner, epsilon: float | None, strategy: str = DEFAULT_STRATEGY
@@ -213,13 +225,20 @@ class Cell:
         _record_run(bench, overrides, name, record)
         return record
 
+    def data_dir(self, bench: benchkit.BenchRunner) -> Path:
+        """This cell's factory files (made, or found and checked, once)."""
+        if self._data_dir is None:
+            cfg = bench.config(self.overrides, f"utility-data-{self.task}-{self.split}-{self.seed}")
+            self._data_dir, _ = ensure_data(cfg)
+        return self._data_dir
+
     def pooled(self, bench: benchkit.BenchRunner) -> tuple[Path, str]:
         """The pooled data folder of this cell and its digest (made once)."""
         if self._pooled is None:
-            cfg = bench.config(self.overrides, f"utility-data-{self.task}-{self.split}-{self.seed}")
-            data_dir, _ = ensure_data(cfg)
             folder = bench.workdir / "pooled" / f"{self.task}-{self.split}-s{self.seed}"
-            digest = pool_factory_files(get_task(self.task), data_dir, self.args.factories, folder)
+            digest = pool_factory_files(
+                get_task(self.task), self.data_dir(bench), self.args.factories, folder
+            )
             self._pooled = (folder, digest)
         return self._pooled
 
@@ -228,7 +247,7 @@ class Cell:
         folder, digest = self.pooled(bench)
         key = ("central_dp", epsilon, self.seed, digest)
         if key in shared:
-            return {**shared[key], "split": self.split, "shared": True, "seconds": 0.0}
+            return self._reused(shared[key])
         record = self.record("central_dp", epsilon=epsilon, pooled=digest)
         name = f"utility-{self.task}-{self.split}-s{self.seed}-central_dp-e{epsilon}"
         overrides = [
@@ -245,10 +264,8 @@ class Cell:
 
     def baselines(self, bench: benchkit.BenchRunner, shared: dict) -> list[dict]:
         """Centralised and factory-alone non-private baselines (best validation model)."""
-        cfg = bench.config(self.overrides, f"utility-data-{self.task}-{self.split}-{self.seed}")
-        data_dir, _ = ensure_data(cfg)
         task = get_task(self.task)
-        validation, test, factories = load_splits(task, data_dir, self.args.factories)
+        validation, test, factories = load_splits(task, self.data_dir(bench), self.args.factories)
         options = {
             "lrs": self.args.central_lrs,
             "epochs": self.args.central_epochs,
@@ -260,14 +277,7 @@ class Cell:
         _, digest = self.pooled(bench)
         out = []
         if ("central", self.seed, digest) in shared:
-            out.append(
-                {
-                    **shared[("central", self.seed, digest)],
-                    "split": self.split,
-                    "shared": True,
-                    "seconds": 0.0,
-                }
-            )
+            out.append(self._reused(shared[("central", self.seed, digest)]))
         else:
             t0 = time.monotonic()
             b = train_baseline(task, factories, validation, test, **options)
@@ -427,12 +437,10 @@ def print_tables(results: dict, rows: list[dict]) -> None:
 
 
 def _row_order(label: str) -> tuple[int, str]:
-    for i, prefix in enumerate(
-        ("federated, DP", "federated, no DP", "federated ", "centralised, DP", "centralised, no")
-    ):
+    for i, prefix in enumerate(ROW_ORDER):
         if label.startswith(prefix):
             return i, label
-    return len(KINDS), label
+    return len(ROW_ORDER), label
 
 
 def main(argv: list[str] | None = None) -> None:
