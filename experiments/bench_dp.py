@@ -6,7 +6,8 @@ Usage::
                                    [--batch-size B] [--modes non-private bk ...]
 
 For each standard model, one factory's generated data (fixed small seed, in memory) is trained
-the way a factory trains in a federated round: one ``train_local`` call of ``--epochs`` local
+the way a factory trains in a federated round, on the same examples (``to_train_dataset``: one
+per declared privacy unit): one ``train_local`` call of ``--epochs`` local
 epochs (a *round*), at the batch size in the task's config (``conf/task/<task>.yaml``, or
 ``--batch-size``). Modes: non-private SGD and DP-SGD with each clipping implementation
 (``bk``: one-pass book-keeping clipping, the default; ``ghost``: Opacus ghost clipping;
@@ -164,7 +165,9 @@ def bench_task(
         raise ValueError(f"unknown modes {unknown}; choose from {list(MODES)}")
     modes = ["non-private", *[m for m in MODES if m in modes and m != "non-private"]]
     data = task.generate(NUM_FACTORIES, DATA_SEED, PartitionConfig())
-    dataset = task.to_dataset(data.factories[0])
+    # What the factory trains on: one example per privacy unit (non-overlapping TEP and RUL
+    # windows), not the stride-1 windows of the evaluation sets.
+    dataset = task.to_train_dataset(data.factories[0])
     stats = {mode: ModeStats() for mode in modes}
 
     def one_round(mode: str, seed: int) -> Callable[[], tuple[float, ...]]:

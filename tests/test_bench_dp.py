@@ -33,3 +33,16 @@ def test_unknown_modes_are_refused() -> None:
         bench_task(get_task("molding_quality"), rounds=1, epochs=1, batch_size=64, modes=["bq"])
     with pytest.raises(SystemExit):
         main(["--modes", "bq"])
+
+
+def test_it_trains_on_the_factory_s_training_examples() -> None:
+    """One example per privacy unit (non-overlapping RUL windows), as a factory's round does;
+    the stride-1 evaluation windows are many times more and would time another workload."""
+    from experiments.bench_dp import DATA_SEED, NUM_FACTORIES
+    from standard_models.base import PartitionConfig
+
+    task = get_task("rul")
+    factory = task.generate(NUM_FACTORIES, DATA_SEED, PartitionConfig()).factories[0]
+    _, examples = bench_task(task, rounds=1, epochs=1, batch_size=256, modes=["bk"])
+    assert examples == len(task.to_train_dataset(factory))
+    assert examples * 10 < len(task.to_dataset(factory))
