@@ -181,11 +181,14 @@ def planted_factories(
     kinds: tuple[str, ...] = KINDS,
     extra_clean: int = 0,
     rows: int | None = None,
+    absent: tuple[str, ...] = (),
 ) -> tuple[list[Planted], Dataset]:
     """Write the planted federation's files under ``workdir``; returns it and the validation set.
 
     ``rows`` keeps only the first rows of each factory's share (the scaling case, so that a
-    hundred factories train in minutes); ``None`` keeps the task's full shares.
+    hundred factories train in minutes); ``None`` keeps the task's full shares. Factories of
+    the kinds in ``absent`` stay out of the federation while everyone else keeps the data, id
+    and random streams they have with them (the counterfactual federation without the copy).
     """
     n = len(kinds) + extra_clean
     data = task.generate(n, seed, PartitionConfig(scheme="iid", quantity_skew=0.0))
@@ -194,6 +197,8 @@ def planted_factories(
     factories = []
     all_kinds = list(kinds) + ["clean"] * extra_clean
     for i, kind in enumerate(all_kinds):
+        if kind in absent:
+            continue
         df = data.factories[i] if rows is None else data.factories[i].head(rows)
         fid = f"f{i}-{kind}"
         if kind == "feature_noise":
@@ -331,8 +336,11 @@ def federated_run(
     extra_clean: int = 0,
     rows: int | None = None,
     product_guards: tuple[str, ...] = (),
+    absent: tuple[str, ...] = (),
 ) -> dict:
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records.
+
+    ``absent``: kinds left out of the federation, the others unchanged (:func:`planted_factories`).
 
     Estimators named in ``product_guards`` also score every round through the server's scorer
     with its default guards (records' ``guarded``); a name with ``+sketch`` also gives that
@@ -340,7 +348,9 @@ def federated_run(
     """
     with tempfile.TemporaryDirectory(prefix="bench-contribution-") as tmp:
         workdir = Path(tmp)
-        factories, validation = planted_factories(task, seed, workdir, kinds, extra_clean, rows)
+        factories, validation = planted_factories(
+            task, seed, workdir, kinds, extra_clean, rows, absent
+        )
         torch.manual_seed(seed)
         model = task.build_model()
         global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
@@ -772,7 +782,8 @@ def main(argv: list[str] | None = None) -> None:
             runs.append(
                 federated_run(task, seed, args.rounds, chosen, args.epsilon, product_guards=product)
             )
-            solo_kinds = tuple(k for k in KINDS if k != "duplicate")
+            # The same federation without the copy: every other factory keeps its data, id and
+            # DP noise, so the pair's share is compared with the original's on the same draws.
             solos.append(
                 None
                 if args.no_solo
@@ -782,8 +793,8 @@ def main(argv: list[str] | None = None) -> None:
                     args.rounds,
                     solo_chosen,
                     args.epsilon,
-                    solo_kinds,
                     product_guards=product,
+                    absent=("duplicate",),
                 )
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
