@@ -758,7 +758,10 @@ def main(argv: list[str] | None = None) -> None:
         "--product-guards",
         nargs="*",
         default=["linearised"],
-        help="estimators whose guarded pay goes through the server's scorer",
+        help="estimators whose guarded pay goes through the server's scorer (+sketch: also "
+        "handed the record-sketch groups); the first one's duplicate groups decide how the "
+        "model is aggregated, as the product's one scorer does, so measure another's copy "
+        "gain in a run of its own",
     )
     parser.add_argument(
         "--no-solo",
