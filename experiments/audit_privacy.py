@@ -80,7 +80,7 @@ from fl_client.training import (
     steps_per_epoch,
     train_local,
 )
-from fl_server.config import compose_config
+from fl_server.config import compose_config, train_recipe
 from standard_models.base import PartitionConfig, StandardTask, UnitDataset, WindowedTask
 from standard_models.registry import get_task
 
@@ -312,10 +312,11 @@ def audit_data(
     data = task.generate(generate, DATA_SEED, PartitionConfig())
     pool, used, recording = pool_units(task, data.factories, factory, unit, wanted)
     train = cfg.task.train
+    batch_size, lr = train_recipe(train, dp=True)  # the audit trains with DP-SGD
     plan = AuditPlan(
         epochs=epochs,
-        batch_size=int(train.batch_size),
-        lr=float(train.lr),
+        batch_size=batch_size,
+        lr=lr,
         momentum=float(train.momentum),
         max_grad_norm=float(cfg.privacy.max_grad_norm),
     )

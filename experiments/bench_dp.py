@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fl_client.training import LocalTrainConfig, train_local
-from fl_server.config import compose_config
+from fl_server.config import compose_config, train_recipe
 from standard_models.base import PartitionConfig, StandardTask
 from standard_models.registry import get_task, task_names
 
@@ -289,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--batch-size",
         type=int,
         default=None,
-        help="batch size for every task (default: each task's train.batch_size in conf/)",
+        help="batch size for every task (default: each task's DP-SGD batch in conf/, "
+        "train.dp_batch_size where set, else train.batch_size)",
     )
     parser.add_argument(
         "--threads",
@@ -322,9 +323,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     batch_sizes = {}
     for name in names:
         task = get_task(name)
-        batch_sizes[name] = args.batch_size or int(
-            compose_config([f"task={name}"]).task.train.batch_size
-        )
+        # One batch size for both modes, so the ratio is the cost of privacy at equal work:
+        # the task's DP-SGD batch (conf/task/<task>.yaml dp_batch_size, else batch_size).
+        batch_sizes[name] = args.batch_size or train_recipe(
+            compose_config([f"task={name}"]).task.train, dp=True
+        )[0]
         results[name], sizes[name] = bench_task(
             task, args.rounds, args.epochs, batch_sizes[name], args.modes
         )

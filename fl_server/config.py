@@ -163,3 +163,21 @@ def malicious_factories(cfg: DictConfig) -> list[str]:
         raise ValueError(f"attack.num_malicious must be between 0 and {n} factories, got {k}")
     rng = np.random.default_rng([int(cfg.seed), 0xA77AC])
     return sorted(f"factory_{i:03d}" for i in rng.choice(n, size=k, replace=False))
+
+
+def train_recipe(train: DictConfig, dp: bool) -> tuple[int, float]:
+    """The batch size and learning rate factories train with: the task's DP-SGD recipe
+    (``dp_batch_size``, ``dp_lr``, each where set) when the federation asks for DP, else the
+    plain ``batch_size`` and ``lr``.
+
+    DP-SGD and plain SGD want different settings: clipping bounds every step, and the Gaussian
+    noise is drawn once a step for every parameter whatever the batch, so under DP fewer,
+    larger batches at a larger rate cost less and lose nothing where plain SGD at the same
+    settings takes steps too large (``conf/task/rul.yaml`` gives the measurement).
+    """
+    batch, lr = int(train.batch_size), float(train.lr)
+    if dp:
+        dp_batch, dp_lr = train.get("dp_batch_size"), train.get("dp_lr")
+        batch = batch if dp_batch is None else int(dp_batch)
+        lr = lr if dp_lr is None else float(dp_lr)
+    return batch, lr

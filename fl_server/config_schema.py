@@ -84,6 +84,8 @@ class TrainSchema:
     batch_size: int = 1
     lr: float = 0.1
     momentum: float = 0.0
+    dp_batch_size: int | None = None
+    dp_lr: float | None = None
 
 
 @dataclass
@@ -310,6 +312,11 @@ def _check_task(cfg: DictConfig) -> None:
     _in_range(cfg, "task.train.momentum", 0.0, 1.0, "[0, 1)")
     if _number(cfg, "task.train.momentum") >= 1.0:
         raise ConfigError("task.train.momentum", _get(cfg, "task.train.momentum"), "must be < 1")
+    # The DP-SGD recipe (fl_server.config.train_recipe); null: the plain settings.
+    if _get(cfg, "task.train.dp_batch_size") is not None:
+        _at_least(cfg, "task.train.dp_batch_size", 1, " or null (the same as batch_size)")
+    if _get(cfg, "task.train.dp_lr") is not None:
+        _positive(cfg, "task.train.dp_lr")
 
 
 def _check_privacy(cfg: DictConfig) -> None:

@@ -33,7 +33,12 @@ from torch.utils.data import Dataset
 
 from fl_common.protocol import TrainInstruction
 from fl_server.checkpoint import load_latest, load_run_state, save_run_state
-from fl_server.config import flat_params, load_from_run_config, malicious_factories
+from fl_server.config import (
+    flat_params,
+    load_from_run_config,
+    malicious_factories,
+    train_recipe,
+)
 from fl_server.data import ensure_data
 from fl_server.recorder import RoundRecorder, final_test_metrics
 from fl_server.report import run_description, save_plots
@@ -59,13 +64,14 @@ class NothingTrained(RuntimeError):
 def train_instruction(cfg: DictConfig, run_id: str) -> TrainInstruction:
     """What every factory receives with the global model; Flower's strategy sets the round."""
     t, p = cfg.task.train, cfg.privacy
+    batch_size, lr = train_recipe(t, bool(p.enabled))
     return TrainInstruction(
         task=str(cfg.task.name),
         run_id=run_id,
         planned_rounds=int(cfg.federation.num_rounds),
         local_epochs=int(t.local_epochs),
-        batch_size=int(t.batch_size),
-        lr=float(t.lr),
+        batch_size=batch_size,
+        lr=lr,
         momentum=float(t.momentum),
         dp=bool(p.enabled),
         epsilon=float(p.epsilon) if p.enabled else 0.0,

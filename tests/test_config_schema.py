@@ -78,6 +78,9 @@ BAD = [
     (["client_dp=fixed", "client_dp.clipping_norm=0"], "client_dp"),
     (["validation.max_update_norm=-1"], "validation.max_update_norm"),
     (["seed=-1"], "seed"),
+    (["task=rul", "task.train.dp_batch_size=0"], "task.train.dp_batch_size"),
+    (["task=rul", "task.train.dp_lr=-0.1"], "task.train.dp_lr"),
+    (["task.train.dp_lr=fast"], "task.train.dp_lr"),
     (["contribution.guards.noise_rule=coin"], "contribution.guards.noise_rule"),
     (["contribution.guards.noise_placebos=1"], "contribution.guards.noise_placebos"),
 ]
