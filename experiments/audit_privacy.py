@@ -220,13 +220,16 @@ def unit_losses(task: StandardTask, model: torch.nn.Module, dataset: Dataset) ->
 
 @dataclass(frozen=True)
 class AuditPlan:
-    """How every model of the audit is trained."""
+    """How every model of the audit is trained: with DP at the task's DP-SGD recipe
+    (``dp_batch_size``, ``dp_lr``), without DP at its plain settings, as a factory would."""
 
     epochs: int
     batch_size: int
     lr: float
     momentum: float
     max_grad_norm: float
+    dp_batch_size: int
+    dp_lr: float
 
 
 def train_model(
@@ -241,14 +244,16 @@ def train_model(
     model = task.build_model()
     n = len(dataset)  # type: ignore[arg-type]
     sigma = None
+    batch_size, lr = plan.batch_size, plan.lr
     if epsilon is not None:
-        q = sample_rate_for(n, plan.batch_size)
-        steps = plan.epochs * steps_per_epoch(n, plan.batch_size)
+        batch_size, lr = plan.dp_batch_size, plan.dp_lr
+        q = sample_rate_for(n, batch_size)
+        steps = plan.epochs * steps_per_epoch(n, batch_size)
         sigma = plan_noise_multiplier([], epsilon, DELTA, q, steps)
     cfg = LocalTrainConfig(
         local_epochs=plan.epochs,
-        batch_size=plan.batch_size,
-        lr=plan.lr,
+        batch_size=batch_size,
+        lr=lr,
         momentum=plan.momentum,
         max_grad_norm=plan.max_grad_norm,
         dp=epsilon is not None,
@@ -312,11 +317,14 @@ def audit_data(
     data = task.generate(generate, DATA_SEED, PartitionConfig())
     pool, used, recording = pool_units(task, data.factories, factory, unit, wanted)
     train = cfg.task.train
-    batch_size, lr = train_recipe(train, dp=True)  # the audit trains with DP-SGD
+    batch_size, lr = train_recipe(train, dp=False)
+    dp_batch_size, dp_lr = train_recipe(train, dp=True)
     plan = AuditPlan(
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
+        dp_batch_size=dp_batch_size,
+        dp_lr=dp_lr,
         momentum=float(train.momentum),
         max_grad_norm=float(cfg.privacy.max_grad_norm),
     )
