@@ -63,8 +63,8 @@ def test_the_server_builds_the_instruction_from_its_config():
 
 def test_factories_get_the_task_s_dp_recipe_under_dp_and_the_plain_one_without():
     """rul trains DP-SGD at batch 256 / lr 0.1 (full-batch, clipped steps) and plain SGD at
-    64 / 0.05, where the larger unclipped step diverges; a task without a DP recipe sends its
-    plain settings either way."""
+    64 / 0.05, where the larger unclipped step diverges; a task without a DP recipe
+    (molding_quality) sends its plain settings either way."""
     dp = train_instruction(compose_config(["task=rul"]), "r")
     plain = train_instruction(compose_config(["task=rul", "privacy=none"]), "r")
     assert dp.dp and (dp.batch_size, dp.lr) == (256, 0.1)
@@ -74,8 +74,8 @@ def test_factories_get_the_task_s_dp_recipe_under_dp_and_the_plain_one_without()
         64,
         0.1,
     )
-    tep = compose_config(["task=tep_fault"])
-    assert train_instruction(tep, "r").batch_size == int(tep.task.train.batch_size)
+    molding = compose_config(["task=molding_quality"])
+    assert train_instruction(molding, "r").batch_size == int(molding.task.train.batch_size)
 
 
 def test_optional_keys_take_their_defaults_and_ints_pass_as_floats():
