@@ -48,10 +48,10 @@ def test_an_instruction_survives_the_record():
 
 
 def test_the_server_builds_the_instruction_from_its_config():
-    cfg = compose_config(["seed=4", "task.train.lr=0.2"])
+    cfg = compose_config(["seed=4", "task.train.dp_lr=0.3"])  # the default federation uses DP
     instruction = train_instruction(cfg, "mlflow-run")
     assert instruction.run_id == "mlflow-run" and instruction.seed == 4
-    assert instruction.lr == 0.2 and instruction.task == str(cfg.task.name)
+    assert instruction.lr == 0.3 and instruction.task == str(cfg.task.name)
     assert instruction.attack == "none" and instruction.attack_factories == ""
     # What Flower's strategies add each round (FedProx: the proximal weight) is read back.
     record = instruction.to_record()
