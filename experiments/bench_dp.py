@@ -7,14 +7,14 @@ Usage::
 
 For each standard model, one factory's generated data (fixed small seed, in memory) is trained
 the way a factory trains in a federated round, on the same examples (``to_train_dataset``: one
-per declared privacy unit): one ``train_local`` call of ``--epochs`` local
-epochs (a *round*), at the batch size in the task's config (``conf/task/<task>.yaml``, or
-``--batch-size``). Modes: non-private SGD and DP-SGD with each clipping implementation
-(``bk``: one-pass book-keeping clipping, the default; ``ghost``: Opacus ghost clipping;
-``hooks``: Opacus per-sample gradients; ``--modes`` picks some, non-private always runs as the
-baseline of the ratios). Each mode runs one warm-up round and ``--rounds``
-measured rounds; the modes take turns round by round, so drift of the machine affects them
-alike, and all numbers of a table come from the same process.
+per declared privacy unit): one ``train_local`` call of ``--epochs`` local epochs (a
+*round*), at the task's DP-SGD batch size (``conf/task/<task>.yaml``: ``dp_batch_size`` where
+set, else ``batch_size``; or ``--batch-size``) for every mode. Modes: non-private SGD and DP-SGD
+with each clipping implementation (``bk``: one-pass book-keeping clipping, the default;
+``ghost``: Opacus ghost clipping; ``hooks``: Opacus per-sample gradients; ``--modes`` picks
+some, non-private always runs as the baseline of the ratios). Each mode runs one warm-up
+round and ``--rounds`` measured rounds; the modes take turns round by round, so drift of the
+machine affects them alike, and all numbers of a table come from the same process.
 
 * ms/epoch: median wall time of one epoch's training loop, over the epochs of the measured
   rounds after each round's first (the steady state of a multi-epoch round);

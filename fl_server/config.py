@@ -173,7 +173,8 @@ def train_recipe(train: DictConfig, dp: bool) -> tuple[int, float]:
     DP-SGD and plain SGD want different settings: clipping bounds every step, and the Gaussian
     noise is drawn once a step for every parameter whatever the batch, so under DP fewer,
     larger batches at a larger rate cost less and lose nothing where plain SGD at the same
-    settings takes steps too large (``conf/task/rul.yaml`` gives the measurement).
+    settings takes steps too large (``conf/task/rul.yaml`` and ``tep_fault.yaml`` give the
+    measurements).
     """
     batch, lr = int(train.batch_size), float(train.lr)
     if dp:
