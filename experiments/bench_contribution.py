@@ -28,8 +28,10 @@ and without the guards of :mod:`strategies.contribution.guards` (no pay for upda
 be told from noise; duplicate groups paid as one factory). "Guarded" pay of the estimators in
 ``--product-guards`` (default ``linearised``) is the product's: the server's
 :class:`~strategies.contribution.scorer.ContributionScorer` with its default guards (the placebo
-noise test included) scores each round (a duplicate group detected from the updates is merged
-into one player before scoring) and the last round's withheld factories take no part in the
+noise test included) scores each round with the record sketches the factories' rounds made (a
+duplicate group found from them or from the updates is merged into one player before scoring;
+a label ending in ``:updates`` scores as if no factory sent a sketch) and the last round's
+withheld factories take no part in the
 split, as the payout desk does; its line also counts the honest factories (and the small one)
 the noise test withheld and the noise free-riders it let through. The other estimators' guarded
 pay splits the group's scores after the fact, uses the factories' record sketches and the
@@ -73,6 +75,7 @@ from torch.utils.data import Dataset
 from fl_client.attacks import AttackConfig
 from fl_client.factory import FactorySite, run_factory_round
 from fl_common.protocol import TrainInstruction
+from fl_common.sketch import record_fingerprint
 from fl_server.config import compose_config
 from fl_server.rewards.allocation import allocate
 from fl_server.server_app import train_instruction
@@ -85,6 +88,7 @@ from strategies.contribution.coalitions import (
 )
 from strategies.contribution.estimators import estimate
 from strategies.contribution.guards import (
+    DEFAULT_PLACEBOS,
     GuardConfig,
     alignment_statistic,
     duplicate_groups,
@@ -93,7 +97,6 @@ from strategies.contribution.guards import (
     flat_deltas,
     merge_groups,
     noise_test,
-    record_fingerprint,
     split_group_credit,
     withhold_unproven,
 )
@@ -138,6 +141,7 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
 SOLO_ESTIMATORS = {k: ESTIMATORS[k] for k in ("linearised",)}
 POOL = 100_000  # minor units per run
 FINGERPRINT_KEY = "federation-secret-key"  # shared by the factories, not by the operator
+UPDATES_ONLY = ":updates"  # product-guards label suffix: factories that send no record sketch
 
 
 def product_instruction(
@@ -230,6 +234,8 @@ class AcceptedRound:
     global_state: dict[str, np.ndarray]
     reports: dict[str, dict] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)
+    #: The record sketches the accepted factories' rounds made (the reply's ``record-sketch``).
+    sketches: dict[str, np.ndarray] = field(default_factory=dict)
     train_seconds: float = 0.0
 
 
@@ -256,11 +262,17 @@ def train_round(
     sent = {k: torch.from_numpy(v.copy()) for k, v in global_state.items()}
     t0 = time.perf_counter()
     trained: dict[str, tuple[dict[str, np.ndarray], dict]] = {}
+    sketches: dict[str, np.ndarray] = {}
     for f in factories:
         if f.path is None:
             continue
         site = FactorySite(
-            f.fid, f.path, workdir / "ledgers" / f"{f.fid}.json", epsilon, instruction.delta
+            f.fid,
+            f.path,
+            workdir / "ledgers" / f"{f.fid}.json",
+            epsilon,
+            instruction.delta,
+            sketch_key=FINGERPRINT_KEY,  # as every simulated factory does
         )
         result = run_factory_round(
             task,
@@ -272,6 +284,7 @@ def train_round(
         )
         state = {n: v.detach().numpy().copy() for n, v in result.state_dict.items()}
         trained[f.fid] = (state, dict(result.metrics))
+        sketches[f.fid] = result.record_sketch
     train_seconds = time.perf_counter() - t0
     honest_norm = float(np.median([_delta_norm(u, global_state) for u, _ in trained.values()]))
     typical = next(iter(trained.values()))[1]
@@ -297,6 +310,8 @@ def train_round(
         out.updates.append(update)
         out.weights.append(claimed)
         out.reports[f.fid] = report
+        if f.fid in sketches:
+            out.sketches[f.fid] = sketches[f.fid]
     return out
 
 
@@ -337,14 +352,18 @@ def federated_run(
     rows: int | None = None,
     product_guards: tuple[str, ...] = (),
     absent: tuple[str, ...] = (),
+    noise_placebos: int = DEFAULT_PLACEBOS,
 ) -> dict:
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records.
 
     ``absent``: kinds left out of the federation, the others unchanged (:func:`planted_factories`).
+    ``noise_placebos``: the product scorers' ``contribution.guards.noise_placebos``.
 
     Estimators named in ``product_guards`` also score every round through the server's scorer
-    with its default guards (records' ``guarded``); a name with ``+sketch`` also gives that
-    scorer the groups of the factories' record sketches, as if reporting one were required.
+    with its default guards (records' ``guarded``), handed the record sketches the factories'
+    rounds made, as the server is; a name ending in ``:updates`` switches the sketch rule off
+    (``record_sketches=False``: factories that send none), so copies are looked for in the
+    updates only.
     """
     with tempfile.TemporaryDirectory(prefix="bench-contribution-") as tmp:
         workdir = Path(tmp)
@@ -358,11 +377,8 @@ def federated_run(
         rng = np.random.default_rng(seed)
         records = []
         scorers = {}
-        by_data = fingerprint_groups(
-            {f.fid: f.fingerprint for f in factories if f.fingerprint is not None}
-        )
         for label in product_guards:
-            base = label.removesuffix("+sketch")
+            base = label.removesuffix(UPDATES_ONLY)
             if base not in estimators:
                 continue
             scorers[label] = ContributionScorer(
@@ -372,10 +388,12 @@ def federated_run(
                 params=estimators[base][1],
                 seed=seed,
                 evaluator=evaluator,
-                guards=GuardConfig(noise_test=True),
+                guards=GuardConfig(
+                    noise_test=True,
+                    noise_placebos=noise_placebos,
+                    record_sketches=not label.endswith(UPDATES_ONLY),
+                ),
             )
-            if label.endswith("+sketch"):
-                scorers[label].guard.known_groups = list(by_data)
         for r in range(1, rounds + 1):
             accepted = train_round(
                 task, factories, global_state, r, rounds, seed, workdir, rng, epsilon
@@ -391,6 +409,7 @@ def federated_run(
                     accepted.ids,
                     WeightedMeanAggregator(accepted.updates, accepted.weights),
                     global_state,
+                    accepted.sketches,
                 )
                 guarded[label] = {
                     "scores": got.scores,
@@ -758,8 +777,9 @@ def main(argv: list[str] | None = None) -> None:
         "--product-guards",
         nargs="*",
         default=["linearised"],
-        help="estimators whose guarded pay goes through the server's scorer (+sketch: also "
-        "handed the record-sketch groups); the first one's duplicate groups decide how the "
+        help="estimators whose guarded pay goes through the server's scorer, with the record "
+        f"sketches the factories made ({UPDATES_ONLY}: without them, copies looked for in the "
+        "updates only); the first one's duplicate groups decide how the "
         "model is aggregated, as the product's one scorer does, so measure another's copy "
         "gain in a run of its own",
     )
@@ -767,6 +787,13 @@ def main(argv: list[str] | None = None) -> None:
         "--no-solo",
         action="store_true",
         help="skip the federations without the copy (no duplicate-pair gain; half the time)",
+    )
+    parser.add_argument(
+        "--noise-placebos",
+        type=int,
+        default=DEFAULT_PLACEBOS,
+        help="placebo scores the product's noise test compares each round's score with "
+        f"(default {DEFAULT_PLACEBOS})",
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_contribution.json"))
     args = parser.parse_args(argv)
@@ -783,7 +810,15 @@ def main(argv: list[str] | None = None) -> None:
         for seed in range(args.seeds):
             t0 = time.perf_counter()
             runs.append(
-                federated_run(task, seed, args.rounds, chosen, args.epsilon, product_guards=product)
+                federated_run(
+                    task,
+                    seed,
+                    args.rounds,
+                    chosen,
+                    args.epsilon,
+                    product_guards=product,
+                    noise_placebos=args.noise_placebos,
+                )
             )
             # The same federation without the copy: every other factory keeps its data, id and
             # DP noise, so the pair's share is compared with the original's on the same draws.
@@ -798,6 +833,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.epsilon,
                     product_guards=product,
                     absent=("duplicate",),
+                    noise_placebos=args.noise_placebos,
                 )
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -7,7 +7,13 @@ Where the data and the privacy ledger live is the factory's decision, set in its
 * ``factory-id``: the name the operator sees (defaults to ``factory_<partition-id>``);
 * the factory's privacy policy (:mod:`fl_client.policy`): ``epsilon-budget``, ``delta``,
   ``accountant``, ``min-noise-multiplier``, ``max-round-epsilon``, ``min-grad-norm``,
-  ``max-grad-norm`` and ``privacy-unit``.
+  ``max-grad-norm`` and ``privacy-unit``;
+* ``record-sketch-key``: the secret (16 to 64 bytes) the federation's factories agreed among
+  themselves, without the operator, for record sketches (:mod:`fl_common.sketch`). With it,
+  every accepted reply carries the keyed sketch of the factory's records, so the server can pay
+  factories holding the same records as one; without it a deployed factory sends none.
+  Simulated factories (no ``data-path``) all share a key derived from the run id, so the
+  simulation runs the same code; there every factory is on the operator's machine anyway.
 
 A deployed factory (node config with ``data-path``) requires DP and takes from the server's
 instruction only what makes privacy stronger: an instruction that would weaken its policy is
@@ -42,6 +48,7 @@ and every factory when the config has no attack, train exactly as before.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -65,6 +72,7 @@ from fl_common.protocol import (
     MALICIOUS,
     TrainInstruction,
     TrainReply,
+    encode_sketch,
 )
 from standard_models.base import DataValidationError
 from standard_models.datafiles import factory_path
@@ -112,6 +120,33 @@ def paths_of(context: Context, factory_id: str, instruction: TrainInstruction) -
     return data_path, ledger_path
 
 
+#: Node-config key of the factories' shared secret for record sketches.
+SKETCH_KEY = "record-sketch-key"
+
+
+def sketch_key_of(context: Context, instruction: TrainInstruction) -> str | None:
+    """The key this factory's record sketch is made with, or None to send no sketch.
+
+    The node config's ``record-sketch-key`` (a deployed factory's opt-in); a simulated factory
+    without one uses a key derived from the run id, the same for every factory of the run.
+
+    Raises:
+        ValueError: the node config's key is not a string of 16 to 64 bytes; names the key.
+    """
+    nc = context.node_config
+    if SKETCH_KEY in nc:
+        key = nc[SKETCH_KEY]
+        if not isinstance(key, str) or not 16 <= len(key.encode()) <= 64:
+            size = f"{len(key.encode())} bytes" if isinstance(key, str) else type(key).__name__
+            raise ValueError(
+                f"node config {SKETCH_KEY}: must be a string of 16 to 64 bytes, got {size}"
+            )
+        return key
+    if "data-path" in nc:
+        return None
+    return hashlib.blake2b(f"simulation/{instruction.run_id}".encode(), digest_size=16).hexdigest()
+
+
 def site_of(context: Context, factory_id: str, instruction: TrainInstruction) -> FactorySite:
     """The factory's own facts: its paths and its privacy policy (node config first).
 
@@ -131,6 +166,7 @@ def site_of(context: Context, factory_id: str, instruction: TrainInstruction) ->
         epsilon_cap=settings.epsilon_cap if policy.deployed else None,
         privacy_unit=settings.privacy_unit,
         policy=policy if policy.deployed else None,
+        sketch_key=sketch_key_of(context, instruction),
     )
 
 
@@ -218,6 +254,7 @@ def train(msg: Message, context: Context) -> Message:
         ACCEPTED,
         arrays=ArrayRecord(result.state_dict),
         metrics=result.metrics,
+        record_sketch=encode_sketch(result.record_sketch) if result.record_sketch.size else b"",
         **privacy_facts(site, instruction),
     )
     return reply.to_message(msg)

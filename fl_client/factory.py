@@ -11,7 +11,9 @@ Order of a DP round, chosen so that privacy spend is never lost or exceeded:
    (:mod:`fl_client.policy`) and decline with :class:`~fl_client.policy.PolicyDeclined`
    before any data is read or the ledger written (a noise floor or per-round ceiling is
    checked on the plan made from the file's row count, read from Parquet metadata);
-1. load and validate the factory's file (errors name the file and column);
+1. load and validate the factory's file (errors name the file and column) and, when the
+   site has a sketch key, hash its records into the keyed sketch the reply carries
+   (:mod:`fl_common.sketch`);
 2. open the ledger on the factory's disk and adopt any longer history the caller carried;
 3. plan the run's noise multiplier once from the budget left (later rounds reuse it);
 4. reserve this round's spend on disk, or decline with :class:`BudgetExhausted`;
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -68,6 +71,7 @@ from fl_common.protocol import (
     TRAIN_TIME,
     TrainInstruction,
 )
+from fl_common.sketch import record_fingerprint
 from standard_models.base import DataValidationError, StandardTask
 
 
@@ -84,6 +88,8 @@ class FactorySite:
     the task's declared unit (node config ``privacy-unit``); ``None`` keeps the task's.
     ``policy``: the factory's privacy policy, checked before anything is read; ``None`` (a
     caller that builds the site by hand) checks nothing.
+    ``sketch_key``: the key the factories share for record sketches
+    (:func:`~fl_common.sketch.record_fingerprint`); ``None`` sends no sketch.
     """
 
     factory_id: str
@@ -95,6 +101,7 @@ class FactorySite:
     epsilon_cap: float | None = None
     privacy_unit: str | None = None
     policy: PrivacyPolicy | None = None
+    sketch_key: str | None = None
 
 
 def local_seed(instruction: TrainInstruction) -> int:
@@ -138,11 +145,14 @@ class FactoryRoundResult:
     when the round was given an attack config, also ``malicious`` (1.0 if this factory carried
     out the attack, else 0.0).
     ``history`` is the ledger's accountant history as lists, for ``context.state``.
+    ``record_sketch``: the keyed sketch of the records the factory holds (empty without a
+    ``sketch_key``).
     """
 
     state_dict: dict[str, torch.Tensor]
     metrics: dict[str, float | int]
     history: list[list[float | int]] = field(default_factory=list)
+    record_sketch: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
 
 
 def _metrics(result: TrainResult, epsilon: float, delta: float, dp: bool) -> dict[str, float | int]:
@@ -359,6 +369,9 @@ def run_factory_round(
     factory_id, run_id = site.factory_id, instruction.run_id
     delta, accountant = site.delta, site.accountant or instruction.accountant
     frame = task.load_frame(site.data_path)
+    sketch = np.zeros(0, np.uint64)
+    if site.sketch_key is not None:
+        sketch = record_fingerprint(frame, site.sketch_key)
     dataset = task.to_train_dataset(frame, unit)
     malicious = attack is not None and attack.is_malicious(factory_id)
     if malicious and attack is not None and attack.name in DATA_ATTACKS:
@@ -396,7 +409,7 @@ def run_factory_round(
         metrics = _metrics(result, epsilon, delta, False)
         state = _attacked(result.state_dict, global_state, attack, factory_id, server_round)
         _mark(metrics, attack, malicious)
-        return FactoryRoundResult(state, metrics, history)
+        return FactoryRoundResult(state, metrics, history, sketch)
 
     if site.policy is not None and site.policy.limits_noise:
         check_policy(site, instruction, num_examples)  # now with the true unit count
@@ -431,4 +444,5 @@ def run_factory_round(
         _attacked(result.state_dict, global_state, attack, factory_id, server_round),
         metrics,
         ledger.history_as_lists(),
+        sketch,
     )

@@ -13,7 +13,7 @@ ArrayRecord (``arrays``) and one MetricRecord (``metrics``, with a scalar ``num-
 plus the ConfigRecord :data:`REPLY_RECORD` with the factory id, its status and the reason. The
 server removes that record before the inner strategy aggregates.
 
-Plain data and Flower record types only: no torch, no server or factory code.
+Plain data, numpy and Flower record types only: no torch, no server or factory code.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 #: Key of the ConfigRecord a factory adds to its reply (identity, status, reason).
@@ -55,6 +56,37 @@ MALICIOUS = "malicious"  # simulated robustness benches only: 1.0 for an attacki
 #: The factory's privacy facts, from its reply record (see :func:`reply_metrics`).
 EPSILON_BUDGET = "epsilon_budget"  # the factory's own lifetime epsilon budget
 PRIVACY_UNIT_RANK = "privacy_unit_rank"  # 0: the task's declared unit; k: its k-th coarser one
+#: Reply-record key of the factory's keyed record sketch (little-endian uint64 hashes as bytes).
+RECORD_SKETCH = "record-sketch"
+#: Most hashes a record sketch may hold (the factories' default is 256).
+MAX_SKETCH_HASHES = 4096
+
+
+def encode_sketch(hashes: np.ndarray) -> bytes:
+    """A record sketch (unsigned 64-bit hashes) as the bytes a reply carries."""
+    return np.ascontiguousarray(np.asarray(hashes, dtype=np.uint64)).astype("<u8").tobytes()
+
+
+def decode_sketch(data: bytes) -> np.ndarray:
+    """The hashes of a reply's record sketch, sorted and unique.
+
+    Raises:
+        ProtocolError: not bytes, empty, not a whole number of 8-byte hashes, or more than
+            :data:`MAX_SKETCH_HASHES` of them; the message names the key.
+    """
+    if not isinstance(data, bytes):
+        raise ProtocolError(f"reply key '{RECORD_SKETCH}' must be bytes, got {type(data).__name__}")
+    if not data or len(data) % 8:
+        raise ProtocolError(
+            f"reply key '{RECORD_SKETCH}' must be a non-empty whole number of 8-byte hashes, "
+            f"got {len(data)} bytes"
+        )
+    if len(data) // 8 > MAX_SKETCH_HASHES:
+        raise ProtocolError(
+            f"reply key '{RECORD_SKETCH}' holds {len(data) // 8} hashes, more than "
+            f"{MAX_SKETCH_HASHES}"
+        )
+    return np.unique(np.frombuffer(data, dtype="<u8").astype(np.uint64))
 
 
 class ProtocolError(ValueError):
@@ -207,7 +239,10 @@ class TrainReply:
     unit its epsilon counts and ``privacy_unit_rank`` where that unit stands among the task's
     units (``StandardTask.unit_names()``: 0 the declared unit, ``k`` the ``k``-th coarser one).
     They sit outside the MetricRecord, which Flower's strategies require to hold the same keys
-    in every reply.
+    in every reply. So does ``record_sketch``, optional too: the keyed MinHash sketch of the
+    records the factory trains on (:func:`~strategies.contribution.guards.record_fingerprint`,
+    as :func:`encode_sketch` bytes), which lets the server group factories holding the same
+    records without seeing any of them.
     """
 
     factory_id: str | None
@@ -218,6 +253,7 @@ class TrainReply:
     epsilon_budget: float | None = None
     privacy_unit: str = ""
     privacy_unit_rank: int | None = None
+    record_sketch: bytes = b""
 
     def to_record(self) -> RecordDict:
         """The reply's content: the reply record, ``arrays`` if any, and ``metrics``."""
@@ -236,6 +272,9 @@ class TrainReply:
             info["privacy-unit"] = str(self.privacy_unit)
         if self.privacy_unit_rank is not None:
             info["privacy-unit-rank"] = int(self.privacy_unit_rank)
+        if self.record_sketch:
+            decode_sketch(self.record_sketch)
+            info[RECORD_SKETCH] = bytes(self.record_sketch)
         content = RecordDict({REPLY_RECORD: ConfigRecord(info)})
         if self.arrays is not None:
             content[ARRAYS_RECORD] = self.arrays
@@ -264,6 +303,9 @@ class TrainReply:
                 raise ProtocolError("reply must hold one ArrayRecord and one MetricRecord")
             arrays = next(iter(content.array_records.values()))
         facts = _privacy_facts(info)
+        sketch = info.get(RECORD_SKETCH)
+        if sketch is not None:
+            decode_sketch(sketch)
         return cls(
             factory_id=claimed_factory_id(content),
             status=status,
@@ -275,6 +317,7 @@ class TrainReply:
             privacy_unit_rank=None if PRIVACY_UNIT_RANK not in facts else int(
                 facts[PRIVACY_UNIT_RANK]
             ),
+            record_sketch=b"" if sketch is None else bytes(sketch),
         )
 
     @classmethod

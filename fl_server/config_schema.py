@@ -147,6 +147,8 @@ class GuardsSchema:
     duplicate_min_excess: float = 0.05
     duplicate_alpha: float = 0.001
     duplicate_min_fraction: float = 0.5
+    record_sketches: bool = True
+    sketch_min_similarity: float = 0.5
 
 
 @dataclass
@@ -386,10 +388,11 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
         _one_of(cfg, "contribution.guards.noise_rule")
     if _get(cfg, "contribution.guards.noise_placebos") is not None:
         _at_least(cfg, "contribution.guards.noise_placebos", 2)
-    if _get(cfg, "contribution.guards.duplicate_min_fraction") is not None:
-        _in_range(cfg, "contribution.guards.duplicate_min_fraction", 0.0, 1.0, "(0, 1]")
-        if _number(cfg, "contribution.guards.duplicate_min_fraction") == 0:
-            raise ConfigError("contribution.guards.duplicate_min_fraction", 0, "must be in (0, 1]")
+    for key in ("duplicate_min_fraction", "sketch_min_similarity"):
+        if _get(cfg, f"contribution.guards.{key}") is not None:
+            _in_range(cfg, f"contribution.guards.{key}", 0.0, 1.0, "(0, 1]")
+            if _number(cfg, f"contribution.guards.{key}") == 0:
+                raise ConfigError(f"contribution.guards.{key}", 0, "must be in (0, 1]")
     if _get(cfg, "contribution.guards.duplicate_min_excess") is not None:
         _in_range(cfg, "contribution.guards.duplicate_min_excess", 0.0, math.inf, "[0, inf)")
     if method == "exact":

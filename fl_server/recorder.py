@@ -223,17 +223,20 @@ def guard_metrics(contribution: RoundContribution) -> dict[str, float]:
     """The guards' findings (none when they are off): per factory seen, ``withheld`` (1: its
     pay is withheld, its updates cannot yet be told from noise) and ``noise_z`` (the test's
     statistic over its rounds); per scored factory ``duplicate`` (1: scored in a duplicate
-    group); and ``server/withheld``, ``server/duplicate_groups`` (counts)."""
+    group) and ``record_sketch`` (1: the server held its record sketch); and
+    ``server/withheld``, ``server/duplicate_groups`` (counts)."""
     if not contribution.noise_z:
         return {}
     held = set(contribution.withheld)
     grouped = {m for g in contribution.groups for m in g}
+    sketched = set(contribution.sketched)
     out: dict[str, float] = {}
     for fid, z in contribution.noise_z.items():
         out[f"factory/{fid}/withheld"] = 1.0 if fid in held else 0.0
         out[f"factory/{fid}/noise_z"] = float(z)
     for fid in contribution.scores:
         out[f"factory/{fid}/duplicate"] = 1.0 if fid in grouped else 0.0
+        out[f"factory/{fid}/record_sketch"] = 1.0 if fid in sketched else 0.0
     out["server/withheld"] = float(len(held))
     out["server/duplicate_groups"] = float(len(contribution.groups))
     return out
@@ -241,8 +244,17 @@ def guard_metrics(contribution: RoundContribution) -> dict[str, float]:
 
 def guard_tags(contribution: RoundContribution) -> dict[str, str]:
     """``factory/<id>/duplicate_group``: the members of the group it was scored in this round
-    (comma-separated, itself included)."""
-    return {f"factory/{m}/duplicate_group": ",".join(g) for g in contribution.groups for m in g}
+    (comma-separated, itself included); ``factory/<id>/duplicate_by``: what found it,
+    ``records`` (overlapping record sketches), ``updates`` (similar updates) or both."""
+    by_records = {m for g in contribution.record_groups for m in g}
+    by_updates = {m for p in contribution.pairs for m in p}
+    tags: dict[str, str] = {}
+    for g in contribution.groups:
+        for m in g:
+            tags[f"factory/{m}/duplicate_group"] = ",".join(g)
+            found = [w for w, s in (("records", by_records), ("updates", by_updates)) if m in s]
+            tags[f"factory/{m}/duplicate_by"] = "+".join(found) or "updates"
+    return tags
 
 
 def payout_metrics(
@@ -405,7 +417,9 @@ class RoundRecorder:
         """One round of the per-factory history: ``{"round", "status", "epsilon",
         "contribution"}``, each a ``{factory: value}`` map (plain JSON), and with the guards on
         ``"withheld"`` (ids), ``"duplicate_groups"`` (lists of ids), ``"alignment"`` and
-        ``"duplicate_pairs"`` (what a resumed run's guards are restored from)."""
+        ``"duplicate_pairs"`` (what a resumed run's guards are restored from),
+        ``"record_groups"`` (the groups whose record sketches overlap) and ``"sketched"`` (the
+        factories whose record sketch the server held)."""
         guards = {}
         c = record.contribution
         if c is not None and c.noise_z:
@@ -414,6 +428,8 @@ class RoundRecorder:
                 "duplicate_groups": [list(g) for g in c.groups],
                 "alignment": {f: float(v) for f, v in sorted(c.alignment.items())},
                 "duplicate_pairs": [list(p) for p in c.pairs],
+                "record_groups": [list(g) for g in c.record_groups],
+                "sketched": list(c.sketched),
             }
         return {
             "round": record.server_round,

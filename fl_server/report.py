@@ -168,6 +168,7 @@ def guard_lines(summary: Mapping[str, Any]) -> list[str]:
         return []
     held = list(scored[-1].get("withheld") or [])
     groups = sorted({tuple(g) for r in scored for g in r.get("duplicate_groups") or []})
+    by_records = {tuple(g) for r in scored for g in r.get("record_groups") or []}
     lines = []
     if held:
         names = ", ".join(held[:10]) + (f" and {len(held) - 10} more" if len(held) > 10 else "")
@@ -176,9 +177,14 @@ def guard_lines(summary: Mapping[str, Any]) -> list[str]:
             "be told from random noise (noise test of `contribution.guards`)."
         )
     for group in groups:
+        why = (
+            "train on the same records (their record sketches overlap)"
+            if group in by_records
+            else "sent copies of each other's updates"
+        )
         lines.append(
-            f"**Scored as one factory**: {', '.join(group)} sent copies of each other's updates; "
-            "the group's credit is split equally."
+            f"**Scored as one factory**: {', '.join(group)} {why}; the group's credit is split "
+            "equally."
         )
     return [*lines, ""] if lines else []
 

@@ -18,7 +18,8 @@ strategy (FedAvg, FedProx, ...) and adds, in one place for all of them:
   neither be paid nor be blamed for another's update;
 * contribution scoring (optional): before the real aggregation, each accepted factory's
   contribution is estimated from coalition models built with the inner strategy's own rule
-  (:mod:`strategies.contribution`).
+  (:mod:`strategies.contribution`), with the record sketches accepted factories reported, so
+  factories holding the same records are scored and aggregated as one.
 
 A resumed run gives ``round_offset`` (the rounds completed before) at construction: Flower
 counts from 1 again, and :meth:`FactoryFedStrategy.true_round` is the one place that turns its
@@ -50,6 +51,7 @@ from fl_common.protocol import (
     ProtocolError,
     TrainReply,
     claimed_factory_id,
+    decode_sketch,
     reply_metrics,
 )
 from strategies.contribution.coalitions import (
@@ -107,6 +109,9 @@ class FactoryFedStrategy(Strategy):
         #: This round's accepted updates as numpy, converted once by :meth:`classify` and
         #: reused by contribution scoring.
         self._updates: dict[str, State] = {}
+        #: This round's record sketches of accepted factories (reply key ``record-sketch``),
+        #: handed to the scorer's duplicate guard.
+        self._sketches: dict[str, np.ndarray] = {}
 
     def true_round(self, flower_round: int) -> int:
         """The run's round for Flower's count in this process (the one place it is shifted)."""
@@ -239,6 +244,8 @@ class FactoryFedStrategy(Strategy):
         if why is not None:
             return FactoryOutcome(factory_id, REJECTED, why, metrics, node_id)
         self._updates.setdefault(factory_id, update)
+        if reply.record_sketch and factory_id not in self._sketches:
+            self._sketches[factory_id] = decode_sketch(reply.record_sketch)
         return FactoryOutcome(factory_id, ACCEPTED, "", metrics, node_id)
 
     def aggregate_train(
@@ -250,7 +257,7 @@ class FactoryFedStrategy(Strategy):
         report = RoundReport(server_round)
         accepted: list[Message] = []
         accepted_ids: list[str] = []
-        self._updates = {}
+        self._updates, self._sketches = {}, {}
         for msg in replies:
             outcome = self.classify(msg)
             report.add(outcome)
@@ -303,7 +310,7 @@ class FactoryFedStrategy(Strategy):
                 )
             arrays, metrics = self.inner.aggregate_train(server_round, merged)
             result = (self.keep_dtypes(arrays), metrics)
-        self._updates = {}
+        self._updates, self._sketches = {}, {}
         if self.on_round is not None:
             self.on_round(RoundRecord(report, contribution, tuple(accepted_ids), epsilons))
         return result
@@ -346,7 +353,10 @@ class FactoryFedStrategy(Strategy):
             aggregator = coalition_aggregator(
                 self.inner, server_round, accepted, self._reference, updates
             )
-            return self.scorer.score_round(server_round, factory_ids, aggregator, self._reference)
+            sketches = {f: self._sketches[f] for f in factory_ids if f in self._sketches}
+            return self.scorer.score_round(
+                server_round, factory_ids, aggregator, self._reference, sketches
+            )
         except Exception as exc:  # scoring is bookkeeping: the round itself must go on
             log(
                 WARNING,

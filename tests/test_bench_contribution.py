@@ -23,10 +23,11 @@ def test_the_federation_without_the_copy_keeps_everyone_else_as_they_were(tmp_pa
 
 def test_a_merged_copy_earns_the_pair_exactly_what_the_original_earns_alone() -> None:
     """Same data, ids and DP noise for everyone else: with the copy merged into its original
-    (record sketches handed to the scorer) the round is the same game, so the pair's scores
-    sum to the original's in the federation without the copy, and nobody else's moves."""
+    (by the record sketches the factories' rounds made, as the server gets them) the round is
+    the same game, so the pair's scores sum to the original's in the federation without the
+    copy, and nobody else's moves."""
     task = get_task("molding_quality")
-    label = "linearised+sketch"
+    label = "linearised"
     est = {"linearised": ESTIMATORS["linearised"]}
     run = federated_run(task, 0, 1, est, 8.0, product_guards=(label,))
     alone = federated_run(task, 0, 1, est, 8.0, product_guards=(label,), absent=("duplicate",))

@@ -12,6 +12,7 @@ import functools
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -21,7 +22,8 @@ from tiny_task import molding_frame
 
 from fl_client.privacy import PrivacyLedger, epsilon_of, plan_noise_multiplier
 from fl_client.training import sample_rate_for, steps_per_epoch
-from fl_common.protocol import DECLINED, TrainReply
+from fl_common.protocol import DECLINED, TrainReply, decode_sketch, encode_sketch
+from fl_common.sketch import fingerprint_similarity, record_fingerprint
 from fl_server.recorder import RoundRecorder
 from fl_server.tracking import MlflowTracker
 from standard_models.registry import get_task
@@ -203,3 +205,63 @@ def test_the_server_records_a_policy_decline(as_node, plant: dict, tmp_path: Pat
     [failure] = json.loads(Path(path).read_text())
     assert (failure["factory"], failure["status"]) == ("plant", "declined")
     assert failure["reason"].startswith("privacy policy: 'dp'")
+
+
+SKETCH_KEY = "the-factories-own-secret"
+
+
+def _sketch(reply: Message) -> bytes | None:
+    return TrainReply.from_message(reply).record_sketch or None
+
+
+def test_a_deployed_factory_sends_a_record_sketch_only_with_its_own_key(
+    as_node, plant: dict, tmp_path: Path
+) -> None:
+    """No key in the node config, no sketch; with one, the sketch of the file's records, which
+    a factory holding the same records under another name matches and a stranger does not."""
+    assert _sketch(as_node(_config(), plant)) is None
+    keyed = {**plant, "record-sketch-key": SKETCH_KEY}
+    mine = _sketch(as_node(_config(**{"run-id": "r1"}), keyed))
+    assert mine == encode_sketch(
+        record_fingerprint(pd.read_parquet(plant["data-path"]), SKETCH_KEY)
+    )
+    copy = tmp_path / "copy.parquet"
+    copy.write_bytes(Path(plant["data-path"]).read_bytes())
+    other = tmp_path / "other.parquet"
+    molding_frame(ROWS, 7).to_parquet(other)
+
+    def sketch_of(path: Path, name: str) -> np.ndarray:
+        node = {**keyed, "data-path": str(path), "factory-id": name,
+                "ledger-path": str(tmp_path / f"{name}.json")}  # fmt: skip
+        sent = _sketch(as_node(_config(), node))
+        assert sent is not None
+        return decode_sketch(sent)
+
+    assert fingerprint_similarity(decode_sketch(mine), sketch_of(copy, "copier")) == 1.0
+    assert fingerprint_similarity(decode_sketch(mine), sketch_of(other, "stranger")) == 0.0
+
+
+def test_a_simulated_factory_sketches_under_the_run_s_key(as_node, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    frame = molding_frame(ROWS, 0)
+    frame.to_parquet(data_dir / "factory_000.parquet")
+    node = {"partition-id": 0, "ledger-path": str(tmp_path / "sim.json")}
+    first = _sketch(as_node(_config(**{"dp": False, "data-dir": str(data_dir)}), node))
+    again = _sketch(as_node(_config(**{"dp": False, "data-dir": str(data_dir)}), node))
+    later = _sketch(
+        as_node(_config(**{"dp": False, "data-dir": str(data_dir), "run-id": "r9"}), node)
+    )
+    assert first is not None and first == again  # one key for the run's factories
+    assert later is not None and later != first  # another run, another key
+
+
+@pytest.mark.parametrize("key", ["short", 12345])
+def test_a_bad_sketch_key_is_answered_with_the_key_before_any_data(
+    as_node, plant: dict, reads: list[str], key
+) -> None:
+    reply = as_node(_config(), {**plant, "record-sketch-key": key})
+    status, reason = _status(reply)
+    assert status == "error"
+    assert "node config record-sketch-key: must be a string of 16 to 64 bytes" in reason
+    assert reads == [] and not Path(plant["ledger-path"]).exists()

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from fl_common.sketch import fingerprint_similarity, record_fingerprint
 from strategies.contribution.guards import (
     NoiseVerdict,
     alignment_statistic,
@@ -13,12 +14,10 @@ from strategies.contribution.guards import (
     duplicate_pairs,
     excess_cosines,
     fingerprint_groups,
-    fingerprint_similarity,
     flat_deltas,
     merge_groups,
     noise_test,
     pairwise_cosines,
-    record_fingerprint,
     split_group_credit,
     withhold_unproven,
 )
@@ -309,3 +308,30 @@ def test_the_scorer_pays_a_copy_nothing_extra_and_withholds_noise():
     resumed = ContributionScorer("exact", score, guards=ALIGNMENT)
     resumed.resume([{"alignment": got.alignment, "duplicate_pairs": got.pairs}])
     assert resumed.guard is not None and resumed.guard._rounds == guarded.guard._rounds
+
+
+def test_record_sketches_group_a_copy_the_updates_cannot_see():
+    """Updates of pure noise (no pair stands out) and a copy known only by its record sketch:
+    the sketch groups it, the newest sketch of a factory counts, and switched off it does not."""
+    rng = np.random.default_rng(8)
+    frames = [pd.DataFrame(rng.normal(size=(500, 3)), columns=list("xyz")) for _ in range(4)]
+    key = "0123456789abcdef"
+    sketches = {f"f{i}": record_fingerprint(f, key) for i, f in enumerate(frames)}
+    sketches["f3"] = sketches["f0"].copy()  # f3 trains on f0's records
+    ids = list(sketches)
+    guard = ContributionGuard(GuardConfig(noise_test=False))
+    assert guard.observe_sketches(sketches) == [frozenset({"f0", "f3"})]
+    found = guard.observe(ids, rng.normal(size=(4, DIM)), [100.0] * 4)
+    assert found.pairs == () and found.groups == (("f0", "f3"),)
+    assert found.record_groups == (("f0", "f3"),)
+    # A group needs both members in the round.
+    assert guard.observe(ids[:3], rng.normal(size=(3, DIM)), [100.0] * 3).groups == ()
+    # f3 now reports other records: the group dissolves; f1's earlier sketch is kept.
+    guard.observe_sketches({"f3": record_fingerprint(frames[3], key)})
+    assert guard.observe(ids, rng.normal(size=(4, DIM)), [100.0] * 4).groups == ()
+    assert set(guard.sketches) == set(ids)
+    off = ContributionGuard(GuardConfig(noise_test=False, record_sketches=False))
+    assert off.observe_sketches(sketches) == []
+    assert off.observe(ids, rng.normal(size=(4, DIM)), [100.0] * 4).groups == ()
+    with pytest.raises(ValueError, match="sketch_min_similarity must be in"):
+        GuardConfig(sketch_min_similarity=0)

@@ -6,9 +6,10 @@ ClientApp): the free-rider must be withheld and paid nothing, the copy and its o
 scored as one factory and split its credit, and all of it must be in MLflow, in the
 hash-chained ledger (which still verifies and still adds up) and in the statements a firm reads.
 
-Without sample-level DP, so that the copy's update equals its original's (both train the same
-records with the run's seed); under DP-SGD each factory's independent noise hides a copy on a
-task as small as ``molding_quality``, as the contribution benchmark reports.
+Without sample-level DP the copy's update equals its original's (both train the same records
+with the run's seed), so both rules find it; under DP-SGD each factory's independent noise hides
+a copy's update on a task as small as ``molding_quality``, and only the record sketches every
+simulated factory sends find it (the second test).
 """
 
 import json
@@ -96,6 +97,9 @@ def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
     assert all(r["withheld"] == [NOISE] for r in scored)
     assert all(r["duplicate_groups"] == [[ORIGINAL, COPY]] for r in scored)
     assert all(r["contribution"][ORIGINAL] == r["contribution"][COPY] for r in scored)
+    # Found both ways: its records (every simulated factory sends a sketch) and its updates.
+    assert all(r["record_groups"] == [[ORIGINAL, COPY]] for r in scored)
+    assert all(len(r["sketched"]) == 5 for r in scored)
     client = MlflowClient(tracking_uri=cfg.tracking.uri)
     run_id = summary["mlflow_run_id"]
     history = client.get_metric_history
@@ -105,6 +109,8 @@ def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
     assert [m.value for m in history(run_id, "server/duplicate_groups")] == [1.0] * 2
     tags = client.get_run(run_id).data.tags
     assert tags[f"factory/{COPY}/duplicate_group"] == f"{ORIGINAL},{COPY}"
+    assert tags[f"factory/{COPY}/duplicate_by"].startswith("records")
+    assert [m.value for m in history(run_id, f"factory/{NOISE}/record_sketch")] == [1.0] * 2
     assert "**Pay withheld** from factory_004" in tags["mlflow.note.content"]
     assert f"**Scored as one factory**: {ORIGINAL}, {COPY}" in tags["mlflow.note.content"]
 
@@ -129,3 +135,44 @@ def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
     )
     assert statement["paid_less"][0].startswith("Pay withheld in 2 round(s)")
     assert statement["verified"]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_under_dp_a_copy_is_found_by_its_record_sketch_and_paid_as_one(tmp_path):
+    """The product's defaults (DP-SGD at epsilon 8, linearised scoring, both guards): a factory
+    training on a copy of another's file is grouped with it in every round by the sketches."""
+    cfg = finalize(
+        compose_config(
+            [
+                "task=molding_quality",
+                "federation.num_factories=4",
+                "federation.num_rounds=2",
+                "partition=iid",
+                f"rewards.amount={AMOUNT}",
+                "tracking.register_model=false",
+                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                f"tracking.artifact_root={tmp_path / 'artifacts'}",
+                f"data_root={tmp_path / 'data'}",
+            ]
+        ),
+        base=tmp_path,
+        output_dir=tmp_path / "out",
+    )
+    assert cfg.privacy.enabled and cfg.contribution.guards.record_sketches
+    data_dir, _ = ensure_data(cfg)
+    shutil.copyfile(data_dir / f"{ORIGINAL}.parquet", data_dir / f"{COPY}.parquet")
+
+    summary = run_inprocess(cfg, quiet=True)
+
+    scored = [r for r in summary["factory_rounds"] if "record_groups" in r]
+    assert len(scored) == 2
+    assert all(r["record_groups"] == [[ORIGINAL, COPY]] for r in scored)
+    assert all(r["duplicate_groups"] == [[ORIGINAL, COPY]] for r in scored)
+    assert all(r["contribution"][ORIGINAL] == r["contribution"][COPY] for r in scored)
+    tags = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(summary["mlflow_run_id"]).data.tags
+    assert tags[f"factory/{COPY}/duplicate_by"] in ("records", "records+updates")
+    entries = RewardLedger(summary["ledger"]).entries(run_id=summary["mlflow_run_id"])
+    assert {e.duplicate_group for e in entries if e.factory_id in (ORIGINAL, COPY)} == {
+        f"{ORIGINAL},{COPY}"
+    }

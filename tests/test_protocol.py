@@ -7,10 +7,14 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fl_common.protocol import (
     ACCEPTED,
     DECLINED,
+    MAX_SKETCH_HASHES,
+    RECORD_SKETCH,
     REPLY_RECORD,
     ProtocolError,
     TrainInstruction,
     TrainReply,
+    decode_sketch,
+    encode_sketch,
 )
 from fl_server.config import compose_config
 from fl_server.server_app import train_instruction
@@ -148,3 +152,29 @@ def test_an_accepted_reply_needs_exactly_one_array_record():
     content = TrainReply("f1", ACCEPTED, metrics={"num-examples": 1}).to_record()
     with pytest.raises(ProtocolError, match="one ArrayRecord and one MetricRecord"):
         TrainReply.from_record(content)
+
+
+def test_a_record_sketch_travels_in_the_reply_record_and_a_bad_one_is_named():
+    hashes = np.array([2**64 - 1, 7, 2**40], dtype=np.uint64)
+    arrays = ArrayRecord([np.ones(2, np.float32)])
+    sent = TrainReply(
+        "f1",
+        ACCEPTED,
+        arrays=arrays,
+        metrics={"num-examples": 3},
+        record_sketch=encode_sketch(hashes),
+    )
+    content = sent.to_record()
+    assert len(content.metric_records) == 1  # the sketch stays out of the strategies' metrics
+    back = TrainReply.from_record(content)
+    np.testing.assert_array_equal(decode_sketch(back.record_sketch), np.sort(hashes))
+    assert TrainReply.from_record(TrainReply("f1", DECLINED).to_record()).record_sketch == b""
+    for bad, message in [
+        (b"1234567", "whole number of 8-byte hashes, got 7 bytes"),
+        (b"\0" * 8 * (MAX_SKETCH_HASHES + 1), f"more than {MAX_SKETCH_HASHES}"),
+        ("abcdefgh", "must be bytes, got str"),
+    ]:
+        content[REPLY_RECORD][RECORD_SKETCH] = bad
+        with pytest.raises(ProtocolError, match=f"'{RECORD_SKETCH}' .*{message}"):
+            TrainReply.from_record(content)
+

@@ -174,8 +174,11 @@ def test_the_description_says_who_was_paid_less_and_why() -> None:
     ]
     text = run_description(summary)
     assert "**Pay withheld** from factory_003" in text
-    assert "**Scored as one factory**: factory_000, factory_002" in text
+    assert "**Scored as one factory**: factory_000, factory_002 sent copies" in text
     assert "Pay withheld" not in run_description(_summary())
+    for r in summary["factory_rounds"]:
+        r["record_groups"] = [["factory_000", "factory_002"]]
+    assert "factory_000, factory_002 train on the same records" in run_description(summary)
 
 
 def test_a_long_list_of_withheld_factories_is_cut_short() -> None:

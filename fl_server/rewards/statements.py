@@ -192,9 +192,10 @@ def paid_less_notes(entries: Sequence[Mapping[str, Any]]) -> list[str]:
             groups.setdefault(e["duplicate_group"], []).append(e["round"])
     for group, rounds in groups.items():
         notes.append(
-            f"In {len(rounds)} round(s) ({_rounds_text(rounds)}) the updates of "
-            f"{group.replace(',', ', ')} were copies of each other: the group was scored as "
-            "one factory and its credit split equally among its members."
+            f"In {len(rounds)} round(s) ({_rounds_text(rounds)}) "
+            f"{group.replace(',', ', ')} were copies of each other (the same records, by "
+            "their record sketches, or updates too alike for independent training): the group "
+            "was scored as one factory and its credit split equally among its members."
         )
     return notes
 

@@ -43,7 +43,8 @@ two shares with everyone else (:func:`excess_cosines`) by far more than independ
 allows, in at least half the rounds both took part in. Under heavy DP noise the data's own
 direction is buried (the contribution benchmark finds copies this way on ``tep_fault`` but not
 on ``molding_quality``), so the second rule compares keyed MinHash sketches of the factories'
-records, which a factory computes at home and reports without revealing a record.
+records (:mod:`fl_common.sketch`), which a factory computes at home and sends with every reply
+without revealing a record (:meth:`ContributionGuard.observe_sketches`).
 :func:`split_group_credit` then pays each group as one factory: its members' summed score is
 replaced by their mean (what one copy of the shared data is worth when both copies are
 present), split equally among the members. The server does better (:class:`ContributionGuard`,
@@ -60,9 +61,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-import pandas as pd
 import torch
 from scipy import stats
+
+from fl_common.sketch import fingerprint_similarity
 
 State = Mapping[str, np.ndarray]
 
@@ -445,52 +447,6 @@ def duplicate_pairs(
     return [(int(i), int(j)) for i, j in zip(iu[hit], ju[hit], strict=True)]
 
 
-def record_fingerprint(
-    frame: pd.DataFrame, key: str, size: int = 256, decimals: int = 4
-) -> np.ndarray:
-    """A bottom-``size`` MinHash sketch of a factory's records, keyed by a federation secret.
-
-    Each record (row; numbers rounded to ``decimals`` so re-encoding does not change it) is
-    hashed, the hash is hashed again with keyed BLAKE2b (``key``: 16 to 64 bytes, shared by the
-    factories), and the ``size`` smallest keyed hashes are kept. Two factories compare sketches
-    (:func:`fingerprint_similarity`) to estimate how
-    many records they share without revealing any: without the key a hash says nothing about
-    its record, and a sketch holds ``size`` hashes however large the data. A factory computes
-    it at home and reports it; records perturbed beyond the rounding escape it (and are then
-    different, noisier data).
-    """
-    secret = key.encode()
-    if not 16 <= len(secret) <= 64:
-        raise ValueError(f"fingerprint key must be 16 to 64 bytes, got {len(secret)}")
-    if size < 1:
-        raise ValueError(f"fingerprint size must be positive, got {size}")
-    rows = pd.util.hash_pandas_object(frame.round(decimals), index=False).to_numpy(np.uint64)
-    keyed = np.fromiter(
-        (
-            int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8, key=secret).digest(), "big")
-            for r in rows
-        ),
-        dtype=np.uint64,
-        count=rows.size,
-    )
-    return np.unique(keyed)[:size]
-
-
-def fingerprint_similarity(a: np.ndarray, b: np.ndarray) -> float:
-    """Estimated Jaccard similarity of two factories' record sets from bottom-k sketches.
-
-    The standard bottom-k estimator: among the ``k`` smallest hashes of the union of both
-    sketches (``k`` the smaller sketch size), the fraction present in both.
-    """
-    a, b = np.unique(np.asarray(a, np.uint64)), np.unique(np.asarray(b, np.uint64))
-    k = min(a.size, b.size)
-    if k == 0:
-        return 0.0
-    union = np.union1d(a, b)[:k]
-    both = np.intersect1d(a, b)
-    return float(np.isin(union, both).sum() / k)
-
-
 def fingerprint_groups(
     fingerprints: Mapping[str, np.ndarray], min_similarity: float = 0.5
 ) -> list[frozenset[str]]:
@@ -608,6 +564,11 @@ class GuardConfig:
         (:func:`~strategies.contribution.coalitions.merge_players`).
     duplicate_min_excess, duplicate_alpha: :func:`duplicate_pairs`' thresholds.
     duplicate_min_fraction: :func:`duplicate_groups`' share of rounds a pair must be flagged in.
+    record_sketches: also group factories whose reported record sketches
+        (:func:`record_fingerprint`) overlap by at least ``sketch_min_similarity``
+        (:func:`fingerprint_groups`); needs ``merge_duplicates``.
+    sketch_min_similarity: estimated Jaccard similarity of two record sets that makes them a
+        group, in ``(0, 1]``.
     """
 
     noise_test: bool = True
@@ -618,6 +579,8 @@ class GuardConfig:
     duplicate_min_excess: float = 0.05
     duplicate_alpha: float = DEFAULT_ALPHA
     duplicate_min_fraction: float = 0.5
+    record_sketches: bool = True
+    sketch_min_similarity: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("noise_alpha", "duplicate_alpha"):
@@ -638,6 +601,11 @@ class GuardConfig:
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
             raise ValueError(
                 f"contribution.guards.duplicate_min_fraction must be in (0, 1], got {value!r}"
+            )
+        value = self.sketch_min_similarity
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise ValueError(
+                f"contribution.guards.sketch_min_similarity must be in (0, 1], got {value!r}"
             )
         value = self.duplicate_min_excess
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
@@ -678,6 +646,8 @@ class RoundGuard:
         each): each is scored as one player.
     verdicts: the noise test over every round so far, for every factory seen.
     withheld: the factories whose pay is withheld (their verdict is not ``paid``), sorted.
+    record_groups: the groups of this round's factories whose record sketches overlap (each
+        within one of ``groups``): why a group was formed, beside ``pairs``.
     """
 
     alignment: dict[str, float]
@@ -685,6 +655,7 @@ class RoundGuard:
     groups: tuple[tuple[str, ...], ...]
     verdicts: dict[str, NoiseVerdict]
     withheld: tuple[str, ...]
+    record_groups: tuple[tuple[str, ...], ...] = ()
 
 
 class ContributionGuard:
@@ -704,6 +675,25 @@ class ContributionGuard:
         #: Groups known from elsewhere (e.g. :func:`fingerprint_groups` of sketches the
         #: factories had to report), scored as one player like detected ones.
         self.known_groups: list[frozenset[str]] = []
+        #: The latest record sketch each factory reported (:meth:`observe_sketches`).
+        self.sketches: dict[str, np.ndarray] = {}
+        self._record_groups: list[frozenset[str]] = []
+
+    def observe_sketches(self, sketches: Mapping[str, np.ndarray]) -> list[frozenset[str]]:
+        """Keep each factory's latest record sketch and regroup the factories by them.
+
+        A factory's newest sketch replaces its older one (its data may have changed), and one
+        that has not reported keeps its last. Returns the groups of overlapping record sets
+        (:func:`fingerprint_groups` at ``sketch_min_similarity``), which :meth:`observe`
+        then scores as one player; none when ``record_sketches`` or ``merge_duplicates`` is off.
+        """
+        cfg = self.config
+        self.sketches.update({str(f): np.asarray(v, np.uint64) for f, v in sketches.items()})
+        if cfg.record_sketches and cfg.merge_duplicates and len(self.sketches) > 1:
+            self._record_groups = fingerprint_groups(self.sketches, cfg.sketch_min_similarity)
+        else:
+            self._record_groups = []
+        return list(self._record_groups)
 
     def _add(self, ids: Sequence[str], z: Mapping[str, float], pairs: Sequence[tuple[str, str]]):
         for fid in ids:
@@ -743,20 +733,26 @@ class ContributionGuard:
         for fid, v in alignment.items():
             self._z.setdefault(fid, []).append(v)
         decided = self._decide(list(alignment), alignment, list(found.pairs))
-        return replace(decided, groups=found.groups)
+        return replace(decided, groups=found.groups, record_groups=found.record_groups)
 
     def _decide(
         self, ids: Sequence[str], alignment: dict[str, float], pairs: list[tuple[str, str]]
     ) -> RoundGuard:
         cfg = self.config
         groups: list[tuple[str, ...]] = []
+        by_records: list[tuple[str, ...]] = []
         if cfg.merge_duplicates:
             present = set(ids)
             detected = duplicate_groups(self._rounds, cfg.duplicate_min_fraction)
-            for group in merge_groups([], detected + list(self.known_groups)):
+            known = list(self.known_groups) + list(self._record_groups)
+            for group in merge_groups([], detected + known):
                 members = tuple(sorted(group & present))
                 if len(members) > 1:
                     groups.append(members)
+            for group in self._record_groups:
+                members = tuple(sorted(group & present))
+                if len(members) > 1:
+                    by_records.append(members)
         verdicts = noise_test(self._z, cfg.noise_alpha)
         withheld = (
             tuple(sorted(f for f, v in verdicts.items() if not v.paid)) if cfg.noise_test else ()
@@ -767,6 +763,7 @@ class ContributionGuard:
             groups=tuple(groups),
             verdicts=verdicts,
             withheld=withheld,
+            record_groups=tuple(by_records),
         )
 
     def restore(self, rounds: Sequence[Mapping[str, object]]) -> None:

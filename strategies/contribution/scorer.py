@@ -76,7 +76,9 @@ class RoundContribution:
     noise; ``groups`` the duplicate groups scored as one player this round; ``alignment`` each
     scored factory's noise score this round (placebo or alignment ``z``); ``noise_z`` every
     factory's test statistic
-    over its rounds so far; ``pairs`` this round's flagged pairs.
+    over its rounds so far; ``pairs`` this round's flagged pairs; ``record_groups`` the groups
+    whose reported record sketches overlap; ``sketched`` this round's factories whose record
+    sketch the server holds.
     """
 
     server_round: int
@@ -93,6 +95,8 @@ class RoundContribution:
     alignment: dict[str, float] = field(default_factory=dict)
     noise_z: dict[str, float] = field(default_factory=dict)
     pairs: tuple[tuple[str, str], ...] = ()
+    record_groups: tuple[tuple[str, ...], ...] = ()
+    sketched: tuple[str, ...] = ()
 
     def group_of(self, factory_id: str) -> tuple[str, ...]:
         """The duplicate group ``factory_id`` was scored in this round (empty: none)."""
@@ -158,8 +162,13 @@ class ContributionScorer:
         factory_ids: Sequence[str],
         aggregator: CoalitionAggregator,
         reference: State,
+        sketches: Mapping[str, np.ndarray] | None = None,
     ) -> RoundContribution:
-        """Contribution of each factory in ``factory_ids`` (the players, in aggregator order)."""
+        """Contribution of each factory in ``factory_ids`` (the players, in aggregator order).
+
+        ``sketches``: the record sketches this round's replies carried (``{id: hashes}``); the
+        guard keeps each factory's latest and groups overlapping record sets.
+        """
         start = time.perf_counter()
         ids = list(factory_ids)
         found = None
@@ -168,6 +177,7 @@ class ContributionScorer:
         weights: list[float] = []
         deltas = np.zeros((0, 0))
         if self.guard is not None and ids:
+            self.guard.observe_sketches(sketches or {})
             updates, weights = round_updates(aggregator)
             deltas = flat_deltas(updates, reference)
             found = self.guard.observe(ids, deltas, weights)
@@ -205,6 +215,8 @@ class ContributionScorer:
                 "alignment": found.alignment,
                 "noise_z": {f: v.z for f, v in sorted(found.verdicts.items())},
                 "pairs": found.pairs,
+                "record_groups": found.record_groups,
+                "sketched": tuple(f for f in ids if f in self.guard.sketches),
             }
         return RoundContribution(
             server_round=int(server_round),
