@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from cryptography import x509
 
 from fl_server import cli
 from fl_server.cli.data import make
+from fl_server.launch.flower_config import write_toml
 from standard_models import PartitionConfig
 from standard_models.datafiles import data_matches
 
@@ -173,3 +175,24 @@ def test_deploy_options_are_typed(tmp_path, option, capsys):
     argv = ["deploy", "supernode", "--bundle", "b", "--home", str(tmp_path), option, "many"]
     assert cli.main(argv) == 2
     assert "is not a valid integer" in capsys.readouterr().err
+
+
+def test_deploy_supernode_refuses_a_bad_record_sketch_key_file(tmp_path, capsys):
+    assert cli.main(["provision", "--out", str(tmp_path / "b"), "--num-factories", "1"]) == 0
+    short = tmp_path / "sketch.key"
+    short.write_text("too-short\n")
+    argv = ["deploy", "supernode", "--bundle", str(tmp_path / "b" / "factories" / "factory_000"),
+            "--home", str(tmp_path / "node"), "--record-sketch-key-file"]  # fmt: skip
+    capsys.readouterr()
+    assert cli.main([*argv, str(short)]) == 1
+    assert f"--record-sketch-key-file {short}: the key must be 16 to 64 bytes, got 9" in (
+        capsys.readouterr().err
+    )
+    assert cli.main([*argv, str(tmp_path / "absent.key")]) == 1
+    assert "--record-sketch-key-file" in capsys.readouterr().err
+
+
+def test_a_private_toml_file_is_the_owner_s_alone_from_the_start(tmp_path):
+    path = write_toml(tmp_path / "node-config.toml", {"record-sketch-key": "x" * 16}, private=True)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert tomllib.loads(path.read_text()) == {"record-sketch-key": "x" * 16}

@@ -245,6 +245,12 @@ def mlflow(
 @click.option("--port", type=int, default=9094, help="its runtime API port (9094)")
 @click.option("--epsilon-budget", type=float, help="this factory's own privacy budget")
 @click.option("--delta", type=float, help="this factory's own delta")
+@click.option(
+    "--record-sketch-key-file",
+    type=click.Path(dir_okay=False),
+    help="file holding the secret the factories share for record sketches (16 to 64 bytes; "
+    "never the operator's): with it, replies carry a keyed sketch of this factory's records",
+)
 @click.option("--max-retries", type=int, help="give up connecting after N tries")
 @click.option("--max-wait-time", type=float, help="give up connecting after S seconds")
 @click.option(
@@ -266,6 +272,7 @@ def supernode(
     port: int,
     epsilon_budget: float | None,
     delta: float | None,
+    record_sketch_key_file: str | None,
     max_retries: int | None,
     max_wait_time: float | None,
     wait_connected: float,
@@ -281,6 +288,18 @@ def supernode(
         extra["epsilon-budget"] = epsilon_budget
     if delta is not None:
         extra["delta"] = delta
+    if record_sketch_key_file is not None:
+        try:
+            key = Path(record_sketch_key_file).read_text().strip()
+        except OSError as exc:
+            return _fail("supernode", f"--record-sketch-key-file {record_sketch_key_file}: {exc}")
+        if not 16 <= len(key.encode()) <= 64:
+            return _fail(
+                "supernode",
+                f"--record-sketch-key-file {record_sketch_key_file}: the key must be 16 to 64 "
+                f"bytes, got {len(key.encode())}",
+            )
+        extra["record-sketch-key"] = key
     try:
         handle = flower.start_supernode(
             bundle,

@@ -236,7 +236,8 @@ def start_supernode(
         raise FileNotFoundError(f"{data}: the factory's data file (data-path) does not exist")
     ledger = Path(str(values.get("ledger-path", "")))
     ledger.parent.mkdir(parents=True, exist_ok=True)
-    nc_file = write_toml(home / "node-config.toml", values)
+    # Private: it may hold the factories' record-sketch key.
+    nc_file = write_toml(home / "node-config.toml", values, private=True)
     port, runtime_address = bind_port(host, port)
     env = _flower_process_env(flwr_home, task_poll_interval, extra_env)
     warm_socket: Path | None = None

@@ -17,11 +17,18 @@ import tomli_w
 DEFAULT_CONNECTION = "factoryfed"
 
 
-def write_toml(path: str | Path, document: Mapping[str, object]) -> Path:
-    """Write ``document`` as a TOML file (parent folders created; replaced in one step)."""
+def write_toml(path: str | Path, document: Mapping[str, object], private: bool = False) -> Path:
+    """Write ``document`` as a TOML file (parent folders created; replaced in one step).
+
+    ``private``: readable by the owner only (0600) from the moment it exists, for a file that
+    may hold a secret.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if private:
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     tmp.write_text(tomli_w.dumps(dict(document)))
     os.replace(tmp, path)
     return path
