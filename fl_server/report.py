@@ -189,6 +189,25 @@ def guard_lines(summary: Mapping[str, Any]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
+def training_line(training: Mapping[str, Any] | None) -> list[str]:
+    """What the factories trained with, naming the recipe when the DP one replaced the plain
+    settings (the params list both ``task.train.batch_size`` and ``dp_batch_size``)."""
+    if not training:
+        return []
+    recipe = (
+        "the task's DP-SGD recipe, `task.train.dp_batch_size` / `dp_lr`"
+        if training.get("recipe") == "dp"
+        else "`task.train.batch_size` / `lr`"
+    )
+    epochs = int(training.get("local_epochs", 1))
+    return [
+        f"**Factories trained** with batch {training['batch_size']} at learning rate "
+        f"{training['lr']:g} ({recipe}), {epochs} local epoch{'s' if epochs != 1 else ''} a "
+        "round.",
+        "",
+    ]
+
+
 def run_description(
     summary: Mapping[str, Any], failure: str | None = None, max_factories: int = 50
 ) -> str:
@@ -277,6 +296,7 @@ def run_description(
         f"**Task** {summary.get('task')} · **strategy** {summary.get('strategy')} · "
         f"**contribution** {summary.get('contribution', '-')} · **privacy** {dp}",
         "",
+        *training_line(summary.get("training")),
         f"Rejected, declined or failed replies: {problems or 'none'} "
         "(details in `failures.json`). Plots in `plots/`, statements in "
         "`rewards/statements/`.",

@@ -220,6 +220,7 @@ def run_summary(
             "min_run_epsilon": float(p.min_run_epsilon),
         },
         "factory_privacy": recorder.factory_privacy,
+        "training": training_settings(cfg),
         "rounds_run": recorder.num_rounds,
         "epsilon_client_level": budget.epsilon(recorder.num_rounds) if budget else None,
         "failures": recorder.failures,
@@ -231,6 +232,22 @@ def run_summary(
         "reward_carry": desk.book.carry if desk else None,
         "ledger": str(desk.path) if desk else None,
         "ledger_head": desk.ledger.head() if desk else None,
+    }
+
+
+def training_settings(cfg: DictConfig) -> dict:
+    """What every factory was told to train with (the instruction's values, not the config's
+    two recipes): ``batch_size``, ``lr``, ``local_epochs`` and ``recipe``, ``dp`` when the
+    task's DP-SGD recipe (``task.train.dp_batch_size``/``dp_lr``) replaced a plain value."""
+    t = cfg.task.train
+    dp = bool(cfg.privacy.enabled)
+    batch_size, lr = train_recipe(t, dp)
+    differs = (batch_size, lr) != (int(t.batch_size), float(t.lr))
+    return {
+        "batch_size": batch_size,
+        "lr": lr,
+        "local_epochs": int(t.local_epochs),
+        "recipe": "dp" if dp and differs else "plain",
     }
 
 

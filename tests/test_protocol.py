@@ -17,7 +17,8 @@ from fl_common.protocol import (
     encode_sketch,
 )
 from fl_server.config import compose_config
-from fl_server.server_app import train_instruction
+from fl_server.report import training_line
+from fl_server.server_app import train_instruction, training_settings
 
 
 def _instruction(**overrides) -> TrainInstruction:
@@ -178,3 +179,15 @@ def test_a_record_sketch_travels_in_the_reply_record_and_a_bad_one_is_named():
         with pytest.raises(ProtocolError, match=f"'{RECORD_SKETCH}' .*{message}"):
             TrainReply.from_record(content)
 
+
+def test_the_run_says_which_recipe_the_factories_trained_with():
+    """The MLflow params list both recipes; the summary and the description name the one sent."""
+    dp = training_settings(compose_config(["task=rul"]))
+    assert dp == {"batch_size": 256, "lr": 0.1, "local_epochs": 2, "recipe": "dp"}
+    plain = training_settings(compose_config(["task=rul", "privacy=none"]))
+    assert (plain["batch_size"], plain["recipe"]) == (64, "plain")
+    assert training_settings(compose_config(["task=molding_quality"]))["recipe"] == "plain"
+    text = "\n".join(training_line(dp))
+    assert "batch 256 at learning rate 0.1 (the task's DP-SGD recipe" in text
+    assert "(`task.train.batch_size` / `lr`)" in "\n".join(training_line(plain))
+    assert training_line(None) == []
