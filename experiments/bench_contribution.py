@@ -508,7 +508,7 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
     if reference not in runs[0]["rounds"][0]["scored"]:
         reference = next(iter(runs[0]["rounds"][0]["scored"]))
     for est in runs[0]["rounds"][0]["scored"]:
-        rhos, evals, secs, flip_rank = [], [], [], []
+        rhos, evals, secs, flip_rank, flip_trained = [], [], [], [], []
         stats: dict[str, list] = {
             "free_paid": [],
             "free_paid_guarded": [],
@@ -535,6 +535,9 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
             flip = next((f for f in run["ids"] if _kind(f) == "label_flip"), None)
             if flip is not None:
                 flip_rank.append(_ranks(cumulative)[flip])
+                # Among the factories that trained (the free-riders take the last places).
+                trained = {f: v for f, v in cumulative.items() if _kind(f) not in FREE_RIDERS}
+                flip_trained.append(_ranks(trained)[flip] >= len(trained) - 1)
             for guarded, suffix in ((False, ""), (True, "_guarded")):
                 paid = payouts(run, est, guarded)
                 stats["free_paid" + suffix].append(
@@ -553,6 +556,7 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
             "seconds_per_round": float(np.mean(secs)),
             "flip_rank_mean": float(np.mean(flip_rank)) if flip_rank else float("nan"),
             "flip_bottom2": float(np.mean([r >= 7 for r in flip_rank])) if flip_rank else 0.0,
+            "flip_bottom2_trained": float(np.mean(flip_trained)) if flip_trained else 0.0,
         }
         for key, values in stats.items():
             if key.startswith("free"):
@@ -690,14 +694,15 @@ def _print_table(title: str, stats: dict) -> None:
     print(
         f"{'estimator':<8} {'spearman':>8} {'(min)':>6} {'evals':>6} {'% exact':>7} "
         f"{'s/round':>7} {'free paid':>9} {'guarded':>7} {'dup gain':>8} {'guarded':>7} "
-        f"{'flip rank':>9}"
+        f"{'flip rank':>9} {'flip last 2 of trained':>22}"
     )
     for est, s in stats.items():
         print(
             f"{est:<8} {s['spearman']:8.3f} {s['spearman_min']:6.2f} {s['evaluations']:6.0f} "
             f"{s['evaluations_vs_reference']:7.1%} {s['seconds_per_round']:7.2f} "
             f"{s['free_paid_max']:9d} {s['free_paid_guarded_max']:7d} {s['dup_gain']:8.2f} "
-            f"{s['dup_gain_guarded']:7.2f} {s['flip_rank_mean']:9.1f}",
+            f"{s['dup_gain_guarded']:7.2f} {s['flip_rank_mean']:9.1f} "
+            f"{s['flip_bottom2_trained']:22.0%}",
             flush=True,
         )
 
