@@ -335,3 +335,27 @@ def test_record_sketches_group_a_copy_the_updates_cannot_see():
     assert off.observe(ids, rng.normal(size=(4, DIM)), [100.0] * 4).groups == ()
     with pytest.raises(ValueError, match="sketch_min_similarity must be in"):
         GuardConfig(sketch_min_similarity=0)
+
+
+def test_sketch_groups_match_the_pair_by_pair_comparison():
+    """Only pairs sharing a hash are compared; the groups are those of every pair compared."""
+    rng = np.random.default_rng(11)
+    pool = rng.integers(0, 2**63, 4000, dtype=np.uint64)
+    sketches = {}
+    for i in range(24):
+        shared = int(rng.uniform(0, 1) * 4000) if i % 2 else 0
+        own = rng.integers(0, 2**63, 4000, dtype=np.uint64)
+        sketches[f"f{i:02d}"] = np.unique(np.concatenate([pool[:shared], own[shared:]]))[:256]
+    ids = sorted(sketches)
+    for level in (0.05, 0.3, 0.5, 0.9):
+        pairwise = merge_groups(
+            [
+                (a, b)
+                for i, a in enumerate(ids)
+                for b in ids[i + 1 :]
+                if fingerprint_similarity(sketches[a], sketches[b]) >= level
+            ]
+        )
+        assert fingerprint_groups(sketches, level) == pairwise
+    assert fingerprint_groups(sketches, 0.05)  # the planted overlaps are found
+    assert fingerprint_groups({"only": sketches["f00"]}) == []

@@ -454,15 +454,31 @@ def fingerprint_groups(
 
     Returns connected components of the similar pairs (two or more members), sorted by their
     smallest id; a pair of honest factories shares no records and scores about 0.
+
+    Only pairs whose sketches share a hash can reach a positive similarity, so the pairs are
+    found from one sort of all hashes (which factories hold each hash held more than once) and
+    only those are compared: about linear in the federation's size where honest factories share
+    nothing (0.9 s a round at 100 factories compared pair by pair).
     """
     if not 0.0 < min_similarity <= 1.0:
         raise ValueError(f"min_similarity must be in (0, 1], got {min_similarity}")
     ids = sorted(fingerprints)
+    sketches = [np.unique(np.asarray(fingerprints[f], np.uint64)) for f in ids]
+    if len(ids) < 2:
+        return []
+    hashes = np.concatenate(sketches)
+    owners = np.repeat(np.arange(len(ids)), [s.size for s in sketches])
+    order = np.argsort(hashes, kind="stable")
+    hashes, owners = hashes[order], owners[order]
+    shared = np.flatnonzero(hashes[1:] == hashes[:-1])
+    holders: dict[int, set[int]] = {}
+    for i in shared:
+        holders.setdefault(int(hashes[i]), set()).update((int(owners[i]), int(owners[i + 1])))
+    candidates = {(a, b) for group in holders.values() for a in group for b in group if a < b}
     pairs = [
-        (a, b)
-        for i, a in enumerate(ids)
-        for b in ids[i + 1 :]
-        if fingerprint_similarity(fingerprints[a], fingerprints[b]) >= min_similarity
+        (ids[a], ids[b])
+        for a, b in sorted(candidates)
+        if fingerprint_similarity(sketches[a], sketches[b]) >= min_similarity
     ]
     return merge_groups(pairs)
 
