@@ -84,10 +84,10 @@ def test_byzantine_strategies_assume_the_attack_size(name: str) -> None:
 
 def test_adaptive_and_robust_defaults() -> None:
     adam = instantiate(_compose(["strategy=fedadam"]).strategy.flower)
-    assert adam.eta == adam.tau == 0.01 and (adam.beta_1, adam.beta_2) == (0.9, 0.99)
+    assert (adam.eta, adam.tau) == (0.3, 0.03) and (adam.beta_1, adam.beta_2) == (0.9, 0.99)
     cfg = _compose(["strategy=fedyogi", "task=rul"])
     yogi = instantiate(cfg.strategy.flower)
-    assert yogi.eta == yogi.tau == 0.01 and yogi.eta_l == cfg.task.train.lr
+    assert (yogi.eta, yogi.tau) == (0.3, 0.03) and yogi.eta_l == cfg.task.train.lr
     avgm = instantiate(_compose(["strategy=fedavgm"]).strategy.flower)
     assert avgm.server_learning_rate / (1 - avgm.server_momentum) == pytest.approx(1.0)
     trimmed = instantiate(_compose(["strategy=fedtrimmedavg"]).strategy.flower)
