@@ -21,6 +21,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
 
 import fl_client.client_app
 from experiments.inprocess import run_inprocess
@@ -59,27 +60,21 @@ def with_free_rider(honest: ClientApp, partition: int) -> ClientApp:
     return app
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(600)
-def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
-    tmp_path, monkeypatch
-):
+def with_a_copy(tmp_path, *overrides: str) -> DictConfig:
+    """A 2-round IID ``molding_quality`` run (``overrides`` last) whose factory COPY trains on
+    a copy of ORIGINAL's file, its MLflow store, data and output folder in ``tmp_path``."""
     cfg = finalize(
         compose_config(
             [
                 "task=molding_quality",
-                "federation.num_factories=5",
                 "federation.num_rounds=2",
-                "federation.min_factories=2",
                 "partition=iid",
-                "contribution=exact",
-                "contribution.guards.noise_test=true",
                 f"rewards.amount={AMOUNT}",
-                "privacy=none",
                 "tracking.register_model=false",
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                 f"tracking.artifact_root={tmp_path / 'artifacts'}",
                 f"data_root={tmp_path / 'data'}",
+                *overrides,
             ]
         ),
         base=tmp_path,
@@ -87,6 +82,22 @@ def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
     )
     data_dir, _ = ensure_data(cfg)
     shutil.copyfile(data_dir / f"{ORIGINAL}.parquet", data_dir / f"{COPY}.parquet")
+    return cfg
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(600)
+def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
+    tmp_path, monkeypatch
+):
+    cfg = with_a_copy(
+        tmp_path,
+        "federation.num_factories=5",
+        "federation.min_factories=2",
+        "contribution=exact",
+        "contribution.guards.noise_test=true",
+        "privacy=none",
+    )
     monkeypatch.setattr(fl_client.client_app, "app", with_free_rider(fl_client.client_app.app, 4))
 
     summary = run_inprocess(cfg, quiet=True)
@@ -142,26 +153,8 @@ def test_a_noise_sender_is_paid_nothing_and_a_copy_shares_one_factorys_credit(
 def test_under_dp_a_copy_is_found_by_its_record_sketch_and_paid_as_one(tmp_path):
     """The product's defaults (DP-SGD at epsilon 8, linearised scoring, both guards): a factory
     training on a copy of another's file is grouped with it in every round by the sketches."""
-    cfg = finalize(
-        compose_config(
-            [
-                "task=molding_quality",
-                "federation.num_factories=4",
-                "federation.num_rounds=2",
-                "partition=iid",
-                f"rewards.amount={AMOUNT}",
-                "tracking.register_model=false",
-                f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                f"tracking.artifact_root={tmp_path / 'artifacts'}",
-                f"data_root={tmp_path / 'data'}",
-            ]
-        ),
-        base=tmp_path,
-        output_dir=tmp_path / "out",
-    )
+    cfg = with_a_copy(tmp_path, "federation.num_factories=4")
     assert cfg.privacy.enabled and cfg.contribution.guards.record_sketches
-    data_dir, _ = ensure_data(cfg)
-    shutil.copyfile(data_dir / f"{ORIGINAL}.parquet", data_dir / f"{COPY}.parquet")
 
     summary = run_inprocess(cfg, quiet=True)
 
