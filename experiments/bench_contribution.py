@@ -75,7 +75,6 @@ from torch.utils.data import Dataset
 from fl_client.attacks import AttackConfig
 from fl_client.factory import FactorySite, run_factory_round
 from fl_common.protocol import TrainInstruction
-from fl_common.sketch import record_fingerprint
 from fl_server.config import compose_config
 from fl_server.rewards.allocation import allocate
 from fl_server.server_app import train_instruction
@@ -163,7 +162,6 @@ class Planted:
     kind: str
     path: Path | None
     claimed: int
-    fingerprint: np.ndarray | None = None
 
 
 def _noisy_features(task: StandardTask, df: pd.DataFrame, gen: np.random.Generator) -> pd.DataFrame:
@@ -217,9 +215,7 @@ def planted_factories(
             continue
         path = workdir / f"{fid}.parquet"
         df.to_parquet(path)
-        # What the factory would report: a keyed sketch of the records it trains on.
-        sketch = record_fingerprint(task.load_frame(path), FINGERPRINT_KEY)
-        factories.append(Planted(fid, kind, path, len(task.to_dataset(df)), sketch))
+        factories.append(Planted(fid, kind, path, len(task.to_dataset(df))))
     return factories, task.to_dataset(data.validation)
 
 
@@ -376,6 +372,7 @@ def federated_run(
         evaluator = BatchedEvaluator(task, task.build_model(), validation)
         rng = np.random.default_rng(seed)
         records = []
+        sketches: dict[str, np.ndarray] = {}  # each factory's latest, as its rounds made them
         scorers = {}
         for label in product_guards:
             base = label.removesuffix(UPDATES_ONLY)
@@ -398,6 +395,7 @@ def federated_run(
             accepted = train_round(
                 task, factories, global_state, r, rounds, seed, workdir, rng, epsilon
             )
+            sketches.update(accepted.sketches)
             scored = {
                 label: score(method, params, accepted, evaluator, seed)
                 for label, (method, params) in estimators.items()
@@ -444,7 +442,6 @@ def federated_run(
                     "rejected": accepted.rejected,
                 }
             )
-    sketches = {f.fid: f.fingerprint for f in factories if f.fingerprint is not None}
     return {
         "ids": [f.fid for f in factories],
         "rounds": records,

@@ -74,6 +74,7 @@ from fl_common.protocol import (
     TrainReply,
     encode_sketch,
 )
+from fl_common.sketch import is_sketch_key
 from standard_models.base import DataValidationError
 from standard_models.datafiles import factory_path
 from standard_models.registry import get_task
@@ -136,7 +137,7 @@ def sketch_key_of(context: Context, instruction: TrainInstruction) -> str | None
     nc = context.node_config
     if SKETCH_KEY in nc:
         key = nc[SKETCH_KEY]
-        if not isinstance(key, str) or not 16 <= len(key.encode()) <= 64:
+        if not is_sketch_key(key):
             size = f"{len(key.encode())} bytes" if isinstance(key, str) else type(key).__name__
             raise ValueError(
                 f"node config {SKETCH_KEY}: must be a string of 16 to 64 bytes, got {size}"

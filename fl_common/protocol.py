@@ -71,6 +71,16 @@ def decode_sketch(data: bytes) -> np.ndarray:
     """The hashes of a reply's record sketch, sorted and unique.
 
     Raises:
+        ProtocolError: as :func:`check_sketch`.
+    """
+    check_sketch(data)
+    return np.unique(np.frombuffer(data, dtype="<u8").astype(np.uint64))
+
+
+def check_sketch(data: object) -> None:
+    """Check a reply's record sketch without decoding it.
+
+    Raises:
         ProtocolError: not bytes, empty, not a whole number of 8-byte hashes, or more than
             :data:`MAX_SKETCH_HASHES` of them; the message names the key.
     """
@@ -86,7 +96,6 @@ def decode_sketch(data: bytes) -> np.ndarray:
             f"reply key '{RECORD_SKETCH}' holds {len(data) // 8} hashes, more than "
             f"{MAX_SKETCH_HASHES}"
         )
-    return np.unique(np.frombuffer(data, dtype="<u8").astype(np.uint64))
 
 
 class ProtocolError(ValueError):
@@ -273,7 +282,7 @@ class TrainReply:
         if self.privacy_unit_rank is not None:
             info["privacy-unit-rank"] = int(self.privacy_unit_rank)
         if self.record_sketch:
-            decode_sketch(self.record_sketch)
+            check_sketch(self.record_sketch)
             info[RECORD_SKETCH] = bytes(self.record_sketch)
         content = RecordDict({REPLY_RECORD: ConfigRecord(info)})
         if self.arrays is not None:
@@ -305,7 +314,7 @@ class TrainReply:
         facts = _privacy_facts(info)
         sketch = info.get(RECORD_SKETCH)
         if sketch is not None:
-            decode_sketch(sketch)
+            check_sketch(sketch)
         return cls(
             factory_id=claimed_factory_id(content),
             status=status,

@@ -33,6 +33,13 @@ import pandas as pd
 DEFAULT_SKETCH_SIZE = 256
 #: Decimals numbers are rounded to before hashing, so re-encoding a record does not change it.
 DEFAULT_DECIMALS = 4
+#: Size of the factories' shared key in bytes (keyed BLAKE2b takes 16 to 64).
+KEY_BYTES = (16, 64)
+
+
+def is_sketch_key(key: object) -> bool:
+    """Whether ``key`` can key a sketch: a string of :data:`KEY_BYTES` bytes (UTF-8)."""
+    return isinstance(key, str) and KEY_BYTES[0] <= len(key.encode()) <= KEY_BYTES[1]
 
 
 def record_fingerprint(
@@ -50,7 +57,7 @@ def record_fingerprint(
     different, noisier data).
     """
     secret = key.encode()
-    if not 16 <= len(secret) <= 64:
+    if not is_sketch_key(key):
         raise ValueError(f"fingerprint key must be 16 to 64 bytes, got {len(secret)}")
     if size < 1:
         raise ValueError(f"fingerprint size must be positive, got {size}")

@@ -242,7 +242,7 @@ def training_settings(cfg: DictConfig) -> dict:
     t = cfg.task.train
     dp = bool(cfg.privacy.enabled)
     batch_size, lr = train_recipe(t, dp)
-    differs = (batch_size, lr) != (int(t.batch_size), float(t.lr))
+    differs = (batch_size, lr) != train_recipe(t, dp=False)
     return {
         "batch_size": batch_size,
         "lr": lr,

@@ -279,6 +279,7 @@ def supernode(
     insecure: bool,
 ) -> int:
     """Start the SuperNode (and its warm ClientApp launcher) and serve until stopped."""
+    from fl_common.sketch import is_sketch_key
     from fl_server.launch import flower
     from fl_server.launch.process import LaunchError, serve_forever
     from fl_server.provision import ProvisionError
@@ -293,7 +294,7 @@ def supernode(
             key = Path(record_sketch_key_file).read_text().strip()
         except OSError as exc:
             return _fail("supernode", f"--record-sketch-key-file {record_sketch_key_file}: {exc}")
-        if not 16 <= len(key.encode()) <= 64:
+        if not is_sketch_key(key):
             return _fail(
                 "supernode",
                 f"--record-sketch-key-file {record_sketch_key_file}: the key must be 16 to 64 "

@@ -674,6 +674,15 @@ class RoundGuard:
     record_groups: tuple[tuple[str, ...], ...] = ()
 
 
+def _taking_part(
+    groups: Sequence[frozenset[str]], ids: Sequence[str]
+) -> tuple[tuple[str, ...], ...]:
+    """Each group's members among ``ids`` (sorted), where two or more of them take part."""
+    present = set(ids)
+    kept = (tuple(sorted(group & present)) for group in groups)
+    return tuple(members for members in kept if len(members) > 1)
+
+
 class ContributionGuard:
     """The guards' state over one run: every round's alignment and flagged pairs.
 
@@ -755,20 +764,13 @@ class ContributionGuard:
         self, ids: Sequence[str], alignment: dict[str, float], pairs: list[tuple[str, str]]
     ) -> RoundGuard:
         cfg = self.config
-        groups: list[tuple[str, ...]] = []
-        by_records: list[tuple[str, ...]] = []
+        groups: tuple[tuple[str, ...], ...] = ()
+        by_records: tuple[tuple[str, ...], ...] = ()
         if cfg.merge_duplicates:
-            present = set(ids)
             detected = duplicate_groups(self._rounds, cfg.duplicate_min_fraction)
             known = list(self.known_groups) + list(self._record_groups)
-            for group in merge_groups([], detected + known):
-                members = tuple(sorted(group & present))
-                if len(members) > 1:
-                    groups.append(members)
-            for group in self._record_groups:
-                members = tuple(sorted(group & present))
-                if len(members) > 1:
-                    by_records.append(members)
+            groups = _taking_part(merge_groups([], detected + known), ids)
+            by_records = _taking_part(self._record_groups, ids)
         verdicts = noise_test(self._z, cfg.noise_alpha)
         withheld = (
             tuple(sorted(f for f, v in verdicts.items() if not v.paid)) if cfg.noise_test else ()
@@ -776,10 +778,10 @@ class ContributionGuard:
         return RoundGuard(
             alignment=alignment,
             pairs=tuple(pairs),
-            groups=tuple(groups),
+            groups=groups,
             verdicts=verdicts,
             withheld=withheld,
-            record_groups=tuple(by_records),
+            record_groups=by_records,
         )
 
     def restore(self, rounds: Sequence[Mapping[str, object]]) -> None:
