@@ -44,7 +44,7 @@ from fl_server.recorder import RoundRecorder, final_test_metrics
 from fl_server.report import run_description, save_plots
 from fl_server.rewards.desk import LEDGER_FILE, PayoutDesk, reward_policy
 from fl_server.rewards.ledger import audit_ledger
-from fl_server.rewards.statements import export_statement, factory_statement, known_factories
+from fl_server.rewards.statements import export_statements, factory_statement, known_factories
 from fl_server.rundir import server_run_dir_lock
 from fl_server.tracking import NOTE_TAG, MlflowTracker
 from standard_models.base import StandardTask
@@ -398,10 +398,11 @@ def log_statements(
         "factory_epsilon": summary["factory_epsilon"],
         "factory_privacy": summary.get("factory_privacy") or {},
     }
-    paths: list[Path] = []
-    for fid in known_factories(entries, desk.run_id):
-        doc = factory_statement(entries, fid, verification, run_id=desk.run_id, context=context)
-        paths += export_statement(doc, folder).values()
+    docs = [
+        factory_statement(entries, fid, verification, run_id=desk.run_id, context=context)
+        for fid in known_factories(entries, desk.run_id)
+    ]
+    paths = export_statements(docs, folder)
     if paths:
         tracker.log_artifacts(folder, "rewards/statements")
     return paths

@@ -10,6 +10,7 @@ import pytest
 from ledger_helpers import RUN, play, record_run, tamper
 
 from fl_server.cli import main
+from fl_server.rewards import statements
 from fl_server.rewards.allocation import RewardBook
 from fl_server.rewards.ledger import RewardLedger, audit_ledger
 from fl_server.rewards.statements import factory_statement, statement_stem, statement_title
@@ -195,3 +196,24 @@ def test_a_statement_says_why_a_factory_was_paid_less(tmp_path: Path) -> None:
     assert "paid less: scored as one factory with its copies (f1,f3)" in title
     clean = factory_statement(entries, "f2", verification, run_id=RUN)
     assert clean["paid_less"] == [] and "paid less" not in statement_title(clean)
+
+
+def test_statements_drawn_by_workers_match_those_drawn_here(recorded, tmp_path, monkeypatch):
+    """Many statements are drawn by worker processes: the same files, byte for byte, as one
+    after another here, and the same paths in the same order; a failing worker is reported."""
+    path, _, _ = recorded
+    entries, verification = audit_ledger(path)
+    docs = [factory_statement(entries, f, verification) for f in ("f1", "f2", "f3")]
+    here = statements.export_statements(docs, tmp_path / "here", workers=1)
+    monkeypatch.setattr(statements, "PARALLEL_FROM", 2)
+    drawn = statements.export_statements(docs, tmp_path / "workers", workers=2)
+    assert [p.relative_to(tmp_path / "workers") for p in drawn] == [
+        p.relative_to(tmp_path / "here") for p in here
+    ]
+    stem = statement_stem("f1")
+    assert [p.name for p in drawn[:3]] == [f"{stem}.{k}" for k in ("csv", "json", "png")]
+    for a, b in zip(here, drawn, strict=True):
+        assert a.read_bytes() == b.read_bytes(), b.name
+    bad = [dict(docs[0], entries=None), docs[1]]  # a worker cannot draw this one
+    with pytest.raises(RuntimeError, match="drawing the statements under .* failed: exit 1"):
+        statements.export_statements(bad, tmp_path / "bad", workers=2)
