@@ -43,7 +43,7 @@ from fl_client.attacks import (
     poison_dataset,
     poison_update,
 )
-from fl_client.policy import PrivacyPolicy, plan_refusal, refusal
+from fl_client.policy import POLICY_PREFIX, PolicyDeclined, PrivacyPolicy, plan_refusal, refusal
 from fl_client.privacy import (
     BudgetExhausted,
     PrivacyLedger,
@@ -268,6 +268,10 @@ def check_policy(
 ) -> None:
     """Decline an instruction that would weaken the site's policy; read no data, write nothing.
 
+    Any factory, simulated or deployed, also declines a federation that requires record
+    sketches when it has no ``sketch_key`` (its node config holds no ``record-sketch-key``):
+    the server would reject its update, so training it would spend budget for nothing.
+
     ``num_examples``: the true number of training units once the data is loaded; ``None``
     plans from the file's :func:`row_count`, which is the unit count exactly when every row
     is one unit (``rows_are_units``: a shot, an image). Where a unit holds several rows (a
@@ -281,6 +285,14 @@ def check_policy(
         PolicyDeclined: the instruction (or the noise it would plan) breaks the policy.
         BudgetExhausted: the budget left cannot cover the planned steps.
     """
+    if instruction.record_sketch_required and site.sketch_key is None:
+        raise PolicyDeclined(
+            f"{POLICY_PREFIX}'record-sketch-key' is not set, and this federation accepts only "
+            "replies that carry the factory's record sketch (instruction "
+            "'record-sketch-required'); set the key the factories agreed among themselves to "
+            "take part",
+            "record-sketch-required",
+        )
     policy = site.policy
     if policy is None:
         return

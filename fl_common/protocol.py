@@ -141,7 +141,9 @@ class TrainInstruction:
     are simulation hints that a factory with a node config never reads. The ``attack*``
     fields name a simulated attack and its malicious factories (robustness benches only; see
     :mod:`fl_client.attacks`); the parameters an attack does not use are ``None`` and absent
-    from the record.
+    from the record. ``record_sketch_required``: the server rejects a reply without the
+    factory's record sketch (``validation.require_record_sketch``), so a factory that sends
+    none declines before training instead of spending privacy budget on a rejected update.
     """
 
     task: str = _key("task")
@@ -161,6 +163,7 @@ class TrainInstruction:
     server_round: int = _key("server-round", 0, required=True)
     proximal_mu: float = _key("proximal-mu", 0.0)
     min_run_epsilon: float = _key("min-run-epsilon", 0.0)
+    record_sketch_required: bool = _key("record-sketch-required", False)
     data_dir: str = _key("data-dir", "")
     output_dir: str = _key("output-dir", "")
     attack: str = _key("attack", "none")

@@ -204,6 +204,7 @@ class UpdateValidationSchema:
     max_update_norm: float | None = None
     max_num_examples: int | None = None
     reject_unchanged: bool = True
+    require_record_sketch: bool = False
 
 
 @dataclass

@@ -81,6 +81,7 @@ def train_instruction(cfg: DictConfig, run_id: str) -> TrainInstruction:
         grad_sample_mode=str(p.grad_sample_mode),
         min_run_epsilon=float(p.min_run_epsilon),
         seed=int(cfg.seed),
+        record_sketch_required=validation_rules(cfg).require_record_sketch,
         # Simulation hints only: factories with a node config never read them.
         data_dir=str(cfg.data_dir),
         output_dir=str(cfg.output_dir),
@@ -112,6 +113,7 @@ def validation_rules(cfg: DictConfig) -> ValidationRules:
         max_update_norm=options.get("max_update_norm"),
         max_num_examples=options.get("max_num_examples"),
         reject_unchanged=bool(options.get("reject_unchanged", True)),
+        require_record_sketch=bool(options.get("require_record_sketch", False)),
     )
 
 

@@ -61,7 +61,7 @@ from strategies.contribution.coalitions import (
 )
 from strategies.contribution.scorer import ContributionScorer, RoundContribution
 from strategies.reports import FactoryOutcome, RoundRecord, RoundReport
-from strategies.validation import ValidationRules, validate_update
+from strategies.validation import NO_SKETCH, ValidationRules, validate_update
 
 
 class FactoryFedStrategy(Strategy):
@@ -241,6 +241,8 @@ class FactoryFedStrategy(Strategy):
                 factory_id, REJECTED, f"unreadable arrays ({exc})", metrics, node_id
             )
         why = validate_update(update, self._reference, metrics.get(NUM_EXAMPLES), self.rules)
+        if why is None and self.rules.require_record_sketch and not reply.record_sketch:
+            why = NO_SKETCH
         if why is not None:
             return FactoryOutcome(factory_id, REJECTED, why, metrics, node_id)
         self._updates.setdefault(factory_id, update)

@@ -23,11 +23,24 @@ class ValidationRules:
         or without DP, returns the model it was sent bit for bit, so such a reply is a
         free-rider's (or a broken client's) and must neither dilute the average nor earn a
         contribution score.
+    require_record_sketch: refuse a reply without the factory's record sketch. Copies are
+        found by comparing sketches; a copier that sends none is back to the update test,
+        which DP noise mostly blinds, so a federation can make the sketch a condition of
+        taking part (the instruction tells the factories, and one without the key declines
+        before training).
     """
 
     max_update_norm: float | None = None
     max_num_examples: int | None = None
     reject_unchanged: bool = True
+    require_record_sketch: bool = False
+
+
+#: Why a reply without a record sketch is rejected where the federation requires one.
+NO_SKETCH = (
+    "reply carries no record-sketch, which this federation requires "
+    "(validation.require_record_sketch); the factory's node config needs 'record-sketch-key'"
+)
 
 
 def validate_update(

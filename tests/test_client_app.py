@@ -265,3 +265,19 @@ def test_a_bad_sketch_key_is_answered_with_the_key_before_any_data(
     assert status == "error"
     assert "node config record-sketch-key: must be a string of 16 to 64 bytes" in reason
     assert reads == [] and not Path(plant["ledger-path"]).exists()
+
+
+def test_a_federation_that_requires_sketches_is_declined_without_a_key(
+    as_node, plant: dict, reads: list[str]
+) -> None:
+    """The server would reject an update without a record sketch, so a factory that has not
+    agreed to send one declines before reading a row or touching its ledger; with the key it
+    trains and sends its sketch."""
+    required = _config(**{"record-sketch-required": True})
+    status, reason = _status(as_node(required, plant))
+    assert status == DECLINED
+    assert reason.startswith("privacy policy: 'record-sketch-key' is not set")
+    assert "record-sketch-required" in reason
+    assert reads == [] and not Path(plant["ledger-path"]).exists()
+    keyed = as_node(required, {**plant, "record-sketch-key": SKETCH_KEY})
+    assert _status(keyed)[0] == "accepted" and _sketch(keyed) is not None

@@ -120,3 +120,15 @@ def test_validation_rules_come_from_the_config():
     rules = validation_rules(compose_config(["validation.max_update_norm=5.0"]))
     assert rules.max_update_norm == 5.0 and rules.reject_unchanged
     assert validation_rules(compose_config([])).max_update_norm is None
+
+
+def test_a_federation_that_requires_sketches_says_so_in_its_instruction():
+    from fl_server.server_app import train_instruction, validation_rules
+
+    default = compose_config([])
+    assert not validation_rules(default).require_record_sketch
+    assert not train_instruction(default, "r").record_sketch_required
+    required = compose_config(["validation.require_record_sketch=true"])
+    assert validation_rules(required).require_record_sketch
+    sent = train_instruction(required, "r")
+    assert sent.record_sketch_required and sent.to_record()["record-sketch-required"] is True

@@ -6,9 +6,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp.strategy import FedAvg
 
-from fl_common.protocol import REPLY_RECORD
+from fl_common.protocol import RECORD_SKETCH, REPLY_RECORD, encode_sketch
 from fl_server.recorder import factory_metrics
 from strategies.hooked import FactoryFedStrategy
+from strategies.validation import NO_SKETCH, ValidationRules
 
 
 def _update(factory_id, value, n, status="accepted", shape=(2, 3), metrics=None):
@@ -67,6 +68,26 @@ def test_only_valid_updates_are_aggregated(identity):
     metrics = factory_metrics(report, set())
     assert metrics["factory/factory_004/epsilon"] == 8.0
     assert metrics["factory/factory_002/rejected"] == 1.0
+
+
+def test_a_federation_that_requires_sketches_rejects_replies_without_one(identity):
+    """``validation.require_record_sketch``: a reply without the factory's record sketch is
+    rejected with the rule named and never aggregated; one with a sketch is accepted."""
+    strategy, records = _strategy(
+        FedAvg(fraction_evaluate=0.0),
+        min_accepted=1,
+        rules=ValidationRules(require_record_sketch=True),
+    )
+    strategy.remember_global(ArrayRecord([np.zeros((2, 3), np.float32)]))
+    sketched = _update("factory_000", 1.0, 10)
+    sketched[REPLY_RECORD][RECORD_SKETCH] = encode_sketch(np.arange(1, 9, dtype=np.uint64))
+    replies = [identity(1, sketched), identity(2, _update("factory_001", 3.0, 30))]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays.to_numpy_ndarrays()[0], 1.0)
+    outcome = records[1].report.outcomes["factory_001"]
+    assert outcome.status == "rejected" and outcome.reason == NO_SKETCH
+    assert "validation.require_record_sketch" in NO_SKETCH
+    assert records[1].aggregated == ("factory_000",)
 
 
 def test_an_error_reply_is_recorded_against_the_factory_the_node_answered_as(identity):
