@@ -100,7 +100,7 @@ from strategies.contribution.guards import (
     withhold_unproven,
 )
 from strategies.contribution.scorer import ContributionScorer
-from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility, scoring_subset
 from strategies.validation import ValidationRules, validate_update
 
 KINDS = (
@@ -125,6 +125,7 @@ def shipped(method: str) -> tuple[str, dict]:
     assert isinstance(options, dict)
     name = str(options.pop("method"))
     options.pop("guards", None)  # the guards are the scorer's, not the estimator's
+    options.pop("validation_examples", None)  # so is its share of the validation set
     options.pop("defaults", None)  # Hydra's composition list (the guards' group)
     return name, {k: v for k, v in options.items() if v is not None}
 
@@ -152,6 +153,22 @@ def product_instruction(
     OmegaConf.set_struct(cfg, False)
     cfg.data_dir = cfg.output_dir = str(workdir)
     return replace(train_instruction(cfg, f"bench-{seed}"), epsilon=float(epsilon))
+
+
+def product_validation_examples() -> int | None:
+    """``contribution.validation_examples`` of the default config."""
+    value = compose_config([]).contribution.get("validation_examples")
+    return None if value is None else int(value)
+
+
+def _examples(text: str) -> int | None:
+    """``--validation-examples``: a positive count, or ``all``."""
+    if text == "all":
+        return None
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive count or 'all', got {text}")
+    return value
 
 
 @dataclass
@@ -349,11 +366,14 @@ def federated_run(
     product_guards: tuple[str, ...] = (),
     absent: tuple[str, ...] = (),
     noise_placebos: int = DEFAULT_PLACEBOS,
+    validation_examples: int | None = None,
 ) -> dict:
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records.
 
     ``absent``: kinds left out of the federation, the others unchanged (:func:`planted_factories`).
     ``noise_placebos``: the product scorers' ``contribution.guards.noise_placebos``.
+    ``validation_examples``: ``contribution.validation_examples``, the validation examples
+    every estimator scores coalitions on (:func:`scoring_subset`; None: all).
 
     Estimators named in ``product_guards`` also score every round through the server's scorer
     with its default guards (records' ``guarded``), handed the record sketches the factories'
@@ -369,7 +389,9 @@ def federated_run(
         torch.manual_seed(seed)
         model = task.build_model()
         global_state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-        evaluator = BatchedEvaluator(task, task.build_model(), validation)
+        evaluator = BatchedEvaluator(
+            task, task.build_model(), scoring_subset(validation, validation_examples)
+        )
         rng = np.random.default_rng(seed)
         records = []
         sketches: dict[str, np.ndarray] = {}  # each factory's latest, as its rounds made them
@@ -711,6 +733,7 @@ def scaling(
     epsilon: float,
     reference_per_player: int,
     factory_rows: int,
+    validation_examples: int | None = None,
 ) -> list[dict]:
     """Cost and fidelity at larger federations (``molding_quality``, planted + clean factories).
 
@@ -739,7 +762,15 @@ def scaling(
             estimators["gtg"] = ESTIMATORS["gtg"]
         t0 = time.perf_counter()
         run = federated_run(
-            task, seed, rounds, estimators, epsilon, KINDS, n - len(KINDS), factory_rows
+            task,
+            seed,
+            rounds,
+            estimators,
+            epsilon,
+            KINDS,
+            n - len(KINDS),
+            factory_rows,
+            validation_examples=validation_examples,
         )
         stats = summarise([run], [None], reference="reference")
         train = float(np.mean([r["train_seconds"] for r in run["rounds"]]))
@@ -797,6 +828,13 @@ def main(argv: list[str] | None = None) -> None:
         help="placebo scores the product's noise test compares each round's score with "
         f"(default {DEFAULT_PLACEBOS})",
     )
+    parser.add_argument(
+        "--validation-examples",
+        type=_examples,
+        default=product_validation_examples(),
+        help="validation examples coalitions are scored on (default: the product's "
+        "contribution.validation_examples; 'all' for the whole set)",
+    )
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_contribution.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -820,6 +858,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.epsilon,
                     product_guards=product,
                     noise_placebos=args.noise_placebos,
+                    validation_examples=args.validation_examples,
                 )
             )
             # The same federation without the copy: every other factory keeps its data, id and
@@ -836,6 +875,7 @@ def main(argv: list[str] | None = None) -> None:
                     product_guards=product,
                     absent=("duplicate",),
                     noise_placebos=args.noise_placebos,
+                    validation_examples=args.validation_examples,
                 )
             )
             print(f"{task_name} seed {seed}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -858,6 +898,7 @@ def main(argv: list[str] | None = None) -> None:
             args.epsilon,
             args.reference_per_player,
             args.scaling_rows,
+            args.validation_examples,
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str))

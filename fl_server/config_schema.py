@@ -156,6 +156,7 @@ class ContributionSchema:
     method: str = "auto"
     guards: GuardsSchema = field(default_factory=GuardsSchema)
     max_players: int | None = None
+    validation_examples: int | None = None
     within_tol: float | None = None
     between_tol: float | None = None
     convergence_tol: float | None = None
@@ -377,6 +378,7 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
         "max_evaluations",
         "budget",
         "surrogate_evaluations",
+        "validation_examples",
     ):
         if _get(cfg, f"contribution.{key}") is not None:
             _at_least(cfg, f"contribution.{key}", 1)

@@ -50,6 +50,7 @@ BAD = [
     (["rewards.schedule=weekly"], "rewards.schedule"),
     (["contribution.within_tol=-1"], "contribution.within_tol"),
     (["contribution.max_permutations=0"], "contribution.max_permutations"),
+    (["contribution.validation_examples=0"], "contribution.validation_examples"),
     (["contribution=exact", "federation.num_factories=20"], "contribution"),
     (["strategy=fedmedian", "contribution=linearised"], "contribution"),
     (

@@ -32,7 +32,7 @@ from strategies.contribution.coalitions import (
     once_per_group,
 )
 from strategies.contribution.scorer import ContributionScorer, build_scorer
-from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility, scoring_subset
 from strategies.hooked import FactoryFedStrategy
 
 RNG = np.random.default_rng(7)
@@ -360,6 +360,31 @@ def test_the_contribution_group_builds_the_scorer():
     scorer = build_scorer(cfg, task, data)
     assert scorer.method == "loo" and scorer.seed == 5
     assert scorer.sign == (1.0 if task.greater_is_better else -1.0)
+
+
+def test_scoring_subset_keeps_evenly_spaced_examples():
+    data = TensorDataset(torch.arange(8624.0).reshape(-1, 1), torch.zeros(8624))
+    assert scoring_subset(data, None) is data and scoring_subset(data, 8624) is data
+    kept = scoring_subset(data, 2000)
+    # every 5th window from the first: 1,725 of TEP's 8,624 validation windows
+    assert len(kept) == 1725 and [float(kept[i][0]) for i in (0, 1, 1724)] == [0, 5, 8620]
+    assert len(scoring_subset(data, 1)) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        scoring_subset(data, 0)
+
+
+def test_the_scorer_scores_on_the_configured_share_of_the_validation_set():
+    """``contribution.validation_examples`` bounds the examples every coalition is scored on;
+    null scores on all of them."""
+    from fl_server.config import compose_config
+
+    task = get_task("tep_fault")
+    width = next(iter(task.build_model().parameters())).shape[1]
+    data = TensorDataset(torch.randn(100, width), torch.randint(0, 22, (100,)))
+    bounded = build_scorer(compose_config(["contribution.validation_examples=30"]), task, data)
+    assert len(bounded.evaluator.target) == 25  # every 4th of 100
+    whole = build_scorer(compose_config(["contribution.validation_examples=null"]), task, data)
+    assert len(whole.evaluator.target) == 100
 
 
 @pytest.mark.parametrize("method", ["linearised", "kernel"])

@@ -51,7 +51,7 @@ from strategies.contribution.guards import (
     placebo_statistic,
     placebo_update,
 )
-from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility
+from strategies.contribution.utility import BatchedEvaluator, CoalitionUtility, scoring_subset
 
 #: ``contribution.method`` values; ``none`` switches scoring (and so rewards) off, ``auto``
 #: picks the estimator from the round's aggregation rule (:data:`AUTO_PARAMS`).
@@ -289,14 +289,19 @@ def build_scorer(
 
     The guards are on unless ``contribution.guards`` switches them off (a config without the
     block, from before the guards existed, gets their defaults: the placebo noise test on).
+    Coalitions are scored on at most ``contribution.validation_examples`` of the validation
+    set (:func:`~strategies.contribution.utility.scoring_subset`; null or absent: all of it).
     """
     options = OmegaConf.to_container(cfg.contribution, resolve=True)
     assert isinstance(options, dict)
     method = str(options.pop("method", "none"))
     guards = options.pop("guards", None)
+    limit = options.pop("validation_examples", None)
     if method == "none":
         return None
-    evaluator = BatchedEvaluator(task, task.build_model(), validation)
+    evaluator = BatchedEvaluator(
+        task, task.build_model(), scoring_subset(validation, None if limit is None else int(limit))
+    )
     return ContributionScorer(
         method,
         evaluator.scores,

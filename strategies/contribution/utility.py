@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from standard_models.base import StandardTask
 from strategies.contribution.coalitions import (
@@ -31,6 +31,24 @@ from strategies.contribution.coalitions import (
     State,
     WeightedMeanAggregator,
 )
+
+
+def scoring_subset(dataset: Dataset, limit: int | None) -> Dataset:
+    """At most ``limit`` examples of ``dataset``, evenly spaced: every ``k``-th from the first,
+    with ``k = ceil(len / limit)``; the whole set when ``limit`` is None or not below its size.
+
+    Contribution scoring evaluates every coalition on the validation set, so its cost grows
+    with the set's size. The time-series validation sets hold a window starting at every row,
+    each sharing all but one row with the next (TEP: 8,624 windows of 5 samples), so every
+    ``k``-th of them still covers every recording end to end with little lost; the server's own
+    validation metrics keep the whole set.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    if limit is None or size <= limit:
+        return dataset
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    return Subset(dataset, range(0, size, math.ceil(size / limit)))
 
 
 class BatchedEvaluator:
