@@ -24,6 +24,7 @@ seed                no       non-private randomness only; DP noise and sampling 
 server-round        no       the ledger charges every round it trains, repeated or not
 proximal-mu         no       the proximal term depends on the weights, not on the data
 min-run-epsilon     no       only makes the factory decline more
+record-sketch-req.  no       a sketch is sent only under the node's own key; without: declined
 data-dir            no       never read when the node config names a data-path
 output-dir          no       never read: a deployed ledger is ledger-path or beside the data
 attack*             no       integrity, not privacy: a deployed factory refuses any attack
@@ -72,6 +73,7 @@ OTHER_FIELDS = {
     "server_round": 999,
     "proximal_mu": 10.0,
     "min_run_epsilon": 0.0,
+    "record_sketch_required": True,
     "data_dir": "/elsewhere",
     "output_dir": "/tmp/fresh-ledger",
     "attack": "sign_flip",
