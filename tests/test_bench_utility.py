@@ -103,6 +103,9 @@ def test_quick_grid_runs_every_row_through_the_product_path(tmp_path, capsys):
     main(
         [
             "--quick",
+            "--central-dp-lr-factors",
+            "1",
+            "0.5",
             "--tasks",
             "molding_quality",
             "--factories",
@@ -122,6 +125,16 @@ def test_quick_grid_runs_every_row_through_the_product_path(tmp_path, capsys):
     # DP runs spent their factory's budget; the centralised DP run is one factory's federation.
     assert by_kind["federated_dp"]["epsilon_spent"] == pytest.approx(8.0, abs=0.05)
     assert by_kind["central_dp"]["epsilon_spent"] == pytest.approx(8.0, abs=0.05)
+    # the centralised DP row is the better, by final validation score, of its two rates
+    central = by_kind["central_dp"]
+    candidates = central["candidates"]
+    assert [c["lr"] for c in candidates] == [
+        candidates[0]["lr"],
+        candidates[0]["lr"] * 0.5,
+    ]
+    best = max(candidates, key=lambda c: c["validation"])
+    assert (central["lr"], central["test"]) == (best["lr"], best["test"])
+    assert central["val_curve"][-1] == best["validation"]
     assert by_kind["federated"]["epsilon_spent"] is None
     assert all(0.0 <= r["test"] <= 1.0 for r in runs)
     printed = capsys.readouterr().out
