@@ -127,7 +127,7 @@ def test_statement_states_share_epsilon_left_run_and_date(recorded) -> None:
     assert title.startswith(
         f"Reward statement for f2: CHF {book.cumulative_payout['f2'] / 100:,.2f}"
     )
-    assert "run molding-fedavg (2026-11-30); 3 rounds paid\n" in title
+    assert "run molding-fedavg (2026-11-30); 3 rounds scored\n" in title
     assert "epsilon 1.250 per shot, 6.750 left of 8" in title
 
 

@@ -274,7 +274,7 @@ def statement_title(statement: Mapping[str, Any]) -> str:
     return (
         f"{verified}Reward statement for {statement['factory_id']}: {currency} "
         f"{totals['payout'] / MINOR_PER_MAJOR:,.2f} paid\n"
-        f"run {run}{date}; {totals['rounds']} rounds paid\n"
+        f"run {run}{date}; {totals['rounds']} rounds scored\n"
         f"{100 * totals.get('contribution_share', 0.0):.1f} % of the contributions, "
         f"{100 * totals.get('payout_share', 0.0):.1f} % of the payouts{privacy}"
         + "".join(f"\n{line}" for line in _short_notes(statement))
