@@ -149,6 +149,7 @@ class GuardsSchema:
     duplicate_min_fraction: float = 0.5
     record_sketches: bool = True
     sketch_min_similarity: float = 0.5
+    disjoint_sketches_clear: bool = True
 
 
 @dataclass

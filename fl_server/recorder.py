@@ -247,7 +247,8 @@ def guard_tags(contribution: RoundContribution) -> dict[str, str]:
     (comma-separated, itself included); ``factory/<id>/duplicate_by``: what found it,
     ``records`` (overlapping record sketches), ``updates`` (similar updates) or both."""
     by_records = {m for g in contribution.record_groups for m in g}
-    by_updates = {m for p in contribution.pairs for m in p}
+    cleared = set(contribution.cleared)
+    by_updates = {m for p in contribution.pairs if p not in cleared for m in p}
     tags: dict[str, str] = {}
     for g in contribution.groups:
         for m in g:
@@ -418,8 +419,9 @@ class RoundRecorder:
         "contribution"}``, each a ``{factory: value}`` map (plain JSON), and with the guards on
         ``"withheld"`` (ids), ``"duplicate_groups"`` (lists of ids), ``"alignment"`` and
         ``"duplicate_pairs"`` (what a resumed run's guards are restored from),
-        ``"record_groups"`` (the groups whose record sketches overlap) and ``"sketched"`` (the
-        factories whose record sketch the server held)."""
+        ``"record_groups"`` (the groups whose record sketches overlap), ``"cleared_pairs"``
+        (flagged pairs not grouped: their record sketches share no hash) and ``"sketched"``
+        (the factories whose record sketch the server held)."""
         guards = {}
         c = record.contribution
         if c is not None and c.noise_z:
@@ -429,6 +431,7 @@ class RoundRecorder:
                 "alignment": {f: float(v) for f, v in sorted(c.alignment.items())},
                 "duplicate_pairs": [list(p) for p in c.pairs],
                 "record_groups": [list(g) for g in c.record_groups],
+                "cleared_pairs": [list(p) for p in c.cleared],
                 "sketched": list(c.sketched),
             }
         return {

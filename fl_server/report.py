@@ -160,8 +160,9 @@ def guard_lines(summary: Mapping[str, Any]) -> list[str]:
     """Why factories were paid less (the contribution guards), as description lines.
 
     From the per-round records: the factories withheld after the last scored round (their
-    updates cannot be told from noise) and every duplicate group scored as one factory.
-    Empty when the guards found nothing or were off.
+    updates cannot be told from noise), every duplicate group scored as one factory, and every
+    pair whose updates looked like copies but whose record sketches share no records (paid
+    apart). Empty when the guards found nothing or were off.
     """
     scored = [r for r in summary.get("factory_rounds") or [] if "withheld" in r]
     if not scored:
@@ -185,6 +186,17 @@ def guard_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"**Scored as one factory**: {', '.join(group)} {why}; the group's credit is split "
             "equally."
+        )
+    cleared: dict[tuple[str, ...], int] = {}
+    for r in scored:
+        for pair in r.get("cleared_pairs") or []:
+            key = tuple(sorted(pair))
+            cleared[key] = cleared.get(key, 0) + 1
+    for pair, rounds in sorted(cleared.items()):
+        lines.append(
+            f"**Paid apart**: {' and '.join(pair)} sent updates as alike as copies' in {rounds} "
+            f"round{'s' if rounds != 1 else ''}, but their record sketches share no records "
+            "(alike data, not a copy)."
         )
     return [*lines, ""] if lines else []
 

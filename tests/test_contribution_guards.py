@@ -10,6 +10,7 @@ from fl_common.sketch import fingerprint_similarity, record_fingerprint
 from strategies.contribution.guards import (
     NoiseVerdict,
     alignment_statistic,
+    disjoint_sketches,
     duplicate_groups,
     duplicate_pairs,
     excess_cosines,
@@ -243,6 +244,48 @@ def test_guard_withholds_a_noise_sender_and_groups_copies_over_rounds():
     off = ContributionGuard(GuardConfig(noise_test=False, merge_duplicates=False))
     found = off.observe(ids, deltas, [100.0] * 7)
     assert found.withheld == () and found.groups == () and found.pairs == ()
+
+
+def test_disjoint_record_sketches_keep_alike_updates_apart():
+    """Two factories whose updates the update test flags every round (f6 sends f0's data
+    direction) but whose record sketches share nothing are paid apart, and the round says which
+    pair it cleared; a sketch sharing records, a missing sketch or the option off groups them."""
+    rng = np.random.default_rng(5)
+    ids = [f"f{i}" for i in range(7)]
+    key = "0123456789abcdef"
+    frames = [pd.DataFrame(rng.normal(size=(400, 3)), columns=list("xyz")) for _ in ids]
+    disjoint = {f: record_fingerprint(frame, key) for f, frame in zip(ids, frames, strict=True)}
+    rounds = [honest_round(rng, noise=2.0, extra=(pure_noise, copy_of_first)) for _ in range(3)]
+
+    def last_round(config, sketches):
+        guard = ContributionGuard(config)
+        for deltas in rounds:
+            guard.observe_sketches(sketches)
+            found = guard.observe(ids, deltas, [100.0] * 7)
+        return found
+
+    cfg = GuardConfig(noise_test=False)
+    found = last_round(cfg, disjoint)
+    assert found.pairs == (("f0", "f6"),) and found.groups == ()
+    assert found.cleared == (("f0", "f6"),)
+    # f6 holds a tenth of f0's records beside its own: the sketches share hashes.
+    partial = dict(disjoint)
+    mixed = pd.concat([frames[6].head(360), frames[0].head(40)])
+    partial["f6"] = record_fingerprint(mixed, key)
+    assert not disjoint_sketches(partial["f0"], partial["f6"])
+    grouped = last_round(cfg, partial)
+    assert grouped.groups == (("f0", "f6"),) and grouped.cleared == ()
+    # No sketch from f6, or the rule off: the updates decide.
+    unsketched = {f: v for f, v in disjoint.items() if f != "f6"}
+    assert last_round(cfg, unsketched).groups == (("f0", "f6"),)
+    off = GuardConfig(noise_test=False, disjoint_sketches_clear=False)
+    assert last_round(off, disjoint).groups == (("f0", "f6"),)
+    assert last_round(GuardConfig(noise_test=False, record_sketches=False), disjoint).groups == (
+        ("f0", "f6"),
+    )
+    assert disjoint_sketches(disjoint["f0"], disjoint["f1"])
+    assert not disjoint_sketches(disjoint["f0"], None)
+    assert not disjoint_sketches(disjoint["f0"], np.zeros(0, np.uint64))
 
 
 def test_a_factory_alone_in_its_rounds_has_no_evidence_and_is_withheld():

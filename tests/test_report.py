@@ -179,6 +179,13 @@ def test_the_description_says_who_was_paid_less_and_why() -> None:
     for r in summary["factory_rounds"]:
         r["record_groups"] = [["factory_000", "factory_002"]]
     assert "factory_000, factory_002 train on the same records" in run_description(summary)
+    assert "Paid apart" not in run_description(summary)
+    for r in summary["factory_rounds"]:
+        r["cleared_pairs"] = [["factory_003", "factory_001"]]
+    assert (
+        f"**Paid apart**: factory_001 and factory_003 sent updates as alike as copies' in "
+        f"{len(summary['factory_rounds'])} round"
+    ) in run_description(summary)
 
 
 def test_a_long_list_of_withheld_factories_is_cut_short() -> None:

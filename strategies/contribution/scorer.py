@@ -77,8 +77,9 @@ class RoundContribution:
     scored factory's noise score this round (placebo or alignment ``z``); ``noise_z`` every
     factory's test statistic
     over its rounds so far; ``pairs`` this round's flagged pairs; ``record_groups`` the groups
-    whose reported record sketches overlap; ``sketched`` this round's factories whose record
-    sketch the server holds.
+    whose reported record sketches overlap; ``cleared`` this round's flagged pairs not grouped
+    because their record sketches share no hash; ``sketched`` this round's factories whose
+    record sketch the server holds.
     """
 
     server_round: int
@@ -97,6 +98,7 @@ class RoundContribution:
     pairs: tuple[tuple[str, str], ...] = ()
     record_groups: tuple[tuple[str, ...], ...] = ()
     sketched: tuple[str, ...] = ()
+    cleared: tuple[tuple[str, str], ...] = ()
 
     def group_of(self, factory_id: str) -> tuple[str, ...]:
         """The duplicate group ``factory_id`` was scored in this round (empty: none)."""
@@ -217,6 +219,7 @@ class ContributionScorer:
                 "pairs": found.pairs,
                 "record_groups": found.record_groups,
                 "sketched": tuple(f for f in ids if f in self.guard.sketches),
+                "cleared": found.cleared,
             }
         return RoundContribution(
             server_round=int(server_round),
