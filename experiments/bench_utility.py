@@ -456,6 +456,36 @@ def print_tables(results: dict, rows: list[dict]) -> None:
         "federation under DP = centralised DP - federated DP; gap to pooled data = centralised "
         "no DP (best validation epoch and learning rate) - federated DP."
     )
+    for line in guard_lines(results):
+        print(line)
+
+
+def guard_lines(results: dict) -> list[str]:
+    """Per task, what the copy guard did to the benchmark's honest factories: federated runs
+    that scored some pair as one factory (every one a false positive) and runs where a pair
+    flagged by its updates was paid apart because the record sketches share no hash."""
+    lines = []
+    for task in results["tasks"]:
+        runs = [
+            r
+            for r in results["runs"]
+            if r["task"] == task and r["kind"].startswith("federated") and "guards" in r
+        ]
+        if not runs:
+            continue
+        grouped = [r for r in runs if r["guards"]["groups"]]
+        cleared = [r for r in runs if r["guards"]["cleared"]]
+        where = "; ".join(
+            f"{_label(r)}, {r['split']}, seed {r['seed']}: "
+            + " ".join("+".join(g) for g in r["guards"]["groups"])
+            for r in grouped
+        )
+        lines.append(
+            f"{task}: honest factories scored as one (copy-guard false positives) in "
+            f"{len(grouped)} of {len(runs)} federated runs{' (' + where + ')' if where else ''}; "
+            f"a pair flagged by its updates paid apart by its record sketches in {len(cleared)}."
+        )
+    return lines
 
 
 def _row_order(label: str) -> tuple[int, str]:

@@ -73,6 +73,22 @@ def memoized_noise_planning() -> Iterator[dict[str, int]]:
         privacy.get_noise_multiplier = original
 
 
+def guard_findings(summary: dict) -> dict[str, list]:
+    """What the contribution guards decided in a run: ``withheld`` (after its last scored
+    round), ``groups`` (every duplicate group scored as one factory in some round) and
+    ``cleared`` (pairs whose updates were flagged but whose record sketches share no hash), each
+    sorted; empty lists when the guards were off or nothing was scored. In a benchmark of
+    honest factories every group is a false positive of the copy guard."""
+    scored = [r for r in summary.get("factory_rounds") or [] if "withheld" in r]
+    groups = {tuple(sorted(g)) for r in scored for g in r.get("duplicate_groups") or []}
+    cleared = {tuple(sorted(p)) for r in scored for p in r.get("cleared_pairs") or []}
+    return {
+        "withheld": sorted(scored[-1].get("withheld") or []) if scored else [],
+        "groups": [list(g) for g in sorted(groups)],
+        "cleared": [list(p) for p in sorted(cleared)],
+    }
+
+
 def unchanged_rounds(summary: dict) -> list[int]:
     """Rounds after which the global model was left as it was (no aggregation happened).
 
@@ -353,10 +369,10 @@ def run_recorded(
     """Run one federation of a grid and fill ``record`` with what every grid reports.
 
     On success ``record`` gets ``main_metric``, ``test`` (the main metric on the test set),
-    ``test_all``, ``val_curve`` (the main metric per round), ``unchanged_rounds`` and
-    ``seconds``, and the run's summary and config are returned for the grid's own fields. A run
-    that fails is a result, not a crash: ``record`` gets ``error`` and ``seconds``, and None is
-    returned.
+    ``test_all``, ``val_curve`` (the main metric per round), ``unchanged_rounds``, ``guards``
+    (:func:`guard_findings`) and ``seconds``, and the run's summary and config are returned for
+    the grid's own fields. A run that fails is a result, not a crash: ``record`` gets ``error``
+    and ``seconds``, and None is returned.
     """
     t0 = time.monotonic()
     try:
@@ -371,6 +387,7 @@ def run_recorded(
         test_all=summary["test"],
         val_curve=[r[main] for r in summary["rounds"]],
         unchanged_rounds=unchanged_rounds(summary),
+        guards=guard_findings(summary),
         seconds=summary["wall_seconds"],
     )
     return summary, cfg

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from experiments.bench_utility import main, pool_factory_files, summarise
+from experiments.bench_utility import guard_lines, main, pool_factory_files, summarise
 from fl_server.config import compose_config, finalize
 from fl_server.data import ensure_data
 from standard_models.datafiles import factory_path
@@ -95,6 +95,30 @@ def test_gaps_are_measured_in_the_tasks_direction():
     assert tep["scores"]["federated fedavgm, DP eps=8"] == [0.45]
     assert tep["gaps"]["gap to pooled data (fedavgm, eps=8)"] == pytest.approx([0.25])
     assert tep["seeds"] == [0, 1]
+
+
+def test_guard_lines_count_copy_guard_false_positives_on_honest_federations():
+    none = {"withheld": [], "groups": [], "cleared": []}
+    results = {
+        "tasks": ["molding_quality"],
+        "runs": [
+            {**_entry("federated", 0.1, task="molding_quality"), "guards": none},
+            {
+                **_entry("federated", 0.2, task="molding_quality", seed=1),
+                "guards": {**none, "cleared": [["factory_001", "factory_002"]]},
+            },
+            {
+                **_entry("federated_dp", 0.1, task="molding_quality", epsilon=8.0),
+                "guards": {**none, "groups": [["factory_000", "factory_003"]]},
+            },
+            {**_entry("central", 0.3, task="molding_quality"), "guards": none},
+        ],
+    }
+    assert guard_lines(results) == [
+        "molding_quality: honest factories scored as one (copy-guard false positives) in 1 of 3 "
+        "federated runs (federated, DP eps=8, natural, seed 0: factory_000+factory_003); a pair "
+        "flagged by its updates paid apart by its record sketches in 1."
+    ]
 
 
 @pytest.mark.slow

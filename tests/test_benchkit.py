@@ -74,6 +74,7 @@ def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
     assert record["test"] == 0.4 and record["val_curve"] == [0.1, 0.3]
     assert record["test_all"] == summary["test"] and record["seconds"] == 7.5
     assert record["unchanged_rounds"] == []  # round 1 moved the model
+    assert record["guards"] == {"withheld": [], "groups": [], "cleared": []}
     assert "error" not in record
 
     # A failed cell is timed from its start to the failure (the clock is read twice).
@@ -86,6 +87,22 @@ def test_a_grid_cell_records_the_common_fields_or_its_error(monkeypatch):
         "error": "RuntimeError: Krum needs more replies",
         "seconds": 3.25,
     }
+
+
+def test_guard_findings_collect_groups_and_cleared_pairs_over_the_rounds():
+    from experiments.benchkit import guard_findings
+
+    rounds = [
+        {"round": 1, "status": {}},  # not scored
+        {"round": 2, "withheld": ["c"], "duplicate_groups": [["b", "a"]], "cleared_pairs": []},
+        {"round": 3, "withheld": [], "duplicate_groups": [], "cleared_pairs": [["d", "c"]]},
+    ]
+    assert guard_findings({"factory_rounds": rounds}) == {
+        "withheld": [],
+        "groups": [["a", "b"]],
+        "cleared": [["c", "d"]],
+    }
+    assert guard_findings({}) == {"withheld": [], "groups": [], "cleared": []}
 
 
 def test_benchmark_runs_keep_the_products_scoring_and_rewards(tmp_path):
