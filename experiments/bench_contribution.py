@@ -88,6 +88,7 @@ from strategies.contribution.coalitions import (
 from strategies.contribution.estimators import estimate
 from strategies.contribution.guards import (
     DEFAULT_PLACEBOS,
+    NOISE_RULES,
     GuardConfig,
     alignment_statistic,
     duplicate_groups,
@@ -367,11 +368,13 @@ def federated_run(
     absent: tuple[str, ...] = (),
     noise_placebos: int = DEFAULT_PLACEBOS,
     validation_examples: int | None = None,
+    noise_rule: str | None = None,
 ) -> dict:
     """Run ``rounds`` FedAvg rounds and score each with every estimator; returns raw records.
 
     ``absent``: kinds left out of the federation, the others unchanged (:func:`planted_factories`).
-    ``noise_placebos``: the product scorers' ``contribution.guards.noise_placebos``.
+    ``noise_placebos``, ``noise_rule``: the product scorers' ``contribution.guards`` keys
+    (``noise_rule`` None: the product's default).
     ``validation_examples``: ``contribution.validation_examples``, the validation examples
     every estimator scores coalitions on (:func:`scoring_subset`; None: all).
 
@@ -409,6 +412,7 @@ def federated_run(
                 evaluator=evaluator,
                 guards=GuardConfig(
                     noise_test=True,
+                    noise_rule=noise_rule or GuardConfig.noise_rule,
                     noise_placebos=noise_placebos,
                     record_sketches=not label.endswith(UPDATES_ONLY),
                 ),
@@ -822,6 +826,13 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the federations without the copy (no duplicate-pair gain; half the time)",
     )
     parser.add_argument(
+        "--noise-rule",
+        choices=NOISE_RULES,
+        default=None,
+        help="the product's noise test rule, contribution.guards.noise_rule (default: the "
+        "product's)",
+    )
+    parser.add_argument(
         "--noise-placebos",
         type=int,
         default=DEFAULT_PLACEBOS,
@@ -858,6 +869,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.epsilon,
                     product_guards=product,
                     noise_placebos=args.noise_placebos,
+                    noise_rule=args.noise_rule,
                     validation_examples=args.validation_examples,
                 )
             )
@@ -875,6 +887,7 @@ def main(argv: list[str] | None = None) -> None:
                     product_guards=product,
                     absent=("duplicate",),
                     noise_placebos=args.noise_placebos,
+                    noise_rule=args.noise_rule,
                     validation_examples=args.validation_examples,
                 )
             )

@@ -54,7 +54,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     ),  # fl_client.attacks
     "client_dp.mode": ("none", "fixed", "adaptive"),  # strategies.client_dp.MODES
     # strategies.contribution.guards.NOISE_RULES
-    "contribution.guards.noise_rule": ("placebo", "alignment"),
+    "contribution.guards.noise_rule": ("placebo", "gradient", "alignment"),
 }
 
 

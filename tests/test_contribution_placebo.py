@@ -170,7 +170,7 @@ def test_the_statistic_refuses_inconsistent_inputs_and_has_no_evidence_without_s
 
 def test_guard_config_names_a_bad_rule_or_placebo_count():
     assert GuardConfig().noise_test and GuardConfig().noise_rule == "placebo"
-    with pytest.raises(ValueError, match="noise_rule must be one of placebo, alignment"):
+    with pytest.raises(ValueError, match="noise_rule must be one of placebo, gradient, alignment"):
         GuardConfig(noise_rule="cosine")
     with pytest.raises(ValueError, match="noise_placebos must be an integer >= 2"):
         GuardConfig(noise_placebos=1)

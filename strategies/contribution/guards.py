@@ -173,8 +173,16 @@ class NoiseVerdict:
     paid: bool
 
 
+def _upper_quantile(p: float, subgaussian: bool) -> float:
+    """The threshold a statistic exceeds with probability at most ``p``: the normal quantile,
+    or for a 1-sub-Gaussian statistic the Hoeffding bound ``sqrt(2 ln(1 / p))``."""
+    return math.sqrt(2.0 * math.log(1.0 / p)) if subgaussian else float(stats.norm.isf(p))
+
+
 def noise_test(
-    round_z: Mapping[str, Sequence[float]], alpha: float = DEFAULT_ALPHA
+    round_z: Mapping[str, Sequence[float]],
+    alpha: float = DEFAULT_ALPHA,
+    subgaussian: bool = False,
 ) -> dict[str, NoiseVerdict]:
     """Per factory: is its update, over its rounds, more aligned than noise would be?
 
@@ -188,13 +196,17 @@ def noise_test(
     Args:
         round_z: per factory, its :func:`alignment_statistic` of every round it took part in.
         alpha: the probability that a pure-noise sender passes (is paid), in ``(0, 1)``.
+        subgaussian: the round scores are 1-sub-Gaussian under the null rather than standard
+            normal (:func:`gradient_statistic`): both thresholds are then Hoeffding's (``sqrt(2
+            ln(2 / alpha))`` and ``sqrt(2 ln(2 R / alpha))``), which hold for a sum of such
+            scores over rounds even when each round depends on the ones before.
 
     Returns:
         Per factory, a :class:`NoiseVerdict`; a factory with no rounds is not paid.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    threshold = float(stats.norm.isf(alpha / 2))
+    threshold = _upper_quantile(alpha / 2, subgaussian)
     out = {}
     for fid, zs in round_z.items():
         arr = np.asarray(list(zs), dtype=np.float64)
@@ -202,7 +214,7 @@ def noise_test(
             out[fid] = NoiseVerdict(0.0, 0, False)
             continue
         z = float(arr.sum() / math.sqrt(arr.size))
-        best = float(arr.max()) > float(stats.norm.isf(alpha / 2 / arr.size))
+        best = float(arr.max()) > _upper_quantile(alpha / 2 / arr.size, subgaussian)
         out[fid] = NoiseVerdict(z, int(arr.size), z > threshold or best)
     return out
 
@@ -220,10 +232,45 @@ def withhold_unproven(
     }
 
 
+# -- no pay for noise, by the validation loss: the sign-flip test ------------------------------
+def gradient_statistic(deltas: np.ndarray, gradient: np.ndarray) -> np.ndarray:
+    """Each update's first-order gain on the validation loss, self-normalised: a sign-flip
+    test of whether it is better than noise.
+
+    With ``g`` the gradient of the task's loss on the server's validation set at the global
+    model and ``a_j = -delta_j g_j`` each coordinate's first-order gain, ``z = sum(a) /
+    sqrt(sum(a ** 2))``. An update that is noise independent of the validation set, symmetric in
+    each coordinate (DP-SGD's Gaussian noise of any scale, spikes, heavy tails), has the law of
+    ``sum(s_j a_j)`` with independent random signs ``s_j`` given its magnitudes; by Hoeffding's
+    inequality ``P(z >= t) <= exp(-t ** 2 / 2)`` whatever its norm or shape, and a sum of such
+    scores over rounds keeps that bound (``noise_test(..., subgaussian=True)``). An honest
+    update carries its data's gradient, which points against ``g`` where the factory's data
+    resemble the validation set: its gain adds up over every coordinate, where a score on the
+    task's metric (:func:`placebo_statistic`) sees a few examples change class.
+
+    Args:
+        deltas: ``(n, d)`` updates minus the global model (:func:`flat_deltas`).
+        gradient: ``(d,)`` the validation loss gradient at the global model, flattened the
+            same way (zeros for buffers).
+
+    Returns:
+        ``z`` of shape ``(n,)`` within ``[-MAX_Z, MAX_Z]``; 0 for a zero update or gradient.
+    """
+    deltas = np.asarray(deltas, dtype=np.float64)
+    g = np.asarray(gradient, dtype=np.float64).ravel()
+    if deltas.ndim != 2 or deltas.shape[1] != g.size:
+        raise ValueError(f"need (n, {g.size}) updates, got {deltas.shape}")
+    gains = -deltas * g
+    spread = np.sqrt((gains**2).sum(axis=1))
+    z = np.divide(gains.sum(axis=1), spread, out=np.zeros(len(deltas)), where=spread > 0)
+    return np.clip(z, -MAX_Z, MAX_Z)
+
+
 # -- no pay for noise, by score: the placebo test ---------------------------------------------
 #: ``contribution.guards.noise_rule`` values: ``placebo`` (:func:`placebo_statistic`, the
-#: default) or ``alignment`` (:func:`alignment_statistic`).
-NOISE_RULES = ("placebo", "alignment")
+#: default), ``gradient`` (:func:`gradient_statistic`) or ``alignment``
+#: (:func:`alignment_statistic`).
+NOISE_RULES = ("placebo", "gradient", "alignment")
 
 #: Placebo scores a factory's round is compared with (its own placebos and, rescaled to its
 #: norm, the nearest others').
@@ -601,6 +648,8 @@ class GuardConfig:
     noise_alpha: the probability that a pure-noise sender is paid in a run, in ``(0, 1)``.
     noise_rule: ``placebo`` (default): the update's round score against placebo updates of
         the same norm (:func:`placebo_statistic`; needs the validation evaluator);
+        ``gradient``: its first-order gain on the validation loss, self-normalised
+        (:func:`gradient_statistic`; needs the validation evaluator);
         ``alignment``: its direction against the others' (:func:`alignment_statistic`; under
         factory DP-SGD it withholds honest factories too).
     noise_placebos: placebo scores each factory's round is compared with (at least 2).
@@ -681,6 +730,12 @@ class GuardConfig:
     def placebo(self) -> bool:
         """Whether the noise test scores rounds with placebos (the scorer must supply them)."""
         return self.noise_test and self.noise_rule == "placebo"
+
+    @property
+    def scored_noise(self) -> bool:
+        """Whether the scorer supplies the round's noise scores on the validation set
+        (:meth:`ContributionGuard.score_noise`): the placebo and gradient rules."""
+        return self.noise_test and self.noise_rule in ("placebo", "gradient")
 
 
 @dataclass(frozen=True)
@@ -767,9 +822,9 @@ class ContributionGuard:
     ) -> RoundGuard:
         """Record one round's updates (``deltas``: :func:`flat_deltas`) and decide on them.
 
-        With the placebo rule (:attr:`GuardConfig.placebo`) the round's noise scores are not
-        known yet (they need the duplicate groups found here): the returned verdicts cover the
-        rounds before, and :meth:`score_noise` completes the round.
+        With the placebo or gradient rule (:attr:`GuardConfig.scored_noise`) the round's noise
+        scores are not known yet (they need the duplicate groups found here): the returned
+        verdicts cover the rounds before, and :meth:`score_noise` completes the round.
         """
         ids = list(factory_ids)
         cfg = self.config
@@ -780,15 +835,15 @@ class ContributionGuard:
             )
             pairs = [(ids[i], ids[j]) for i, j in found]
         alignment: dict[str, float] = {}
-        if not cfg.placebo:
+        if not cfg.scored_noise:
             z = alignment_statistic(deltas, weights) if len(ids) else np.zeros(0)
             alignment = {fid: float(v) for fid, v in zip(ids, z, strict=True)}
         self._add(ids, alignment, pairs)
         return self._decide(ids, alignment, pairs)
 
     def score_noise(self, found: RoundGuard, scores: Mapping[str, float]) -> RoundGuard:
-        """Complete the round :meth:`observe` returned with its placebo ``scores`` (``{id: z}``
-        of :func:`placebo_statistic`) and decide again."""
+        """Complete the round :meth:`observe` returned with its noise ``scores`` (``{id: z}``
+        of :func:`placebo_statistic` or :func:`gradient_statistic`) and decide again."""
         alignment = {fid: float(v) for fid, v in sorted(scores.items())}
         for fid, v in alignment.items():
             self._z.setdefault(fid, []).append(v)
@@ -817,7 +872,7 @@ class ContributionGuard:
             known = list(self.known_groups) + list(self._record_groups)
             groups = _taking_part(merge_groups([], detected + known), ids)
             by_records = _taking_part(self._record_groups, ids)
-        verdicts = noise_test(self._z, cfg.noise_alpha)
+        verdicts = noise_test(self._z, cfg.noise_alpha, subgaussian=cfg.noise_rule == "gradient")
         withheld = (
             tuple(sorted(f for f, v in verdicts.items() if not v.paid)) if cfg.noise_test else ()
         )

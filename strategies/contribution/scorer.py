@@ -47,6 +47,7 @@ from strategies.contribution.guards import (
     ContributionGuard,
     GuardConfig,
     flat_deltas,
+    gradient_statistic,
     placebo_rng,
     placebo_statistic,
     placebo_update,
@@ -147,10 +148,11 @@ class ContributionScorer:
         self.seed = int(seed)
         self.evaluator = evaluator
         self.guard = ContributionGuard(guards) if guards is not None and guards.active else None
-        if self.guard is not None and self.guard.config.placebo and evaluator is None:
+        if self.guard is not None and self.guard.config.scored_noise and evaluator is None:
             raise ValueError(
-                "contribution.guards.noise_rule=placebo needs the validation evaluator to score "
-                "placebo updates; use noise_rule=alignment or switch noise_test off without it"
+                f"contribution.guards.noise_rule={self.guard.config.noise_rule} needs the "
+                "validation evaluator to score updates against noise; use noise_rule=alignment "
+                "or switch noise_test off without it"
             )
 
     def resume(self, rounds: Sequence[Mapping[str, object]]) -> None:
@@ -192,10 +194,13 @@ class ContributionScorer:
             self.sign,
             evaluator=self.evaluator,
         )
-        if found is not None and self.guard is not None and self.guard.config.placebo:
-            noise = self._placebo_scores(
-                server_round, ids, players, updates, weights, deltas, reference, utility
-            )
+        if found is not None and self.guard is not None and self.guard.config.scored_noise:
+            if self.guard.config.placebo:
+                noise = self._placebo_scores(
+                    server_round, ids, players, updates, weights, deltas, reference, utility
+                )
+            else:
+                noise = self._gradient_scores(ids, players, deltas, reference)
             found = self.guard.score_noise(found, noise)
         method, params = self.method, dict(self.params)
         if method == "auto":
@@ -232,6 +237,32 @@ class ContributionScorer:
             truncated=bool(result.truncated),
             **guard_fields,
         )
+
+    def _gradient_scores(
+        self,
+        ids: Sequence[str],
+        players: Sequence[Sequence[int]],
+        deltas: np.ndarray,
+        reference: State,
+    ) -> dict[str, float]:
+        """Each factory's :func:`gradient_statistic` this round (its player's first member's,
+        for a duplicate group), against the validation loss gradient at ``reference``."""
+        assert self.evaluator is not None
+        grads = self.evaluator.loss_gradient(reference)
+        names = [
+            k for k in reference if np.issubdtype(np.asarray(reference[k]).dtype, np.floating)
+        ]  # flat_deltas' order; buffers carry no gradient
+        flat = np.concatenate(
+            [
+                np.asarray(grads[k], np.float64).ravel()
+                if k in grads
+                else np.zeros(np.size(reference[k]))
+                for k in names
+            ]
+        )
+        firsts = [min(members) for members in players]
+        z = gradient_statistic(deltas[firsts], flat)
+        return {ids[m]: float(z[p]) for p, members in enumerate(players) for m in members}
 
     def _placebo_scores(
         self,

@@ -89,6 +89,25 @@ class BatchedEvaluator:
             self.model.train(was_training)
         return out
 
+    def loss_gradient(self, state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The gradient of the task's training loss on the validation set at ``state``, per
+        parameter (float64); the direction in which a small update makes the model worse."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            params = {
+                name: torch.as_tensor(np.asarray(state[name])).detach().clone().requires_grad_()
+                for name in self._names
+            }
+            loss = self.task.loss_fn()(self._forward(params), self.target)
+            grads = torch.autograd.grad(loss, list(params.values()))
+        finally:
+            self.model.train(was_training)
+        return {
+            name: g.detach().to(torch.float64).numpy()
+            for name, g in zip(self._names, grads, strict=True)
+        }
+
     def scores(self, states: Sequence[Mapping[str, np.ndarray]]) -> list[float]:
         """The task's main metric for each parameter set."""
         return [self.task.main_score(out, self.target) for out in self.outputs(states)]
