@@ -54,7 +54,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     ),  # fl_client.attacks
     "client_dp.mode": ("none", "fixed", "adaptive"),  # strategies.client_dp.MODES
     # strategies.contribution.guards.NOISE_RULES
-    "contribution.guards.noise_rule": ("placebo", "gradient", "alignment"),
+    "contribution.guards.noise_rule": ("gradient", "placebo", "alignment"),
 }
 
 
@@ -140,7 +140,7 @@ class TrackingSchema:
 @dataclass
 class GuardsSchema:
     noise_test: bool = True
-    noise_rule: str = "placebo"
+    noise_rule: str = "gradient"
     noise_alpha: float = 0.001
     noise_placebos: int = 12
     merge_duplicates: bool = True

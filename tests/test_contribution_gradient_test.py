@@ -158,3 +158,18 @@ def test_the_scorer_tests_updates_against_the_validation_loss_gradient():
     assert got.alignment["honest"] > 5 and abs(got.alignment["noise"]) < 4
     assert got.withheld == ("noise",)
     assert np.isfinite(deltas).all()
+
+
+def test_the_products_default_scorer_tests_noise_by_the_gradient_rule():
+    from torch.utils.data import TensorDataset
+
+    from fl_server.config import compose_config
+    from standard_models.registry import get_task
+    from strategies.contribution.scorer import build_scorer
+
+    task = get_task("molding_quality")
+    width = next(iter(task.build_model().parameters())).shape[1]
+    data = TensorDataset(torch.randn(50, width), (torch.rand(50) < 0.3).float())
+    scorer = build_scorer(compose_config([]), task, data)
+    assert scorer is not None and scorer.guard is not None
+    assert scorer.guard.config.noise_rule == "gradient" and scorer.guard.config.scored_noise

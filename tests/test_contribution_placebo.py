@@ -169,8 +169,8 @@ def test_the_statistic_refuses_inconsistent_inputs_and_has_no_evidence_without_s
 
 
 def test_guard_config_names_a_bad_rule_or_placebo_count():
-    assert GuardConfig().noise_test and GuardConfig().noise_rule == "placebo"
-    with pytest.raises(ValueError, match="noise_rule must be one of placebo, gradient, alignment"):
+    assert GuardConfig().noise_test and GuardConfig().noise_rule == "gradient"
+    with pytest.raises(ValueError, match="noise_rule must be one of gradient, placebo, alignment"):
         GuardConfig(noise_rule="cosine")
     with pytest.raises(ValueError, match="noise_placebos must be an integer >= 2"):
         GuardConfig(noise_placebos=1)
@@ -194,7 +194,7 @@ def _molding_round(rng):
     return task, data, reference, updates
 
 
-def test_the_default_scorer_runs_the_placebo_test_reproducibly_for_a_weighted_mean():
+def test_the_placebo_rule_runs_reproducibly_for_a_weighted_mean():
     from fl_server.config import compose_config
     from strategies.contribution.coalitions import WeightedMeanAggregator
     from strategies.contribution.scorer import build_scorer
@@ -203,7 +203,8 @@ def test_the_default_scorer_runs_the_placebo_test_reproducibly_for_a_weighted_me
     ids = ["factory_000", "factory_001", "factory_002"]
     got = []
     for _ in range(2):  # a rescored round (a resumed server) draws the same placebos
-        scorer = build_scorer(compose_config(["contribution=auto"]), task, data)
+        overrides = ["contribution=auto", "contribution.guards.noise_rule=placebo"]
+        scorer = build_scorer(compose_config(overrides), task, data)
         assert scorer.guard is not None and scorer.guard.config.placebo
         aggregator = WeightedMeanAggregator(updates, [50, 80, 20])
         got.append(scorer.score_round(3, ids, aggregator, reference))
@@ -236,7 +237,11 @@ def test_the_placebo_test_runs_with_any_other_rule(identity):
     ]
     evaluator = BatchedEvaluator(task, task.build_model(), data)
     scorer = ContributionScorer(
-        "gtg", evaluator.scores, evaluator.sign, evaluator=evaluator, guards=GuardConfig()
+        "gtg",
+        evaluator.scores,
+        evaluator.sign,
+        evaluator=evaluator,
+        guards=GuardConfig(noise_rule="placebo"),
     )
     aggregator = StrategyAggregator(FedMedian(fraction_evaluate=0.0), 1, replies, reference)
     got = scorer.score_round(1, ["a", "b", "c"], aggregator, reference)
