@@ -230,3 +230,42 @@ def test_report_metrics_name_every_known_factory():
     assert out["factory/f3/participated"] == 0.0  # absent this round, still visible
     assert out["factory/f0/epsilon_remaining"] == 6.5
     assert "factory/f3/epsilon_remaining" not in out  # no spend reported, nothing to say
+
+
+def test_guard_findings_name_what_grouped_a_factory_and_which_pairs_were_paid_apart():
+    """A pair flagged by its updates but cleared by its record sketches is recorded as cleared
+    and does not count as found by updates for a group it is not in."""
+    import dataclasses
+
+    from fl_server.recorder import guard_tags
+
+    contribution = RoundContribution(
+        2,
+        "exact",
+        {"a": 0.1, "b": 0.1, "c": 0.2, "d": 0.2},
+        6,
+        0.2,
+        0.3,
+        withheld=(),
+        groups=(("a", "b"),),
+        alignment={f: 5.0 for f in "abcd"},
+        noise_z={f: 5.0 for f in "abcd"},
+        pairs=(("a", "b"), ("c", "d")),
+        record_groups=(),
+        sketched=tuple("abcd"),
+        cleared=(("c", "d"),),
+    )
+    tags = guard_tags(contribution)
+    assert tags == {
+        "factory/a/duplicate_group": "a,b",
+        "factory/a/duplicate_by": "updates",
+        "factory/b/duplicate_group": "a,b",
+        "factory/b/duplicate_by": "updates",
+    }
+    record = _record(2, [FactoryOutcome(f, ACCEPTED) for f in "abcd"])
+    record = dataclasses.replace(record, contribution=contribution)
+    row = RoundRecorder.factory_round(record)
+    assert row["cleared_pairs"] == [["c", "d"]] and row["duplicate_pairs"] == [
+        ["a", "b"],
+        ["c", "d"],
+    ]
