@@ -532,6 +532,7 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
         reference = next(iter(runs[0]["rounds"][0]["scored"]))
     for est in runs[0]["rounds"][0]["scored"]:
         rhos, evals, secs, flip_rank, flip_trained = [], [], [], [], []
+        flip_hurts: list[bool] = []  # by the reference's cumulative score: negative
         stats: dict[str, list] = {
             "free_paid": [],
             "free_paid_guarded": [],
@@ -561,6 +562,9 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
                 # Among the factories that trained (the free-riders take the last places).
                 trained = {f: v for f, v in cumulative.items() if _kind(f) not in FREE_RIDERS}
                 flip_trained.append(_ranks(trained)[flip] >= len(trained) - 1)
+                flip_hurts.append(
+                    sum(rec["scored"][reference]["scores"][flip] for rec in run["rounds"]) < 0
+                )
             for guarded, suffix in ((False, ""), (True, "_guarded")):
                 paid = payouts(run, est, guarded)
                 stats["free_paid" + suffix].append(
@@ -580,6 +584,15 @@ def summarise(runs: list[dict], solo_runs: list[dict], reference: str = "exact")
             "flip_rank_mean": float(np.mean(flip_rank)) if flip_rank else float("nan"),
             "flip_bottom2": float(np.mean([r >= 7 for r in flip_rank])) if flip_rank else 0.0,
             "flip_bottom2_trained": float(np.mean(flip_trained)) if flip_trained else 0.0,
+            # where the flip hurt the main metric (the reference scores it below zero over the
+            # run): in how many runs, and the share of them with the flipped factory in the last
+            # two of the factories that trained
+            "flip_hurts": int(sum(flip_hurts)),
+            "flip_bottom2_where_hurts": (
+                float(np.mean([t for t, h in zip(flip_trained, flip_hurts, strict=True) if h]))
+                if any(flip_hurts)
+                else float("nan")
+            ),
         }
         for key, values in stats.items():
             if key.startswith("free"):
@@ -717,7 +730,7 @@ def _print_table(title: str, stats: dict) -> None:
     print(
         f"{'estimator':<8} {'spearman':>8} {'(min)':>6} {'evals':>6} {'% exact':>7} "
         f"{'s/round':>7} {'free paid':>9} {'guarded':>7} {'dup gain':>8} {'guarded':>7} "
-        f"{'flip rank':>9} {'flip last 2 of trained':>22}"
+        f"{'flip rank':>9} {'flip last 2 of trained':>22} {'(where it hurts)':>16}"
     )
     for est, s in stats.items():
         print(
@@ -725,7 +738,8 @@ def _print_table(title: str, stats: dict) -> None:
             f"{s['evaluations_vs_reference']:7.1%} {s['seconds_per_round']:7.2f} "
             f"{s['free_paid_max']:9d} {s['free_paid_guarded_max']:7d} {s['dup_gain']:8.2f} "
             f"{s['dup_gain_guarded']:7.2f} {s['flip_rank_mean']:9.1f} "
-            f"{s['flip_bottom2_trained']:22.0%}",
+            f"{s['flip_bottom2_trained']:22.0%} "
+            f"{s['flip_bottom2_where_hurts']:9.0%} of {s['flip_hurts']:>3d}",
             flush=True,
         )
 

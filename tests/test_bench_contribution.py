@@ -39,3 +39,37 @@ def test_a_merged_copy_earns_the_pair_exactly_what_the_original_earns_alone() ->
     for fid, value in without.items():
         if fid != "f0-clean_a":
             assert with_copy[fid] == pytest.approx(value, rel=1e-4, abs=1e-7)
+
+
+def _run(flip_scores: list[float], flip_last: bool) -> dict:
+    """A synthetic 2-round run: four factories that trained and a zero free-rider; the flipped
+    factory's reference score per round is ``flip_scores``, and it ranks last among those that
+    trained when ``flip_last``."""
+    ids = ["s-clean_a", "s-clean_b", "s-label_flip", "s-feature_noise", "s-free_rider_zero"]
+    rounds = []
+    for value in flip_scores:
+        scores = {
+            "s-clean_a": 0.3,
+            "s-clean_b": 0.2 if flip_last else value - 0.1,
+            "s-label_flip": value,
+            "s-feature_noise": value + 0.5 if flip_last else value - 0.05,
+            "s-free_rider_zero": -1.0,
+        }
+        scored = {"exact": {"scores": scores, "evaluations": 31, "seconds": 0.1}}
+        guarded = {"exact": {"scores": scores, "withheld": []}}
+        rounds.append({"scored": scored, "guarded": guarded})
+    return {"ids": ids, "rounds": rounds}
+
+
+def test_the_flipped_factorys_rank_is_judged_where_the_flip_hurt():
+    from experiments.bench_contribution import summarise
+
+    runs = [
+        _run([-0.1, -0.1], flip_last=True),  # hurt, last two: counts
+        _run([-0.2, 0.1], flip_last=False),  # hurt, not last two: a miss
+        _run([0.1, 0.1], flip_last=True),  # did not hurt: not judged
+    ]
+    row = summarise(runs, [None] * 3)["exact"]
+    assert row["flip_hurts"] == 2
+    assert row["flip_bottom2_where_hurts"] == 0.5
+    assert row["flip_bottom2_trained"] == pytest.approx(2 / 3)
