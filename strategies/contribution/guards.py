@@ -12,21 +12,24 @@ outputs), tested without Flower.
 **No pay for noise** (:func:`gradient_statistic`, :func:`noise_test`). A factory is paid only
 for updates that do better than noise. Each round the server takes the gradient ``g`` of the
 task's loss on its validation set at the global model, and each accepted update's first-order
-gain per coordinate, ``a_j = -delta_j g_j``; the round's score is ``z = sum(a) /
-sqrt(sum(a ** 2))``. Noise that is independent of the validation set and symmetric in each
-coordinate (DP-SGD's Gaussian noise of any scale, and any other shape: spikes, heavy tails,
-per-coordinate scales) has the law of ``sum(s_j a_j)`` with random signs ``s_j`` given its
-magnitudes, so ``P(z >= t) <= exp(-t ** 2 / 2)`` (Hoeffding), whatever its norm; summed over a
-factory's rounds the bound still holds, even though each round's gradient depends on the
-rounds before. An honest update carries its data's gradient, whose gain adds up over every
-coordinate. Over a factory's rounds, :func:`noise_test` pays it when the Stouffer statistic
-``Z = sum_r z_r / sqrt(R)`` exceeds ``sqrt(2 ln(2 / alpha))`` or its best round exceeds
-``sqrt(2 ln(2 R / alpha))``: a noise free-rider is paid with probability at most ``alpha`` per
-run (default ``1e-3``). An honest factory whose update does not beat noise (a few DP steps on
-tiny data) is withheld too; the contribution benchmark measures that rate. The test needs one
-backward pass a round and no coalition scores. It does not catch an update that copies the
-previous round's global step (aligned without any data): that is a copy of the federation's
-own work, which :func:`duplicate_groups` does not catch either.
+gain per coordinate, ``a_j = -delta_j g_j``; the round's score is
+``z = sum(a) / sqrt(sum(a ** 2))``. Noise that is independent of the validation set, independent
+across coordinates and symmetric in each (DP-SGD's Gaussian noise of any scale, and any other
+shape: spikes, heavy tails, per-coordinate scales) has the law of ``sum(s_j a_j)`` with random
+signs ``s_j`` given its magnitudes, so ``P(z >= t) <= exp(-t ** 2 / 2)`` (Hoeffding), whatever
+its norm; summed over a factory's rounds the bound still holds, even though each round's
+gradient depends on the rounds before. An honest update carries its data's gradient, whose gain
+adds up over every coordinate. (An update along one fixed direction with a random sign is not
+such noise: its coordinates share one sign. It brings no data either, but it is outside what the
+bound covers, as it is outside the placebo test's isotropic null.) Over a factory's rounds,
+:func:`noise_test` pays it when the Stouffer statistic ``Z = sum_r z_r / sqrt(R)`` exceeds
+``sqrt(2 ln(2 / alpha))`` or its best round exceeds ``sqrt(2 ln(2 R / alpha))``: a noise
+free-rider is paid with probability at most ``alpha`` per run (default ``1e-3``). An honest
+factory whose update does not beat noise (a few DP steps on tiny data) is withheld too; the
+contribution benchmark measures that rate. The test needs one backward pass a round and no
+coalition scores. It does not catch an update that copies the previous round's global step
+(aligned without any data): that is a copy of the federation's own work, which
+:func:`duplicate_groups` does not catch either.
 
 The earlier rules remain as options. ``noise_rule="placebo"`` (:func:`placebo_statistic`)
 scores each update in the round's output-linearised game (alone, and on top of every other
@@ -243,8 +246,9 @@ def gradient_statistic(deltas: np.ndarray, gradient: np.ndarray) -> np.ndarray:
 
     With ``g`` the gradient of the task's loss on the server's validation set at the global
     model and ``a_j = -delta_j g_j`` each coordinate's first-order gain, ``z = sum(a) /
-    sqrt(sum(a ** 2))``. An update that is noise independent of the validation set, symmetric in
-    each coordinate (DP-SGD's Gaussian noise of any scale, spikes, heavy tails), has the law of
+    sqrt(sum(a ** 2))``. An update that is noise independent of the validation set, independent
+    across coordinates and symmetric in each (DP-SGD's Gaussian noise of any scale, spikes,
+    heavy tails), has the law of
     ``sum(s_j a_j)`` with independent random signs ``s_j`` given its magnitudes; by Hoeffding's
     inequality ``P(z >= t) <= exp(-t ** 2 / 2)`` whatever its norm or shape, and a sum of such
     scores over rounds keeps that bound (``noise_test(..., subgaussian=True)``). An honest
