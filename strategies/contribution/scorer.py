@@ -249,17 +249,8 @@ class ContributionScorer:
         for a duplicate group), against the validation loss gradient at ``reference``."""
         assert self.evaluator is not None
         grads = self.evaluator.loss_gradient(reference)
-        names = [
-            k for k in reference if np.issubdtype(np.asarray(reference[k]).dtype, np.floating)
-        ]  # flat_deltas' order; buffers carry no gradient
-        flat = np.concatenate(
-            [
-                np.asarray(grads[k], np.float64).ravel()
-                if k in grads
-                else np.zeros(np.size(reference[k]))
-                for k in names
-            ]
-        )
+        zero = {k: np.zeros_like(np.asarray(v)) for k, v in reference.items()}
+        flat = flat_deltas([{**zero, **grads}], zero)[0]  # the updates' layout; buffers: 0
         firsts = [min(members) for members in players]
         z = gradient_statistic(deltas[firsts], flat)
         return {ids[m]: float(z[p]) for p, members in enumerate(players) for m in members}
