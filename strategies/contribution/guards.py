@@ -248,10 +248,10 @@ def gradient_statistic(deltas: np.ndarray, gradient: np.ndarray) -> np.ndarray:
     model and ``a_j = -delta_j g_j`` each coordinate's first-order gain, ``z = sum(a) /
     sqrt(sum(a ** 2))``. An update that is noise independent of the validation set, independent
     across coordinates and symmetric in each (DP-SGD's Gaussian noise of any scale, spikes,
-    heavy tails), has the law of
-    ``sum(s_j a_j)`` with independent random signs ``s_j`` given its magnitudes; by Hoeffding's
-    inequality ``P(z >= t) <= exp(-t ** 2 / 2)`` whatever its norm or shape, and a sum of such
-    scores over rounds keeps that bound (``noise_test(..., subgaussian=True)``). An honest
+    heavy tails), has the law of ``sum(s_j a_j)`` with independent random signs ``s_j`` given
+    its magnitudes; by Hoeffding's inequality ``P(z >= t) <= exp(-t ** 2 / 2)`` whatever its
+    norm or shape, and a sum of such scores over rounds keeps that bound
+    (``noise_test(..., subgaussian=True)``). An honest
     update carries its data's gradient, which points against ``g`` where the factory's data
     resemble the validation set: its gain adds up over every coordinate, where a score on the
     task's metric (:func:`placebo_statistic`) sees a few examples change class.
@@ -574,7 +574,7 @@ def duplicate_groups(
             :func:`duplicate_pairs`.
         min_fraction: a pair joins a group when it was flagged in at least this fraction of the
             rounds in which both factories took part.
-        cleared: ``cleared(a, b)`` (ids sorted) is true for a pair known not to share data
+        cleared: ``cleared(a, b)`` is true for a pair known not to share data
             (:func:`disjoint_sketches`), which no number of flagged rounds groups.
 
     Returns:
@@ -876,7 +876,7 @@ class ContributionGuard:
         cleared: tuple[tuple[str, str], ...] = ()
         if cfg.merge_duplicates:
             detected = duplicate_groups(self._rounds, cfg.duplicate_min_fraction, self._cleared)
-            cleared = tuple(p for p in pairs if self._cleared(*sorted(p)))
+            cleared = tuple(p for p in pairs if self._cleared(*p))
             known = list(self.known_groups) + list(self._record_groups)
             groups = _taking_part(merge_groups([], detected + known), ids)
             by_records = _taking_part(self._record_groups, ids)
