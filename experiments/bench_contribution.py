@@ -27,12 +27,12 @@ Pay follows the default ``end_of_run`` rule (the pool split by positive cumulati
 and without the guards of :mod:`strategies.contribution.guards` (no pay for updates that cannot
 be told from noise; duplicate groups paid as one factory). "Guarded" pay of the estimators in
 ``--product-guards`` (default ``linearised``) is the product's: the server's
-:class:`~strategies.contribution.scorer.ContributionScorer` with its default guards (the placebo
-noise test included) scores each round with the record sketches the factories' rounds made (a
-duplicate group found from them or from the updates is merged into one player before scoring;
-a label ending in ``:updates`` scores as if no factory sent a sketch) and the last round's
-withheld factories take no part in the
-split, as the payout desk does; its line also counts the honest factories (and the small one)
+:class:`~strategies.contribution.scorer.ContributionScorer` with its default guards (the noise
+test included, by the product's rule or ``--noise-rule``) scores each round with the record
+sketches the factories' rounds made (a duplicate group found from them or from the updates is
+merged into one player before scoring; a label ending in ``:updates`` scores as if no factory
+sent a sketch) and the last round's withheld factories take no part in the split, as the payout
+desk does; its line also counts the honest factories (and the small one)
 the noise test withheld and the noise free-riders it let through. The other estimators' guarded
 pay splits the group's scores after the fact, uses the factories' record sketches and the
 alignment noise rule on the recorded updates (:func:`guard_outcome`).
@@ -41,9 +41,10 @@ Printed: per task and estimator, the Spearman rank correlation of per-round scor
 Shapley, evaluations as a fraction of exact's, seconds per round, the free-riders' pay, the
 duplicate pair's share over the original's share in the same federation without the copy
 (scored there by ``linearised`` only), the
-flipped-label factory's rank; then the guards' error rates; then the scaling case (32 and 100
-factories on ``molding_quality``: seconds per round against the round's training, evaluations,
-and Spearman against a high-budget KernelSHAP reference).
+flipped-label factory's rank (and, in the runs where the flip hurt the main metric by the
+reference's scores, how often it is in the last two); then the guards' error rates; then the
+scaling case (32 and 100 factories on ``molding_quality``: seconds per round against the
+round's training, evaluations, and Spearman against a high-budget KernelSHAP reference).
 
 One job, comparing the estimators on identical rounds; its length is what that takes: the
 planted factories, the rounds they train and the summaries printed above.
