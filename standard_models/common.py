@@ -132,7 +132,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Flatten everything but the batch axis and apply the network."""
-        out = self.net(x.reshape(x.shape[0], -1))
+        out = self.net(x.flatten(1))  # keeps an empty Poisson batch [0, features]
         return out.squeeze(-1) if self.squeeze_output else out
 
 

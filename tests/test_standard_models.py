@@ -128,6 +128,10 @@ def test_forward_shapes_and_no_batchnorm(federations, name: str) -> None:
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     loss = task.loss_fn()(out, ds.tensors[1])
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # An empty Poisson batch (DP-SGD draws one now and then, often with coarse units) keeps
+    # its feature axes and must pass through the model without a shape error.
+    empty = model(ds.tensors[0][:0])
+    assert empty.shape == (0, *expected[1:])
 
 
 def test_parameter_counts() -> None:
