@@ -28,6 +28,7 @@ One job, the factory's round; its length is the privacy steps 0-4, each checked 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,13 +114,26 @@ def local_seed(instruction: TrainInstruction) -> int:
     return 1000 * instruction.seed + instruction.server_round
 
 
+def reproducible_dp_seed(instruction: TrainInstruction, factory_id: str) -> int:
+    """The seed of a factory's DP noise and sampling in a reproducible (benchmark) round.
+
+    Derived from the round's :func:`local_seed` *and* the factory, so factories simulated side
+    by side draw independent noise, as real factories (OS entropy) do: with one shared seed
+    every factory would add the same noise vector, which would not average out in the
+    aggregate and would make honest updates look alike.
+    """
+    digest = hashlib.sha256(f"{local_seed(instruction)}/{factory_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
 def local_train_config(
-    instruction: TrainInstruction, reproducible_dp: bool = False
+    instruction: TrainInstruction, reproducible_dp: bool = False, factory_id: str | None = None
 ) -> LocalTrainConfig:
     """The round's local training hyper-parameters, from the server's instruction.
 
-    ``reproducible_dp`` derives the DP noise and sampling from the seed too: tests and
-    benchmarks only (see :class:`~fl_client.training.LocalTrainConfig`).
+    ``reproducible_dp`` derives the DP noise and sampling from the seed and ``factory_id``
+    too (:func:`reproducible_dp_seed`): tests and benchmarks only (see
+    :class:`~fl_client.training.LocalTrainConfig`).
     """
     return LocalTrainConfig(
         local_epochs=instruction.local_epochs,
@@ -132,6 +146,11 @@ def local_train_config(
         grad_sample_mode=instruction.grad_sample_mode,
         seed=local_seed(instruction),
         reproducible_dp=reproducible_dp,
+        dp_seed=(
+            reproducible_dp_seed(instruction, factory_id)
+            if reproducible_dp and factory_id is not None
+            else None
+        ),
     )
 
 
@@ -392,7 +411,7 @@ def run_factory_round(
 
     model = task.build_model()
     model.load_state_dict(global_state)
-    cfg = local_train_config(instruction, reproducible_dp)
+    cfg = local_train_config(instruction, reproducible_dp, factory_id)
 
     def train(noise_multiplier: float | None) -> TrainResult:
         return train_local(

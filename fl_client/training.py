@@ -59,7 +59,10 @@ class LocalTrainConfig:
     ``seed`` fixes the non-private randomness (data order without DP, dropout). With DP the
     Poisson sampling and the Gaussian noise draw from fresh OS entropy, because a seed the
     server knows would let it predict the noise and the batches and void the guarantee; set
-    ``reproducible_dp=True`` to derive them from ``seed`` as well, for tests and benchmarks only.
+    ``reproducible_dp=True`` to derive them from ``dp_seed`` (default: ``seed``) instead, for
+    tests and benchmarks only. Factories simulated side by side need distinct DP seeds:
+    with one seed they would all draw the same noise, which then no longer averages out in the
+    aggregate (:func:`fl_client.factory.local_train_config` gives each factory its own).
     The noise generator is torch's PRNG seeded from OS entropy, not Opacus's ``secure_mode``
     (a CSPRNG with protection against floating-point attacks, which needs ``torchcsprng``).
     """
@@ -74,6 +77,7 @@ class LocalTrainConfig:
     grad_sample_mode: str = "bk"
     seed: int = 0
     reproducible_dp: bool = False
+    dp_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -462,7 +466,7 @@ def train_local(
         ]
 
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    dp_seed = cfg.seed if cfg.reproducible_dp else None
+    dp_seed = (cfg.seed if cfg.dp_seed is None else cfg.dp_seed) if cfg.reproducible_dp else None
     tensors = _in_memory_tensors(dataset)
     batch_options: dict[str, Any] = {}
     if units is not None:

@@ -24,8 +24,10 @@ def test_the_federation_without_the_copy_keeps_everyone_else_as_they_were(tmp_pa
 def test_a_merged_copy_earns_the_pair_exactly_what_the_original_earns_alone() -> None:
     """Same data, ids and DP noise for everyone else: with the copy merged into its original
     (by the record sketches the factories' rounds made, as the server gets them) the round is
-    the same game, so the pair's scores sum to the original's in the federation without the
-    copy, and nobody else's moves."""
+    nearly the same game, so the pair's scores sum to about the original's in the federation
+    without the copy, and nobody else's moves by more than a rounding of the total. Not
+    exactly: the copy trains with its own DP noise, so the merged player is the mean of two
+    noisy updates of the same records (a copy paid twice would earn about 2x)."""
     task = get_task("molding_quality")
     label = "linearised"
     est = {"linearised": ESTIMATORS["linearised"]}
@@ -35,10 +37,11 @@ def test_a_merged_copy_earns_the_pair_exactly_what_the_original_earns_alone() ->
     without = alone["rounds"][0]["guarded"][label]["scores"]
     assert run["rounds"][0]["guarded"][label]["groups"] == [["f0-clean_a", "f6-duplicate"]]
     pair = with_copy["f0-clean_a"] + with_copy["f6-duplicate"]
-    assert pair == pytest.approx(without["f0-clean_a"], rel=1e-4, abs=1e-7)
+    assert pair == pytest.approx(without["f0-clean_a"], rel=0.01)
+    total = sum(abs(v) for v in without.values())
     for fid, value in without.items():
         if fid != "f0-clean_a":
-            assert with_copy[fid] == pytest.approx(value, rel=1e-4, abs=1e-7)
+            assert with_copy[fid] == pytest.approx(value, abs=0.003 * total)
 
 
 def _run(flip_scores: list[float], flip_last: bool) -> dict:
