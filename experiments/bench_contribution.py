@@ -138,6 +138,8 @@ ESTIMATORS: dict[str, tuple[str, dict]] = {
     "loo": shipped("loo"),
     "kernel": shipped("kernel"),
     "linearised": shipped("linearised"),
+    # the one-sided linearised game (the factories' own models only), for comparison
+    "linearised_members": ("linearised", {**shipped("linearised")[1], "surrogate": "members"}),
 }
 #: Estimators also run on the federation without the copy (for the duplicate pair's gain).
 SOLO_ESTIMATORS = {k: ESTIMATORS[k] for k in ("linearised",)}

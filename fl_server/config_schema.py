@@ -55,6 +55,7 @@ _ALLOWED: dict[str, tuple[str, ...]] = {
     "client_dp.mode": ("none", "fixed", "adaptive"),  # strategies.client_dp.MODES
     # strategies.contribution.guards.NOISE_RULES
     "contribution.guards.noise_rule": ("gradient", "placebo", "alignment"),
+    "contribution.surrogate": ("two_sided", "members"),  # strategies.contribution.linearised
 }
 
 
@@ -168,6 +169,7 @@ class ContributionSchema:
     budget: int | None = None
     # linearised
     surrogate_evaluations: int | None = None
+    surrogate: str | None = None
 
 
 @dataclass
@@ -388,6 +390,8 @@ def _check_contribution(cfg: DictConfig, n: int) -> None:
             value = _number(cfg, f"contribution.guards.{key}")
             if not 0 < value < 1:
                 raise ConfigError(f"contribution.guards.{key}", value, "must be in (0, 1)")
+    if _get(cfg, "contribution.surrogate") is not None:
+        _one_of(cfg, "contribution.surrogate")
     if _get(cfg, "contribution.guards.noise_rule") is not None:
         _one_of(cfg, "contribution.guards.noise_rule")
     if _get(cfg, "contribution.guards.noise_placebos") is not None:

@@ -184,6 +184,7 @@ def test_allowed_names_are_those_of_the_modules_that_use_them():
     from standard_models.registry import TASKS
     from strategies.client_dp import MODES
     from strategies.contribution.guards import NOISE_RULES
+    from strategies.contribution.linearised import SURROGATES
     from strategies.contribution.scorer import METHODS
 
     allowed = _allowed()
@@ -195,3 +196,4 @@ def test_allowed_names_are_those_of_the_modules_that_use_them():
     assert set(allowed["attack.name"]) == set(ATTACKS)
     assert set(allowed["client_dp.mode"]) == set(MODES)
     assert set(allowed["contribution.guards.noise_rule"]) == set(NOISE_RULES)
+    assert set(allowed["contribution.surrogate"]) == set(SURROGATES)

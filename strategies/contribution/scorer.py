@@ -62,7 +62,7 @@ METHODS = ("none", "exact", "gtg", "loo", "kernel", "linearised", "auto")
 #: models are a weighted mean (FedAvg, FedProx; its output mixture is that rule's first-order
 #: expansion), ``gtg`` with every other rule.
 AUTO_PARAMS: dict[str, tuple[str, ...]] = {
-    "linearised": ("surrogate_evaluations", "batch_size"),
+    "linearised": ("surrogate_evaluations", "surrogate", "batch_size"),
     "gtg": ("within_tol", "between_tol", "convergence_tol", "max_permutations", "batch_size"),
 }
 
