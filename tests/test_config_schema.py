@@ -83,6 +83,7 @@ BAD = [
     (["task=rul", "task.train.dp_lr=-0.1"], "task.train.dp_lr"),
     (["task.train.dp_lr=fast"], "task.train.dp_lr"),
     (["contribution.guards.noise_rule=coin"], "contribution.guards.noise_rule"),
+    (["contribution.surrogate=both"], "contribution.surrogate"),
     (["contribution.guards.noise_placebos=1"], "contribution.guards.noise_placebos"),
 ]
 
