@@ -329,7 +329,9 @@ class CoalitionUtility:
 
         One forward pass per factory (its own model); ``two_sided`` adds the full round's model
         and the ``n`` leave-one-out models (:func:`far_outputs`), and keeps the full round's
-        utility so that a later call for it runs no model again. Built once and kept: the
+        utility (scored by the ``evaluator``, which ``score`` must be built on, as
+        :func:`~strategies.contribution.scorer.build_scorer` builds it) so that a later call
+        for it runs no model again. Built once and kept: the
         ``linearised`` estimator and the placebo noise test
         (:func:`~strategies.contribution.guards.placebo_statistic`) share the factories' outputs.
         Needs the ``evaluator`` and a weighted-mean aggregator (FedAvg, FedProx): for any other
