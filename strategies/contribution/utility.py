@@ -243,9 +243,9 @@ class OutputMixtureGame:
         """Whether coalitions blend in the outputs seen from the full round (``far``)."""
         return self.far is not None and self.n > 1
 
-    def _far_share(self, sizes: torch.Tensor) -> torch.Tensor:
+    def _far_share(self, sizes: float | torch.Tensor) -> float | torch.Tensor:
         """``t`` for coalitions of each size: 0 for one factory, 1 for all of them."""
-        return (sizes.to(torch.float64) - 1) / (self.n - 1)
+        return (sizes - 1) / (self.n - 1)
 
     def __call__(self, coalitions: Sequence[Coalition]) -> list[float]:
         # One coalition at a time: stacking a batch of mixtures first was measured slower (the
@@ -259,7 +259,7 @@ class OutputMixtureGame:
             mixed = torch.tensordot(w, self.outputs[idx], dims=1)
             if self.two_sided:
                 assert self.far is not None
-                t = float(self._far_share(torch.tensor(len(idx))))
+                t = self._far_share(len(idx))
                 mixed = (1 - t) * mixed + t * torch.tensordot(w, self.far[idx], dims=1)
             out.append(float(self._gains(mixed[None])[0]))
         return out
@@ -276,7 +276,7 @@ class OutputMixtureGame:
         shape = (-1,) + (1,) * (self.outputs.dim() - 1)
         running = weighted[idx].cumsum_(dim=0)  # a copy (advanced indexing): in place is safe
         if gap is not None:
-            t = self._far_share(torch.arange(1, len(idx) + 1)).reshape(shape).float()
+            t = self._far_share(torch.arange(1, len(idx) + 1, dtype=torch.float32)).reshape(shape)
             running.add_(gap[idx].cumsum_(dim=0).mul_(t))
         totals = torch.cumsum(self.weights[idx], dim=0).reshape(shape).float()
         return self._gains(running.div_(totals))
