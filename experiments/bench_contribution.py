@@ -52,6 +52,9 @@ planted factories, the rounds they train and the summaries printed above.
     python -m experiments.bench_contribution                 # everything, 5 seeds (hours)
     python -m experiments.bench_contribution --tasks molding_quality --seeds 3 --scaling
     python -m experiments.bench_contribution --quick         # 1 seed, 2 rounds, no scaling
+    # exact Shapley at 12 scored factories (5 clean shares more, 1,000 rows each)
+    python -m experiments.bench_contribution --extra-clean 5 --rows 1000 --seeds 3 \
+        --estimators exact linearised linearised_members gtg --no-solo --scaling
     # the noise test through the product path only: 5 seeds, no copy-free federations
     python -m experiments.bench_contribution --tasks molding_quality --estimators linearised \
         --product-guards linearised --no-solo --scaling
@@ -823,6 +826,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling-rounds", type=int, default=1)
     parser.add_argument("--scaling-rows", type=int, default=500, help="rows per factory")
     parser.add_argument("--reference-per-player", type=int, default=16)
+    parser.add_argument(
+        "--extra-clean",
+        type=int,
+        default=0,
+        help="clean IID factories added to the planted ones (exact Shapley up to "
+        "contribution.max_players scored factories)",
+    )
+    parser.add_argument(
+        "--rows", type=int, default=None, help="rows per factory (default: equal shares)"
+    )
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 rounds, no scaling")
     parser.add_argument(
         "--estimators", nargs="*", default=list(ESTIMATORS), help="estimators to run"
@@ -884,6 +897,8 @@ def main(argv: list[str] | None = None) -> None:
                     args.rounds,
                     chosen,
                     args.epsilon,
+                    extra_clean=args.extra_clean,
+                    rows=args.rows,
                     product_guards=product,
                     noise_placebos=args.noise_placebos,
                     noise_rule=args.noise_rule,
@@ -901,6 +916,8 @@ def main(argv: list[str] | None = None) -> None:
                     args.rounds,
                     solo_chosen,
                     args.epsilon,
+                    extra_clean=args.extra_clean,
+                    rows=args.rows,
                     product_guards=product,
                     absent=("duplicate",),
                     noise_placebos=args.noise_placebos,
@@ -917,7 +934,8 @@ def main(argv: list[str] | None = None) -> None:
             "guards": rates,
             "product": product_stats,
         }
-        _print_table(f"{task_name} ({args.seeds} seeds, {len(KINDS)} factories)", stats)
+        size = len(KINDS) + args.extra_clean
+        _print_table(f"{task_name} ({args.seeds} seeds, {size} factories)", stats)
         print(f"guards by the alignment rule (records): {rates}")
     if args.scaling:
         print("\nScaling (molding_quality, seed 0; training is all factories in sequence):")
